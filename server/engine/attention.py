@@ -1,0 +1,99 @@
+"""Paged KV cache and the attention function that transformers' model classes call.
+
+We register an attention implementation named "loraplex" with transformers' AttentionInterface,
+so the stock Llama/Qwen2/Mistral modules compute projections, RoPE and MLPs, and hand us
+post-RoPE queries/keys/values. The batch is packed: [1, T, ...] holds the new tokens of every
+sequence in the step, decode tokens first. We write the new keys/values into the cache and
+attend each sequence to its own cached context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+ATTN_IMPLEMENTATION = "loraplex"
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    start: int  # first row of the chunk in the packed batch
+    length: int  # new tokens in the chunk
+    kv_slots: torch.Tensor  # [L] cache slots of the whole context so far, chunk included
+    mask: torch.Tensor  # [length, L] bool, causal with the chunk at the end of the context
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    num_decode: int
+    decode_kv: torch.Tensor  # [D, Lmax] cache slots of each decode sequence's context, padded with 0
+    decode_mask: torch.Tensor  # [D, 1, 1, Lmax] bool, False on padding
+    prefills: tuple[PrefillChunk, ...]
+
+
+class KVCache:
+    """Flat paged storage: slot = block * block_size + offset, shared by all sequences."""
+
+    def __init__(
+        self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        # zeros, not empty: padded decode rows read slot 0, and 0 * NaN would poison the output
+        self.k = torch.zeros(num_layers, num_slots, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_layers, num_slots, kv_heads, head_dim, dtype=dtype, device=device)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query: [1, H, T, hd], key/value: [1, KVH, T, hd] -> ([1, T, H, hd], None)."""
+    meta: AttentionMetadata | None = kwargs.get("loraplex_attention")
+    cache: KVCache | None = kwargs.get("loraplex_kv_cache")
+    if meta is None or cache is None:
+        # Outside the engine (e.g. a plain forward in a test) behave like SDPA.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    k_cache, v_cache = cache.k[layer], cache.v[layer]  # [N, KVH, hd]
+    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+
+    q = query[0]  # [H, T, hd]
+    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, hd]
+    d = meta.num_decode
+    if d:
+        qd = q[:, :d].transpose(0, 1).unsqueeze(2)  # [D, H, 1, hd]
+        kd = k_cache[meta.decode_kv].transpose(1, 2)  # [D, Lmax, KVH, hd] -> [D, KVH, Lmax, hd]
+        vd = v_cache[meta.decode_kv].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
+        out[:d] = od[:, :, 0]
+    for chunk in meta.prefills:
+        s, n = chunk.start, chunk.length
+        qp = q[:, s : s + n].unsqueeze(0)  # [1, H, n, hd]
+        kp = k_cache[chunk.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, hd]
+        vp = v_cache[chunk.kv_slots].transpose(0, 1).unsqueeze(0)
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scaling, enable_gqa=True)
+        out[s : s + n] = op[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    # Masks are built per sequence in AttentionMetadata; transformers' dense mask would be wasted work.
+    return None
+
+
+def register() -> None:
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)

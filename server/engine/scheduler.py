@@ -1,0 +1,139 @@
+"""Continuous batching: who runs in the next step, under the token, sequence, KV and adapter budgets."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from server.config import EngineConfig
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+class AdapterGate(Protocol):
+    """The scheduler's view of adapter residency (implemented by the engine over the CPU cache)."""
+
+    def ready(self, seq: Sequence) -> bool:
+        """True when the sequence's adapter (or the base) can run now; otherwise starts loading it."""
+        ...
+
+    def acquire(self, seq: Sequence) -> None: ...
+
+    def release(self, seq: Sequence) -> None: ...
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    decode: list[Sequence] = field(default_factory=list)  # one new token each
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens in this chunk)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(n for _, n in self.prefill)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, gate: AdapterGate) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.gate = gate
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        # Running sequences first, oldest first; under KV pressure the newest is preempted.
+        running = list(self.running)
+        kept: list[Sequence] = []
+        while running:
+            seq = running.pop(0)
+            n = min(seq.num_uncomputed, budget)
+            if n == 0:
+                kept.append(seq)
+                continue
+            while not self.blocks.can_allocate(seq, n) and running:
+                self._preempt(running.pop(), out)
+            if not self.blocks.can_allocate(seq, n):
+                self._preempt(seq, out)
+                continue
+            self.blocks.allocate(seq, n)
+            budget -= n
+            kept.append(seq)
+            if seq.num_uncomputed == 1:
+                out.decode.append(seq)
+            else:
+                out.prefill.append((seq, n))
+        self.running = kept
+        self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        adapters = {s.adapter_key for s in self.running if s.adapter_key}
+        admitted: list[Sequence] = []
+        head_starving = False
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            key = seq.adapter_key
+            if key and key not in adapters and len(adapters) >= self.config.max_loras:
+                # vLLM lets later requests overtake; we do too, but only until this one has waited
+                # long enough, then nobody new joins until an adapter frees up (no starvation).
+                seq.blocked_steps += 1
+                if seq.blocked_steps > self.config.max_adapter_wait_steps:
+                    head_starving = True
+                continue
+            if head_starving:
+                break
+            if not self.gate.ready(seq):
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_allocate(seq, n):
+                break
+            self.blocks.allocate(seq, n)
+            self.gate.acquire(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+            if key:
+                adapters.add(key)
+            budget -= n
+            if seq.num_uncomputed == 1:
+                out.decode.append(seq)
+            else:
+                out.prefill.append((seq, n))
+        for seq in admitted:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Free its KV and requeue it at the front; it recomputes prompt + output when readmitted."""
+        self.blocks.release(seq)
+        self.gate.release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.blocks.release(seq)
+            self.gate.release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,51 @@
+"""Domain exceptions. Each names the bad value; `server/api/errors.py` maps them to HTTP in one place."""
+
+from __future__ import annotations
+
+
+class LoraplexError(Exception):
+    """Base of every error loraplex raises on purpose."""
+
+
+class ModelNotFoundError(LoraplexError):
+    """The base model (or its GGUF package) is not on this machine."""
+
+
+class AdapterError(LoraplexError):
+    """An adapter cannot be used. `field` names the config key or tensor at fault, when there is one."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class AdapterConfigError(AdapterError):
+    """adapter_config.json is malformed or asks for something loraplex refuses."""
+
+
+class AdapterWeightsError(AdapterError):
+    """adapter_model.safetensors is malformed, pickled, or does not fit the base model."""
+
+
+class AdapterNotFoundError(LoraplexError):
+    """No adapter (or base model id) of that name is registered."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The model '{name}' does not exist.")
+        self.name = name
+
+
+class RequestError(LoraplexError):
+    """A generation request is invalid (bad sampling parameter, prompt too long for the context)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(LoraplexError):
+    """The engine inbox is full; the client should retry later."""
+
+
+class EngineDeadError(LoraplexError):
+    """The engine thread stopped; no request can be served."""

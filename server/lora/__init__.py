@@ -1,0 +1,1 @@
+"""LoRA adapters: config parsing, weights, registry, device slots and the batched layer."""

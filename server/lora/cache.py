@@ -1,0 +1,88 @@
+"""Host-memory tier: parsed adapters kept in an LRU, filled from disk by a background loader so that
+the engine thread never waits on a file while other requests are decoding."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from server.errors import AdapterError
+from server.lora.adapter import AdapterWeights
+from server.lora.registry import AdapterRecord
+
+log = logging.getLogger(__name__)
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        capacity: int,
+        load: Callable[[AdapterRecord], AdapterWeights],
+        on_loaded: Callable[[], None] | None = None,
+    ) -> None:
+        self.capacity = capacity
+        self._load = load
+        self.on_loaded = on_loaded  # wakes the engine loop when a load finishes
+        self._lru: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._loading: dict[str, Future[None]] = {}
+        self._failed: dict[str, AdapterError] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, record: AdapterRecord) -> AdapterWeights | None:
+        """The parsed adapter, or None while it loads (the load starts here). Raises the load's error."""
+        key = record.version
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                self.hits += 1
+                return self._lru[key]
+            if key in self._failed:
+                raise self._failed[key]
+            if key not in self._loading:
+                self.misses += 1
+                self._loading[key] = self._pool.submit(self._load_one, record)
+        return None
+
+    def put(self, key: str, weights: AdapterWeights) -> None:
+        with self._lock:
+            self._lru[key] = weights
+            self._lru.move_to_end(key)
+            while len(self._lru) > self.capacity:
+                self._lru.popitem(last=False)
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._lru.pop(key, None)
+            self._failed.pop(key, None)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._lru
+
+    def _load_one(self, record: AdapterRecord) -> None:
+        try:
+            weights = self._load(record)
+        except AdapterError as e:
+            log.error("adapter %s (%s) failed to load: %s", record.name, record.version[:12], e)
+            with self._lock:
+                self._failed[record.version] = e
+        except Exception as e:  # a loader bug must not kill the loader thread or hang requests
+            log.exception("adapter %s failed to load", record.name)
+            with self._lock:
+                self._failed[record.version] = AdapterError(f"adapter {record.name!r} failed to load: {e}")
+        else:
+            self.put(record.version, weights)
+        finally:
+            with self._lock:
+                self._loading.pop(record.version, None)
+            if self.on_loaded:
+                self.on_loaded()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

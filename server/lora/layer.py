@@ -1,0 +1,75 @@
+"""The batched multi-adapter LoRA layer placed around each target projection of the base model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from server.lora.adapter import ModuleLoRA
+from server.lora.ops import LoRABatch, lora_decode, lora_segment
+
+
+class LoRAContext:
+    """The current step's routing, set by the model runner before each forward and read by every layer."""
+
+    def __init__(self) -> None:
+        self.batch: LoRABatch | None = None
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale[s] * B[s] (A[s] x), with s chosen per token.
+
+    The base (a bitsandbytes Linear4bit or a plain Linear) runs once for the whole batch; adapters
+    are never merged into it. Slot buffers are preallocated for `num_slots` adapters plus the
+    all-zero slot 0, so loading an adapter is a copy, never an allocation.
+    """
+
+    def __init__(
+        self, base: nn.Linear, num_slots: int, max_rank: int, context: LoRAContext, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        device = next(base.parameters()).device
+        self.register_buffer("lora_A", torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_scale", torch.zeros(num_slots + 1, dtype=dtype, device=device), persistent=False)
+        self.ranks = [0] * (num_slots + 1)
+        self.loaded: set[int] = set()
+
+    def set_slot(self, slot: int, weights: ModuleLoRA | None) -> None:
+        """Copy one adapter's factors into `slot` (None clears it: this projection is not targeted)."""
+        assert slot != 0, "slot 0 is the permanent no-adapter slot"
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.lora_scale[slot] = 0.0
+        self.ranks[slot] = 0
+        self.loaded.discard(slot)
+        if weights is None:
+            return
+        r = weights.rank
+        self.lora_A[slot, :r].copy_(weights.A)
+        self.lora_B[slot, :r].copy_(weights.B.T)
+        self.lora_scale[slot] = weights.scale
+        self.ranks[slot] = r
+        self.loaded.add(slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.context.batch
+        if batch is None or not (batch.active & self.loaded):
+            return y
+        # x: [1, T, in] (packed batch) -> [T, in]
+        x2 = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
+        delta = torch.zeros(x2.shape[0], self.out_features, dtype=y.dtype, device=y.device)
+        d = batch.num_decode
+        if d and batch.slot_hi and (self.loaded & set(range(1, batch.slot_hi + 1))):
+            delta[:d] = lora_decode(x2[:d], self.lora_A, self.lora_B, self.lora_scale, batch)
+        for start, end, slot in batch.segments:
+            if slot in self.loaded:
+                delta[start:end] = lora_segment(
+                    x2[start:end], self.lora_A, self.lora_B, self.lora_scale, slot, self.ranks[slot]
+                )
+        return y + delta.view_as(y)

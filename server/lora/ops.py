@@ -1,0 +1,93 @@
+"""The grouped low-rank term: a plain-torch reference and the fast paths the layer uses.
+
+Slot buffers (one set per target projection, slot 0 all zeros = "no adapter"):
+    A: [S, R, in]    rows [:r] of slot s hold the adapter's lora_A ([r, in]); the rest are zero
+    B: [S, R, out]   rows [:r] hold lora_B transposed ([r, out]); the rest are zero
+    scale: [S]       lora_alpha / r (or / sqrt(r) with rsLoRA), per projection
+R is max_lora_rank; adapters of lower rank are zero-padded, so padding adds exact zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class LoRABatch:
+    """Adapter routing for one forward pass, shared by every LoRA layer.
+
+    Tokens are laid out decode first: rows [0, num_decode) hold one token per decoding sequence,
+    then come the prefill chunks. Decode rows go through one dense masked product over the slot
+    range [0, slot_hi]; each prefill chunk with an adapter is a segment computed with its own slot.
+    """
+
+    num_decode: int
+    decode_slots: torch.Tensor  # [D] int64, slot of each decode token (0 = base)
+    decode_mask: torch.Tensor  # [D, (slot_hi + 1) * R] bool, True on the R columns of the token's slot
+    slot_hi: int
+    segments: tuple[tuple[int, int, int], ...]  # (start, end, slot) of prefill chunks, slot != 0
+    active: frozenset[int]  # non-zero slots used anywhere in the step
+
+    @staticmethod
+    def build(
+        decode_slots: list[int], segments: list[tuple[int, int, int]], max_rank: int, device: torch.device
+    ) -> LoRABatch:
+        hi = max(decode_slots, default=0)
+        slots = torch.tensor(decode_slots, dtype=torch.int64)
+        cols = torch.arange((hi + 1) * max_rank) // max_rank  # [(hi+1)*R] slot owning each column
+        mask = (cols.unsqueeze(0) == slots.unsqueeze(1)) & (slots.unsqueeze(1) != 0)
+        active = frozenset(s for s in decode_slots if s) | frozenset(s for _, _, s in segments)
+        return LoRABatch(
+            num_decode=len(decode_slots),
+            decode_slots=slots.to(device),
+            decode_mask=mask.to(device),
+            slot_hi=hi,
+            segments=tuple(segments),
+            active=active,
+        )
+
+
+def lora_reference(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """Semantics: for each token t with slot s = slots[t]:
+        out[t] = scale[s] * (x[t] @ A[s].T) @ B[s]
+    x: [T, in], slots: [T] -> out: [T, out]. One token at a time, no batching tricks: the oracle
+    for the fast paths."""
+    out = torch.zeros(x.shape[0], B.shape[2], dtype=x.dtype, device=x.device)
+    for t, s in enumerate(slots.tolist()):
+        out[t] = ((x[t : t + 1] @ A[s].T) @ B[s])[0] * scale[s]
+    return out
+
+
+def lora_decode(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, batch: LoRABatch
+) -> torch.Tensor:
+    """Semantics: lora_reference on the decode rows, as three dense products.
+
+    Every token is multiplied by all slots in [0, slot_hi] at once and the columns of other slots
+    are zeroed before the expand, so the cost is one GEMM pair per projection however many
+    adapters the batch mixes (a per-adapter loop costs a dispatch per adapter per layer, which
+    dominates on CPU). Zeroed columns add exact zeros, so a token's result does not depend on
+    which other adapters share the step.
+    x: [D, in] -> [D, out]
+    """
+    hi = batch.slot_hi
+    rank = A.shape[1]
+    a = A[: hi + 1].reshape((hi + 1) * rank, -1)  # [(hi+1)*R, in], a view
+    b = B[: hi + 1].reshape((hi + 1) * rank, -1)  # [(hi+1)*R, out], a view
+    t = x @ a.T  # [D, in] -> [D, (hi+1)*R]
+    t = t.masked_fill(~batch.decode_mask, 0.0)
+    y = t @ b  # [D, (hi+1)*R] -> [D, out]
+    return y * scale[batch.decode_slots].unsqueeze(1)
+
+
+def lora_segment(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, slot: int, rank: int
+) -> torch.Tensor:
+    """Semantics: lora_reference for a run of tokens that all use `slot`, at the adapter's true rank.
+    x: [n, in] -> [n, out]"""
+    t = x @ A[slot, :rank].T  # [n, in] -> [n, r]
+    return (t @ B[slot, :rank]) * scale[slot]

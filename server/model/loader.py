@@ -1,0 +1,129 @@
+"""Load the base model: 4-bit NF4 with double quantization (or unquantized), our attention, and a
+LoRA layer around every projection of the decoder layers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from server.engine import attention
+from server.errors import ModelNotFoundError
+from server.lora.adapter import LinearShape
+from server.lora.layer import LoRAContext, LoRALinear
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelNotFoundError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+@dataclass
+class BaseModel:
+    """The loaded base, ready for the engine. `model` is a transformers CausalLM whose target
+    projections are wrapped in LoRALinear."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    linear_shapes: dict[str, LinearShape]
+    lora_layers: dict[str, LoRALinear]
+    lora_context: LoRAContext
+
+
+def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every projection inside the decoder layers (bnb Linear4bit subclasses nn.Linear); lm_head and
+    embeddings are not LoRA targets here."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and ".layers." in f".{name}"
+    }
+
+
+def load_base(
+    path: Path,
+    model_id: str,
+    *,
+    quantization: str = "nf4",
+    device: str = "auto",
+    dtype: str = "auto",
+    max_loras: int = 8,
+    max_lora_rank: int = 16,
+    max_model_len: int | None = None,
+) -> BaseModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelNotFoundError(
+            f"model type {config.model_type!r} is not supported; loraplex serves {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    attention.register()
+    kwargs: dict[str, Any] = {"dtype": dt, "attn_implementation": attention.ATTN_IMPLEMENTATION}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dt,
+        )
+        kwargs["device_map"] = {"": dev}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization != "nf4":
+        model.to(dev)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    context = LoRAContext()
+    linears = target_linears(model)
+    shapes = {name: LinearShape(m.in_features, m.out_features) for name, m in linears.items()}
+    layers: dict[str, LoRALinear] = {}
+    for name, linear in linears.items():
+        parent_name, _, child = name.rpartition(".")
+        layer = LoRALinear(linear, max_loras, max_lora_rank, context, dtype=dt)
+        setattr(model.get_submodule(parent_name), child, layer)
+        layers[name] = layer
+
+    eos = model.generation_config.eos_token_id
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+    if tokenizer.eos_token_id is not None:
+        eos_ids |= {tokenizer.eos_token_id}
+    limit = min(getattr(config, "max_position_embeddings", 2048), 8192)
+    log.info("loaded %s (%s, %s on %s, %d LoRA targets)", model_id, quantization, dt, dev, len(layers))
+    return BaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        device=dev,
+        dtype=dt,
+        max_model_len=min(max_model_len or limit, limit),
+        eos_token_ids=eos_ids,
+        linear_shapes=shapes,
+        lora_layers=layers,
+        lora_context=context,
+    )
