@@ -32,7 +32,9 @@ ALL_LINEAR = "all-linear"
 _MAX_PATTERN_CHARS = 1024
 _MAX_UNBOUNDED_REPEATS = 4
 _sre: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
-_REPEATS = tuple(getattr(_sre, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(_sre, op))
+_REPEATS = tuple(
+    getattr(_sre, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(_sre, op)
+)
 
 _INIT_ONLY = "initialization only: the trained A/B come from adapter_model.safetensors"
 _IGNORED: dict[str, str] = {
@@ -62,7 +64,7 @@ _REFUSED_IF_SET: dict[str, str] = {
     "target_parameters": "LoRA on raw parameters (e.g. MoE experts) is not supported",
     "trainable_token_indices": "trainable embedding tokens are not supported",
     "alora_invocation_tokens": "Activated LoRA (adapter only after invocation tokens) is not supported",
-    "velora_config": "VeLoRA saves lora_velora_embed buffers loraplex does not load; remove them and this key",
+    "velora_config": "VeLoRA saves lora_velora_embed buffers that loraplex does not load",
     "monteclora_config": "the MonteCLoRA variant (extra sampler parameters) is not supported",
     "use_bdlora": "block-diagonal LoRA factors are not supported",
     "arrow_config": "Arrow routing between LoRA experts is not supported",
@@ -73,8 +75,9 @@ _REFUSED_IF_SET: dict[str, str] = {
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 _HONOURED = (
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
-    "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "fan_in_fan_out", "init_lora_weights",
+    "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "fan_in_fan_out",
 )  # fmt: skip
+_DEFAULTS = {"r": 8, "lora_alpha": 8, "use_rslora": False, "bias": "none", "fan_in_fan_out": False}
 _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 Matcher = frozenset[str] | re.Pattern[str]
@@ -139,53 +142,58 @@ def parse_lora_config(raw: bytes | str | dict[str, object], max_rank: int) -> tu
                 report.refused[key] = f"{key}={_short(value)}: {_REFUSED_IF_SET[key]}"
             else:
                 report.ignored[key] = f"{_short(value)}: disabled, nothing to apply"
-        elif key not in _HONOURED:
+        elif key not in _HONOURED and key != "init_lora_weights":
             report.ignored[key] = "unknown key (not a field of PEFT's LoraConfig)"
 
-    def field(key: str, parse: Any, *args: object) -> Any:
+    def field(key: str, parse: Any, *extra: object) -> Any:
         try:
-            return parse(*args)
+            return parse(data.get(key, _DEFAULTS.get(key)), *extra)
         except _Refusal as e:
             report.refused[key] = f"{key}: {e}"
             return None
 
-    field("peft_type", _check_peft_type, data.get("peft_type"))
-    field("bias", _check_bias, data.get("bias", "none"))
-    field("init_lora_weights", _check_init, data.get("init_lora_weights", True), report)
-    field("fan_in_fan_out", _check_fan_in_fan_out, data.get("fan_in_fan_out", False), report)
-    r = field("r", _rank, data.get("r", 8), max_rank)
-    alpha = field("lora_alpha", _number, data.get("lora_alpha", 8))
-    use_rslora = field("use_rslora", _bool, data.get("use_rslora", False))
-    targets = field("target_modules", _targets, data.get("target_modules"), False)
-    exclude = field("exclude_modules", _targets, data.get("exclude_modules"), True)
-    rank_pattern = field("rank_pattern", _pattern_dict, data.get("rank_pattern"), lambda v: _rank(v, max_rank))
-    alpha_pattern = field("alpha_pattern", _pattern_dict, data.get("alpha_pattern"), _number)
-    layers = field("layers_to_transform", _layers, data.get("layers_to_transform"), data.get("target_modules"))
-    finders = field("layers_pattern", _layers_pattern, data.get("layers_pattern"), data)
+    # PEFT picks the config class from peft_type and fails with a KeyError when it is absent.
+    field("peft_type", _literal, "LORA", "only LoRA adapters are supported")
+    field("bias", _literal, "none", "trained biases are not supported")
+    if "init_lora_weights" in data:
+        field("init_lora_weights", _check_init, report)
+    field("fan_in_fan_out", _check_fan_in_fan_out, report)
+    r = field("r", _rank, max_rank)
+    alpha = field("lora_alpha", _number)
+    use_rslora = field("use_rslora", _bool)
+    targets = field("target_modules", _targets, False)
+    exclude = field("exclude_modules", _targets, True)
+    rank_pattern = field("rank_pattern", _pattern_dict, lambda v: _rank(v, max_rank))
+    alpha_pattern = field("alpha_pattern", _pattern_dict, _number)
+    layers = field("layers_to_transform", _layers, data)
+    finders = field("layers_pattern", _layers_pattern, data)
 
     if report.refused:
         problems = "; ".join(report.refused.values())
-        raise AdapterConfigError(f"adapter_config.json is refused: {problems}", field=next(iter(report.refused)))
+        first = next(iter(report.refused))
+        raise AdapterConfigError(f"adapter_config.json is refused: {problems}", field=first)
     for key in _HONOURED:
         if key in data and key not in report.ignored:
             report.honoured[key] = data[key]
     report.honoured.setdefault("r", r)
     report.honoured.setdefault("lora_alpha", alpha)
-    config = LoraConfig(r, float(alpha), use_rslora, targets, exclude, rank_pattern, alpha_pattern, layers, finders)
+    config = LoraConfig(r, alpha, use_rslora, targets, exclude, rank_pattern, alpha_pattern, layers, finders)
     return config, report
 
 
 def _load_json(raw: bytes | str | dict[str, object]) -> dict[str, Any]:
+    name = "adapter_config.json"
     try:
         data = json.dumps(raw).encode() if isinstance(raw, dict) else raw
         data = data.encode() if isinstance(data, str) else data
         if len(data) > MAX_CONFIG_BYTES:
-            raise AdapterConfigError(f"adapter_config.json is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}")
-        obj = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except (ValueError, TypeError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise AdapterConfigError(f"adapter_config.json is not valid JSON: {e}") from None
+            raise AdapterConfigError(f"{name} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}")
+        text = data.decode("utf-8-sig")
+        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, TypeError, RecursionError) as e:  # JSON and Unicode decode errors are ValueErrors
+        raise AdapterConfigError(f"{name} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise AdapterConfigError(f"adapter_config.json must be a JSON object, got a JSON {type(obj).__name__}")
+        raise AdapterConfigError(f"{name} must be a JSON object, got a JSON {type(obj).__name__}")
     return obj
 
 
@@ -206,15 +214,9 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _check_peft_type(value: object) -> None:
-    # PEFT picks the config class from this key and fails with KeyError when it is absent.
-    if value != "LORA":
-        raise _Refusal(f"only LoRA adapters are supported (peft_type 'LORA'), got {_short(value)}")
-
-
-def _check_bias(value: object) -> None:
-    if value != "none":
-        raise _Refusal(f"trained biases are not supported (only 'none'), got {_short(value)}")
+def _literal(value: object, expected: str, why: str) -> None:
+    if value != expected:
+        raise _Refusal(f"{why} (only {expected!r}), got {_short(value)}")
 
 
 def _check_init(value: object, report: ConfigReport) -> None:
@@ -229,8 +231,8 @@ def _check_init(value: object, report: ConfigReport) -> None:
 def _check_fan_in_fan_out(value: object, report: ConfigReport) -> None:
     if _bool(value):
         report.ignored["fan_in_fan_out"] = (
-            "PEFT forces it to False for nn.Linear targets ('fan_in_fan_out is set to True but the target module "
-            "is torch.nn.Linear'); A and B are used as stored"
+            "PEFT forces it to False for nn.Linear targets ('fan_in_fan_out is set to True but the target "
+            "module is torch.nn.Linear'); A and B are used as stored"
         )
 
 
@@ -255,16 +257,16 @@ def _number(value: object) -> float:
 
 
 def _targets(value: object, optional: bool) -> Matcher | None:
-    if value is None or (optional and not value):
-        if optional:
-            return None
-        raise _Refusal("missing: PEFT would pick per-architecture defaults; list the target modules explicitly")
+    if optional and not value:
+        return None
+    if value is None:
+        raise _Refusal("missing: PEFT would pick per-architecture defaults; list the modules explicitly")
+    if not value:
+        raise _Refusal("is empty: the adapter would target no module")
     if isinstance(value, str):
         return None if value.lower() == ALL_LINEAR and not optional else _regex(value, value)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _Refusal(f"must be a list of module names or a regex string, got {_short(value)}")
-    if not value:
-        raise _Refusal("is empty: the adapter would target no module")
     return frozenset(value)
 
 
@@ -273,13 +275,19 @@ def _pattern_dict(value: object, parse: Any) -> tuple[tuple[re.Pattern[str], Any
         return ()
     if not isinstance(value, dict):
         raise _Refusal(f"must be an object mapping module patterns to values, got {_short(value)}")
-    return tuple((_regex(key, rf"(.*\.)?({key})$"), parse(v)) for key, v in value.items())
+    items = []
+    for key, v in value.items():
+        try:
+            items.append((_regex(key, rf"(.*\.)?({key})$"), parse(v)))
+        except _Refusal as e:
+            raise _Refusal(f"{key!r}: {e}") from None
+    return tuple(items)
 
 
-def _layers(value: object, target_modules: object) -> frozenset[int] | None:
+def _layers(value: object, data: dict[str, Any]) -> frozenset[int] | None:
     if value is None:
         return None
-    if isinstance(target_modules, str):
+    if isinstance(data.get("target_modules"), str):
         raise _Refusal("cannot be used when target_modules is a string (PEFT raises the same error)")
     items = [value] if isinstance(value, int) else value
     if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
@@ -297,6 +305,8 @@ def _layers_pattern(value: object, data: dict[str, Any]) -> tuple[re.Pattern[str
     patterns = [value] if isinstance(value, str) else value
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise _Refusal(f"must be a string or a list of strings, got {_short(value)}")
+    if not patterns:
+        return ()  # PEFT: an empty layers_pattern finds the index after any "<segment>."
     return tuple(_regex(p, rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in patterns)
 
 
@@ -308,14 +318,14 @@ def _matches(matcher: Matcher, name: str) -> bool:
 
 def _regex(fragment: str, full: str) -> re.Pattern[str]:
     """Compile `full` (PEFT's regex built around the user's `fragment`) after a backtracking check on it."""
-    if len(fragment) > _MAX_PATTERN_CHARS:
-        raise _Refusal(f"regex {fragment[:40]!r}... is longer than {_MAX_PATTERN_CHARS} characters")
     try:
+        if len(fragment) > _MAX_PATTERN_CHARS:
+            raise _Refusal(f"is longer than {_MAX_PATTERN_CHARS} characters")
         if _unbounded_repeats(_sre.parse(fragment)) > _MAX_UNBOUNDED_REPEATS:
-            raise _Refusal(f"regex {fragment!r} has more than {_MAX_UNBOUNDED_REPEATS} unbounded repeats")
+            raise _Refusal(f"has more than {_MAX_UNBOUNDED_REPEATS} unbounded repeats (*, +, {{n,}})")
         return re.compile(full)
-    except re.error as e:
-        raise _Refusal(f"invalid regex {fragment!r}: {e}") from None
+    except (re.error, _Refusal) as e:
+        raise _Refusal(f"regex {_short(fragment)} is refused: {e}") from None
 
 
 def _unbounded_repeats(sub: Any, in_loop: bool = False) -> int:
@@ -326,10 +336,14 @@ def _unbounded_repeats(sub: Any, in_loop: bool = False) -> int:
             _, high, body = av
             unbounded = high == _sre.MAXREPEAT
             if in_loop and high > 1:
-                raise _Refusal(f"regex nests a repeat inside an unbounded repeat ({_sre.MAXREPEAT and 'e.g. (a+)*'})")
+                raise _Refusal(
+                    "nests a repeat inside an unbounded repeat, as in (a+)*: exponential backtracking"
+                )
             count += unbounded + _unbounded_repeats(body, in_loop or unbounded)
         elif in_loop and op == _sre.BRANCH:
-            raise _Refusal("regex has an alternation inside an unbounded repeat (e.g. (a|ab)*)")
+            raise _Refusal(
+                "has an alternation inside an unbounded repeat, as in (a|ab)*: exponential backtracking"
+            )
         else:
             count += sum(_unbounded_repeats(child, in_loop) for child in _subpatterns(av))
     return count

@@ -1,0 +1,1 @@
+"""HTTP edge: OpenAI-compatible routes over the engine thread."""

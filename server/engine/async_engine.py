@@ -1,0 +1,127 @@
+"""The engine thread and one asyncio stream per request: the only bridge between HTTP and the model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from server.engine.engine import LLMEngine, RequestOutput
+from server.engine.sequence import Sequence
+from server.errors import EngineDeadError, QueueFullError
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Runs LLMEngine.step() on a dedicated thread, which alone touches the model and device tensors.
+
+    Requests and aborts arrive through a thread-safe inbox; outputs go back to each request's
+    asyncio.Queue through `call_soon_threadsafe`.
+    """
+
+    def __init__(self, engine: LLMEngine, max_queue: int) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.error: BaseException | None = None
+        self.last_progress = time.monotonic()  # /health: the loop is alive and not stuck
+        engine.cache.on_loaded = self._wake.set
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self.engine.cache.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    @property
+    def num_pending(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
+        """Submit `seq` and yield its outputs until it finishes. Leaving early (client gone) aborts it."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._lock:
+            if len(self._streams) >= self.max_queue:
+                raise QueueFullError(f"{len(self._streams)} requests are in flight (max_queue {self.max_queue})")
+            self._streams[seq.request_id] = (asyncio.get_running_loop(), q)
+        self._send("add", seq)
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._send("abort", seq.request_id)
+            with self._lock:
+                self._streams.pop(seq.request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def _send(self, kind: str, item: object) -> None:
+        self._inbox.put((kind, item))
+        self._wake.set()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                outputs = self.engine.step() if self.engine.has_work() else []
+                self._deliver(outputs)
+                self.last_progress = time.monotonic()
+                if not outputs and (not self.engine.has_work() or self.engine.scheduler.running == []):
+                    # idle, or waiting on adapter loads: sleep until new work or a finished load
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+        except BaseException as e:  # the engine is dead: say so to every waiting client
+            log.exception("engine loop crashed")
+            self.error = e
+            with self._lock:
+                streams = list(self._streams.items())
+            for rid, (loop, q) in streams:
+                out = RequestOutput(rid, (), "", True, "abort", 0, 0, error=f"engine failure: {e}")
+                loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                assert isinstance(item, Sequence)
+                self.engine.add_request(item)
+            else:
+                out = self.engine.abort(str(item))
+                if out is not None:
+                    self._deliver([out])
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                target = self._streams.get(out.request_id)
+            if target is not None:
+                loop, q = target
+                loop.call_soon_threadsafe(q.put_nowait, out)

@@ -1,0 +1,89 @@
+"""Assembles the pieces from Settings: model -> registry -> engine -> engine thread."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.config import EngineConfig, Settings
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine import LLMEngine
+from server.engine.sequence import SamplingParams, Sequence
+from server.errors import RequestError
+from server.lora.registry import AdapterRecord, AdapterRegistry
+from server.model.loader import BaseModel, load_base
+from server.model.source import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    base: BaseModel
+    registry: AdapterRegistry
+    engine: LLMEngine
+    async_engine: AsyncEngine
+
+    @property
+    def model_id(self) -> str:
+        return self.base.model_id
+
+    def resolve(self, model: str) -> AdapterRecord | None:
+        """The `model` field of a request: the base id (None) or an adapter's current version."""
+        if model == self.base.model_id:
+            return None
+        return self.registry.resolve(model)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return [int(i) for i in ids]
+
+    def text_prompt(self, text: str) -> list[int]:
+        return [int(i) for i in self.base.tokenizer.encode(text)]
+
+    def sequence(
+        self, request_id: str, prompt: list[int], params: SamplingParams, adapter: AdapterRecord | None
+    ) -> Sequence:
+        limit = self.base.max_model_len
+        if len(prompt) + params.max_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the messages, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                "messages",
+            )
+        return Sequence(request_id, prompt, params, adapter=adapter, eos_token_ids=self.base.eos_token_ids)
+
+
+def build_runtime(settings: Settings, extra_adapter_dirs: tuple[Path, ...] = ()) -> Runtime:
+    path, model_id = resolve_model(settings.model, settings.cache_dir)
+    base = load_base(
+        path,
+        model_id,
+        quantization=settings.quantization,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        max_model_len=settings.max_model_len,
+    )
+    config = EngineConfig(
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        max_lora_rank=settings.max_lora_rank,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_model_len=base.max_model_len,
+        kv_cache_tokens=max(settings.kv_cache_tokens, base.max_model_len),
+        block_size=settings.block_size,
+        max_queue=settings.max_queue,
+    )
+    registry = AdapterRegistry(base.linear_shapes, settings.max_lora_rank)
+    for d in (*extra_adapter_dirs, *([settings.adapters_dir] if settings.adapters_dir else [])):
+        if d.is_dir():
+            registry.scan(d)
+    engine = LLMEngine(base, registry, config)
+    async_engine = AsyncEngine(engine, config.max_queue)
+    return Runtime(settings, base, registry, engine, async_engine)
