@@ -32,9 +32,7 @@ class PrefillChunk:
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    num_decode: int
-    decode_kv: torch.Tensor  # [D, Lmax] cache slots of each decode sequence's context, padded with 0
-    decode_mask: torch.Tensor  # [D, 1, 1, Lmax] bool, False on padding
+    decode_kv: tuple[torch.Tensor, ...]  # per decode sequence: [L] cache slots of its context
     prefills: tuple[PrefillChunk, ...]
 
 
@@ -72,13 +70,13 @@ def paged_attention(
 
     q = query[0]  # [H, T, hd]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, hd]
-    d = meta.num_decode
-    if d:
-        qd = q[:, :d].transpose(0, 1).unsqueeze(2)  # [D, H, 1, hd]
-        kd = k_cache[meta.decode_kv].transpose(1, 2)  # [D, Lmax, KVH, hd] -> [D, KVH, Lmax, hd]
-        vd = v_cache[meta.decode_kv].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
-        out[:d] = od[:, :, 0]
+    # One call per decode sequence: padding sequences to a common length changes the softmax's
+    # reduction order, so a padded batch would not give exactly the tokens of a solo run.
+    for i, kv_slots in enumerate(meta.decode_kv):
+        qd = q[:, i : i + 1].unsqueeze(0)  # [1, H, 1, hd]
+        kd = k_cache[kv_slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, hd]
+        vd = v_cache[kv_slots].transpose(0, 1).unsqueeze(0)
+        out[i] = F.scaled_dot_product_attention(qd, kd, vd, scale=scaling, enable_gqa=True)[0, :, 0]
     for chunk in meta.prefills:
         s, n = chunk.start, chunk.length
         qp = q[:, s : s + n].unsqueeze(0)  # [1, H, n, hd]

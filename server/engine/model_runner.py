@@ -9,7 +9,7 @@ from server.engine.attention import AttentionMetadata, KVCache, PrefillChunk
 from server.engine.block_manager import BlockManager
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
-from server.lora.ops import LoRABatch
+from server.lora.ops import LoRABatch, pad_rows
 from server.model.loader import BaseModel
 
 
@@ -63,17 +63,9 @@ class ModelRunner:
             if slot:
                 segments.append((start, start + n, slot))
 
-        lmax = max((len(c) for c in dec_ctx), default=0)
-        decode_kv = torch.zeros(len(dec_ctx), lmax, dtype=torch.int64)
-        decode_mask = torch.zeros(len(dec_ctx), 1, 1, lmax, dtype=torch.bool)
-        for i, ctx in enumerate(dec_ctx):
-            decode_kv[i, : len(ctx)] = torch.tensor(ctx)
-            decode_mask[i, ..., : len(ctx)] = True
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, device=dev),
-            num_decode=len(step.decode),
-            decode_kv=decode_kv.to(dev),
-            decode_mask=decode_mask.to(dev),
+            decode_kv=tuple(torch.tensor(ctx, device=dev) for ctx in dec_ctx),
             prefills=tuple(chunks),
         )
         self.base.lora_context.batch = LoRABatch.build(dec_slots, segments, self.config.max_lora_rank, dev)
@@ -97,5 +89,5 @@ class ModelRunner:
             if seq.num_computed_tokens + n == seq.num_tokens:
                 rows.append(chunk.start + n - 1)
                 sampling.append(seq)
-        logits = self.base.model.lm_head(hidden[rows]) if rows else hidden[:0]
+        logits = self.base.model.lm_head(pad_rows(hidden[rows]))[: len(rows)] if rows else hidden[:0]
         return sampling, logits

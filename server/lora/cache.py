@@ -30,6 +30,7 @@ class AdapterCache:
         self._loading: dict[str, Future[None]] = {}
         self._failed: dict[str, AdapterError] = {}
         self._lock = threading.Lock()
+        self._load_done = threading.Condition(self._lock)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
         self.hits = 0
         self.misses = 0
@@ -81,8 +82,14 @@ class AdapterCache:
         finally:
             with self._lock:
                 self._loading.pop(record.version, None)
+                self._load_done.notify_all()
             if self.on_loaded:
                 self.on_loaded()
+
+    def wait_for_loads(self, timeout: float) -> None:
+        """Block until no load is in flight (for synchronous drivers of the engine, e.g. tests)."""
+        with self._lock:
+            self._load_done.wait_for(lambda: not self._loading, timeout=timeout)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

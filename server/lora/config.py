@@ -83,6 +83,14 @@ _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 Matcher = frozenset[str] | re.Pattern[str]
 
 
+class AdapterConfigRefusedError(AdapterConfigError):
+    """A readable config that asks for something loraplex refuses; `report` says what was refused and why."""
+
+    def __init__(self, message: str, field: str, report: ConfigReport) -> None:
+        super().__init__(message, field)
+        self.report = report
+
+
 class _Refusal(Exception):
     """One field is refused; collected so that the uploader sees every problem at once."""
 
@@ -131,7 +139,11 @@ class LoraConfig:
 
 
 def parse_lora_config(raw: bytes | str | dict[str, object], max_rank: int) -> tuple[LoraConfig, ConfigReport]:
-    """Validate an adapter_config.json; raise AdapterConfigError listing every refused field."""
+    """Validate an adapter_config.json.
+
+    Raises AdapterConfigError when it cannot be read, AdapterConfigRefusedError (with the full report) when it
+    asks for something refused; the message lists every refused field.
+    """
     data = _load_json(raw)
     report = ConfigReport()
     for key, value in data.items():
@@ -171,7 +183,7 @@ def parse_lora_config(raw: bytes | str | dict[str, object], max_rank: int) -> tu
     if report.refused:
         problems = "; ".join(report.refused.values())
         first = next(iter(report.refused))
-        raise AdapterConfigError(f"adapter_config.json is refused: {problems}", field=first)
+        raise AdapterConfigRefusedError(f"adapter_config.json is refused: {problems}", first, report)
     for key in _HONOURED:
         if key in data and key not in report.ignored:
             report.honoured[key] = data[key]
@@ -342,7 +354,7 @@ def _unbounded_repeats(sub: Any, in_loop: bool = False) -> int:
             count += unbounded + _unbounded_repeats(body, in_loop or unbounded)
         elif in_loop and op == _sre.BRANCH:
             raise _Refusal(
-                "has an alternation inside an unbounded repeat, as in (a|ab)*: exponential backtracking"
+                "has an alternation inside an unbounded repeat, as in (a|aa)*: exponential backtracking"
             )
         else:
             count += sum(_unbounded_repeats(child, in_loop) for child in _subpatterns(av))

@@ -1,0 +1,263 @@
+"""Load a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) into AdapterWeights.
+
+Pickle files are never opened. The safetensors header is checked by our own code, on the very bytes that
+are then handed to the `safetensors` library, so a file swapped between check and load cannot slip through.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from server.errors import AdapterConfigError, AdapterError, AdapterWeightsError
+from server.lora.adapter import AdapterWeights, LinearShape, ModuleLoRA
+from server.lora.config import MAX_CONFIG_BYTES, LoraConfig, parse_lora_config
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_HEADER_BYTES = 100 * 2**20
+# LoRA factors are floating point; integer, bool and fp8 tensors are quantized or not LoRA weights at all.
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+# PEFT saves "base_model.model.<module>.lora_A.weight"; some files keep the adapter name: "lora_A.default".
+_KEY = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight"
+)
+_IN_BLOCK = re.compile(r"\.\d+\.")  # "model.layers.3.mlp.up_proj": inside a numbered decoder layer
+
+
+def linear_modules(model: torch.nn.Module) -> dict[str, LinearShape]:
+    """Every nn.Linear (bnb Linear4bit included: it subclasses nn.Linear) inside the decoder layers.
+
+    lm_head and other projections outside the numbered layers are left out, as PEFT's "all-linear" does for
+    the output embedding. Pass the base model, not a PEFT-wrapped one (its lora_A/lora_B are Linears too).
+    """
+    return {
+        name: LinearShape(module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and _IN_BLOCK.search(name)
+    }
+
+
+def load_adapter(directory: Path, base_modules: dict[str, LinearShape], max_rank: int) -> AdapterWeights:
+    """Validate a PEFT LoRA directory against the base model (AdapterConfigError / AdapterWeightsError)."""
+    names = _list_dir(directory)
+    if WEIGHTS_NAME not in names:
+        pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise AdapterWeightsError(
+                f"{directory} holds pickle weights ({', '.join(pickles)}); pickle weights are never loaded. "
+                "Convert them to safetensors (PeftModel.save_pretrained(..., safe_serialization=True)).",
+                field=pickles[0],
+            )
+        raise AdapterWeightsError(f"{directory} has no {WEIGHTS_NAME}", field=WEIGHTS_NAME)
+    if CONFIG_NAME not in names:
+        raise AdapterConfigError(f"{directory} has no {CONFIG_NAME}", field=CONFIG_NAME)
+
+    raw_config = _read_regular_file(directory / CONFIG_NAME, MAX_CONFIG_BYTES, AdapterConfigError)
+    config, report = parse_lora_config(raw_config, max_rank)
+    # Anything larger than max_rank factors in F64 for every module cannot be a valid adapter for this base.
+    payload = sum(max_rank * (s.in_features + s.out_features) * 8 for s in base_modules.values())
+    tensors = read_safetensors_strict(directory / WEIGHTS_NAME, payload + 16 * 2**20)
+    modules = _match_modules(tensors, config, base_modules)
+
+    ignored = dict(report.ignored)
+    for name in sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES)):
+        ignored[name] = f"pickle file, never opened: {WEIGHTS_NAME} is used"
+    missing = [m for m in base_modules if config.targets(m) and m not in modules]
+    if missing:
+        listed = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        ignored["missing_modules"] = (
+            f"{len(missing)} targeted module(s) have no tensors; PEFT leaves them at init "
+            f"(B = 0, no effect): {listed}"
+        )
+    return AdapterWeights(modules=modules, report=replace(report, ignored=ignored))
+
+
+def read_safetensors_strict(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
+    """Read a safetensors file whose header passes our checks; tensors come back as float32 on the CPU."""
+    data = _read_regular_file(path, max_bytes)
+    header = _check_header(data, path.name)
+    tensors = safetensors.torch.load(data)
+    if set(tensors) != set(header):
+        raise AdapterWeightsError(
+            f"{path.name}: the safetensors library read other tensors than the header lists"
+        )
+    return {name: tensor.to(torch.float32) for name, tensor in tensors.items()}
+
+
+def _check_header(data: bytes, file: str) -> dict[str, dict[str, object]]:
+    if len(data) < 8:
+        raise AdapterWeightsError(f"{file} is truncated: {len(data)} bytes, not even a header length")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise AdapterWeightsError(
+            f"{file}: header length {size} exceeds the file size {len(data)} or the limit {MAX_HEADER_BYTES}"
+        )
+    try:
+        header = json.loads(data[8 : 8 + size].decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:
+        raise AdapterWeightsError(f"{file}: header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise AdapterWeightsError(f"{file}: header must be a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterWeightsError(f"{file}: __metadata__ must map strings to strings", field="__metadata__")
+
+    spans = sorted((_check_entry(name, entry), name) for name, entry in header.items())
+    data_len, cursor = len(data) - 8 - size, 0
+    for (begin, end), name in spans:
+        if begin < cursor:
+            raise AdapterWeightsError(f"{file}: tensor {name} overlaps the previous tensor", field=name)
+        if begin > cursor:
+            raise AdapterWeightsError(
+                f"{file}: {begin - cursor} unreferenced bytes before {name}", field=name
+            )
+        if end > data_len:
+            raise AdapterWeightsError(
+                f"{file} is truncated: tensor {name} ends at byte {end} of a {data_len}-byte data section",
+                field=name,
+            )
+        cursor = end
+    if cursor != data_len:
+        raise AdapterWeightsError(f"{file}: {data_len - cursor} trailing bytes after the last tensor")
+    return header
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Readers disagree on which duplicate wins; refuse rather than validate one and load the other.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate tensor names")
+    return result
+
+
+def _check_entry(name: str, entry: object) -> tuple[int, int]:
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        raise AdapterWeightsError(
+            f"tensor {name}: header entry must have exactly {sorted(_ENTRY_KEYS)}", field=name
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _ITEMSIZE:
+        raise AdapterWeightsError(
+            f"tensor {name} has dtype {dtype}; LoRA weights must be floating point ({', '.join(_ITEMSIZE)})",
+            field=name,
+        )
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise AdapterWeightsError(
+            f"tensor {name}: shape {shape!r} is not a list of non-negative ints", field=name
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(o) for o in offsets)):
+        raise AdapterWeightsError(f"tensor {name}: data_offsets {offsets!r} is not [begin, end]", field=name)
+    begin, end = offsets
+    if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
+        raise AdapterWeightsError(
+            f"tensor {name}: data_offsets {offsets} hold {end - begin} bytes, "
+            f"but {dtype} {shape} needs {math.prod(shape) * _ITEMSIZE[dtype]}",
+            field=name,
+        )
+    return begin, end
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _match_modules(
+    tensors: dict[str, torch.Tensor], config: LoraConfig, base_modules: dict[str, LinearShape]
+) -> dict[str, ModuleLoRA]:
+    if not tensors:
+        raise AdapterWeightsError(f"{WEIGHTS_NAME} holds no tensors")
+    factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    adapter_names = set()
+    for name, tensor in tensors.items():
+        key = _KEY.fullmatch(name)
+        if key is None:
+            raise AdapterWeightsError(
+                f"tensor {name} is not a LoRA factor (base_model.model.<module>.lora_A.weight or "
+                ".lora_B.weight); embedding LoRA, DoRA magnitudes, biases and modules_to_save weights "
+                "are not supported",
+                field=name,
+            )
+        module, kind = key["module"], key["kind"]
+        adapter_names.add(key["adapter"])
+        if module not in base_modules:
+            raise AdapterWeightsError(
+                f"tensor {name}: no module {module} in the base model (LoRA applies to its decoder-layer "
+                "linear projections)",
+                field=name,
+            )
+        if not config.targets(module):
+            raise AdapterWeightsError(
+                f"tensor {name} targets a module the config does not target", field=name
+            )
+        if kind in factors.setdefault(module, {}):
+            raise AdapterWeightsError(
+                f"tensors {factors[module][kind][0]} and {name} are both {kind} of {module}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterWeightsError(f"tensor {name} contains NaN or infinite values", field=name)
+        factors[module][kind] = (name, tensor)
+    if len(adapter_names) > 1:
+        shown = sorted(n or "<none>" for n in adapter_names)
+        raise AdapterWeightsError(f"tensors mix several adapter names in their keys: {shown}")
+
+    result: dict[str, ModuleLoRA] = {}
+    for module, shape in base_modules.items():  # base order: deterministic and layer by layer
+        if module not in factors:
+            continue
+        r = config.rank_for(module)
+        expected = {"lora_A": (r, shape.in_features), "lora_B": (shape.out_features, r)}
+        for kind, want in expected.items():
+            if kind not in factors[module]:
+                other = next(iter(factors[module].values()))[0]
+                raise AdapterWeightsError(f"tensor {other} has no matching {kind} for {module}", field=other)
+            name, tensor = factors[module][kind]
+            if tuple(tensor.shape) != want:
+                raise AdapterWeightsError(
+                    f"tensor {name} has shape {list(tensor.shape)}, expected {list(want)} "
+                    f"(rank {r}, {module} is {shape.in_features} -> {shape.out_features})",
+                    field=name,
+                )
+        A, B = factors[module]["lora_A"][1], factors[module]["lora_B"][1]
+        result[module] = ModuleLoRA(A=A.contiguous(), B=B.contiguous(), scale=config.scale_for(module))
+    return result
+
+
+def _list_dir(directory: Path) -> set[str]:
+    try:
+        if not stat.S_ISDIR(os.stat(directory).st_mode):
+            raise AdapterWeightsError(f"{directory} is not a directory")
+        return {entry.name for entry in os.scandir(directory)}
+    except OSError as e:
+        raise AdapterWeightsError(f"cannot read adapter directory {directory}: {e.strerror}") from None
+
+
+def _read_regular_file(path: Path, max_bytes: int, error: type[AdapterError] = AdapterWeightsError) -> bytes:
+    """Read a whole regular file of at most max_bytes (symlinks are followed; FIFOs and devices refused)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not hang; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise error(f"cannot open {path.name}: {e.strerror}", field=path.name) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path.name} is not a regular file", field=path.name)
+        if info.st_size > max_bytes:
+            raise error(
+                f"{path.name} is {info.st_size} bytes; the limit here is {max_bytes}", field=path.name
+            )
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise error(f"{path.name} grew past {max_bytes} bytes while being read", field=path.name)
+    return data

@@ -1,0 +1,125 @@
+"""The real default model (SmolLM2-135M-Instruct, NF4) and four PEFT-made adapters over it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from server.config import EngineConfig, default_cache_dir
+from server.engine.engine import LLMEngine
+from server.engine.sequence import SamplingParams, Sequence
+from server.lora.registry import AdapterRecord, AdapterRegistry
+from server.model.loader import BaseModel, load_base
+from server.model.source import resolve_model
+from tests.peft_factory import make_adapter
+
+MAX_RANK = 16
+BUFFER_SLOTS = 4
+PROMPTS = [
+    "What is the capital of France?",
+    "Write two sentences about the sea.",
+    "Give me three tips for learning to cook.",
+]
+# Different ranks and targets; one with rank/alpha patterns, one with rsLoRA. b_scale multiplies
+# PEFT's random lora_B so each adapter visibly changes the output without drowning the base.
+ADAPTERS: dict[str, dict[str, Any]] = {
+    "qv-r4": {"b_scale": 2.0, "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "mlp-r8-half": {
+        "b_scale": 2.0,
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["gate_proj", "up_proj", "down_proj"],
+        "layers_to_transform": list(range(15)),
+    },
+    "patterns": {
+        "b_scale": 0.6,
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": "all-linear",
+        "rank_pattern": {"q_proj": 16, "down_proj": 4},
+        "alpha_pattern": {"o_proj": 32},
+    },
+    "rslora-r16": {"b_scale": 0.3, "r": 16, "lora_alpha": 16, "use_rslora": True, "target_modules": r".*\.(k_proj|o_proj)$"},
+}
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    path, _ = resolve_model(None, default_cache_dir())
+    return path
+
+
+@pytest.fixture(scope="session")
+def base(model_path: Path) -> BaseModel:
+    return load_base(model_path, "SmolLM2-135M-Instruct", quantization="nf4", device="cpu",
+                     max_loras=BUFFER_SLOTS, max_lora_rank=MAX_RANK)
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+
+    def factory() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+    return {
+        name: make_adapter(factory, root / name, seed=i, **cfg)
+        for i, (name, cfg) in enumerate(ADAPTERS.items())
+    }
+
+
+@pytest.fixture(scope="session")
+def registry(base: BaseModel, adapter_dirs: dict[str, Path]) -> AdapterRegistry:
+    reg = AdapterRegistry(base.linear_shapes, MAX_RANK)
+    for name, d in adapter_dirs.items():
+        reg.add_dir(name, d)
+    return reg
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(base: BaseModel) -> list[list[int]]:
+    tok = base.tokenizer
+    return [
+        [int(i) for i in tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)]
+        for p in PROMPTS
+    ]
+
+
+EngineFactory = Callable[..., LLMEngine]
+
+
+@pytest.fixture(scope="session")
+def make_engine(base: BaseModel, registry: AdapterRegistry) -> EngineFactory:
+    def make(**overrides: Any) -> LLMEngine:
+        cfg = {"max_loras": BUFFER_SLOTS, "max_lora_rank": MAX_RANK, "max_num_seqs": 32,
+               "max_model_len": 1024, "kv_cache_tokens": 8192, **overrides}
+        return LLMEngine(base, registry, EngineConfig(**cfg))
+
+    return make
+
+
+def greedy(engine: LLMEngine, jobs: list[tuple[str, AdapterRecord | None, list[int]]], max_tokens: int = 32) -> dict[str, list[int]]:
+    """Submit every job at once, run to completion, return each request's tokens."""
+    for rid, adapter, ids in jobs:
+        engine.add_request(Sequence(rid, list(ids), SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                                    adapter=adapter, eos_token_ids=engine.base.eos_token_ids))
+    out: dict[str, list[int]] = {rid: [] for rid, _, _ in jobs}
+    finished: set[str] = set()
+    while engine.has_work():
+        outputs = engine.step()
+        if not outputs and not engine.scheduler.running:
+            engine.cache.wait_for_loads(timeout=60)  # waiting requests need an adapter from disk
+        for o in outputs:
+            assert o.error is None, o.error
+            out[o.request_id].extend(o.token_ids)
+            if o.finished:
+                finished.add(o.request_id)
+    assert finished == set(out), f"unfinished: {set(out) - finished}"
+    return out

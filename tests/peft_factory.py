@@ -1,0 +1,23 @@
+"""Adapters made with PEFT itself (the oracle), with non-zero B so that they change the output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+
+def make_adapter(model_factory: Any, out_dir: Path, seed: int, b_scale: float = 1.0, **lora: Any) -> Path:
+    """Wrap a fresh base from `model_factory()` with PEFT, randomize A and B, save in PEFT format."""
+    torch.manual_seed(seed)
+    base: nn.Module = model_factory()
+    peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(b_scale)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
