@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from server.lora.adapter import ModuleLoRA
-from server.lora.ops import LoRABatch, lora_decode, lora_segment
+from server.lora.ops import MIN_ROWS, LoRABatch, lora_decode, lora_segment
 
 
 class LoRAContext:
@@ -39,6 +39,15 @@ class LoRALinear(nn.Module):
         self.ranks = [0] * (num_slots + 1)
         self.loaded: set[int] = set()
 
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base output, with the packed batch padded to MIN_ROWS tokens so that each token's
+        result does not depend on how many tokens share the step (see ops.pad_rows)."""
+        t = x.shape[-2]
+        if x.dim() != 3 or x.shape[0] != 1 or t >= MIN_ROWS:
+            return self.base(x)
+        padded = torch.cat([x, x.new_zeros(1, MIN_ROWS - t, x.shape[2])], dim=1)
+        return self.base(padded)[:, :t]
+
     def set_slot(self, slot: int, weights: ModuleLoRA | None) -> None:
         """Copy one adapter's factors into `slot` (None clears it: this projection is not targeted)."""
         assert slot != 0, "slot 0 is the permanent no-adapter slot"
@@ -57,7 +66,7 @@ class LoRALinear(nn.Module):
         self.loaded.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self._base(x)
         batch = self.context.batch
         if batch is None or not (batch.active & self.loaded):
             return y

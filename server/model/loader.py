@@ -53,6 +53,15 @@ class BaseModel:
     lora_context: LoRAContext
 
 
+def disable_cpu_weight_packing(model: nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs at the first eval forward, with bf16
+    block scales: faster, but no longer the NF4 + double-quant numbers a GPU (or PEFT after it
+    moves the module) computes. We keep the exact format so outputs match PEFT's."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every projection inside the decoder layers (bnb Linear4bit subclasses nn.Linear); lm_head and
     embeddings are not LoRA targets here."""
@@ -97,6 +106,7 @@ def load_base(
     if quantization != "nf4":
         model.to(dev)
     model.eval().requires_grad_(False)
+    disable_cpu_weight_packing(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
     context = LoRAContext()
