@@ -27,8 +27,8 @@ serve: model
 	$(PY) -m server serve --host $(HOST) --port $(PORT) --adapters-dir adapters
 
 lint: $(STAMP)
-	$(PY) -m ruff check server tests bench
-	$(PY) -m ruff format --check server tests bench
+	$(PY) -m ruff check server tests
+	$(PY) -m ruff format --check server tests
 	$(PY) -m mypy
 
 test: lint model

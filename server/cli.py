@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare-model", help="convert the default GGUF model once (cached)")
     _add_settings_flags(prep)
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(ns, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(ns, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     settings = _settings(ns)
 
     from server.errors import ModelNotFoundError

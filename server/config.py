@@ -21,8 +21,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
 
-    model: str | None = Field(None, description="Local HF checkpoint dir (Llama/Qwen2/Mistral); default SmolLM2")
-    quantization: Literal["nf4", "none"] = Field("nf4", description="Base weights: NF4 + double quant, or none")
+    model: str | None = Field(
+        None, description="Local HF checkpoint dir (Llama/Qwen2/Mistral); default SmolLM2"
+    )
+    quantization: Literal["nf4", "none"] = Field(
+        "nf4", description="Base weights: NF4 + double quant, or none"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models live here")
@@ -34,7 +38,9 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(16, ge=1, description="largest rank accepted; slot buffers are this wide")
     max_num_seqs: int = Field(32, ge=1, description="sequences decoded together")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one forward pass")
-    max_model_len: int | None = Field(None, description="context length (default: the model's, capped at 8192)")
+    max_model_len: int | None = Field(
+        None, description="context length (default: the model's, capped at 8192)"
+    )
     kv_cache_tokens: int = Field(32768, ge=256, description="KV cache capacity in tokens")
     block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")

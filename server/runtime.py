@@ -37,7 +37,9 @@ class Runtime:
         return self.registry.resolve(model)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = self.base.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return [int(i) for i in ids]
 
     def text_prompt(self, text: str) -> list[int]:
@@ -51,7 +53,8 @@ class Runtime:
             raise RequestError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the messages, "
-                f"{params.max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                f"{params.max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion.",
                 "messages",
             )
         return Sequence(request_id, prompt, params, adapter=adapter, eos_token_ids=self.base.eos_token_ids)

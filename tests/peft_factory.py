@@ -19,5 +19,5 @@ def make_adapter(model_factory: Any, out_dir: Path, seed: int, b_scale: float = 
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.mul_(b_scale)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     return out_dir

@@ -49,7 +49,13 @@ def install(app: FastAPI) -> None:
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         err = e.errors()[0] if e.errors() else {}
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        return envelope(422, f"{loc}: {err.get('msg', 'invalid request')}", "invalid_request_error", "invalid_schema", loc or None)
+        return envelope(
+            422,
+            f"{loc}: {err.get('msg', 'invalid request')}",
+            "invalid_request_error",
+            "invalid_schema",
+            loc or None,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:

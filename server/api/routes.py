@@ -35,9 +35,27 @@ async def health(request: Request) -> JSONResponse:
 async def models(request: Request) -> dict[str, Any]:
     rt = _runtime(request)
     created = int(request.app.state.started)
-    data = [{"id": rt.model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": rt.model_id, "parent": None}]
+    data = [
+        {
+            "id": rt.model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "loraplex",
+            "root": rt.model_id,
+            "parent": None,
+        }
+    ]
     for r in rt.registry.records():
-        data.append({"id": r.name, "object": "model", "created": created, "owned_by": "loraplex", "root": r.name, "parent": rt.model_id})
+        data.append(
+            {
+                "id": r.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "loraplex",
+                "root": r.name,
+                "parent": rt.model_id,
+            }
+        )
     return {"object": "list", "data": data}
 
 
@@ -73,7 +91,9 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     return await _respond(rt, seq, body, chat=False)
 
 
-async def _respond(rt: Runtime, seq: Any, body: ChatCompletionRequest | CompletionRequest, chat: bool) -> JSONResponse | StreamingResponse:
+async def _respond(
+    rt: Runtime, seq: Any, body: ChatCompletionRequest | CompletionRequest, chat: bool
+) -> JSONResponse | StreamingResponse:
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
     stream = rt.async_engine.generate(seq)
@@ -82,7 +102,12 @@ async def _respond(rt: Runtime, seq: Any, body: ChatCompletionRequest | Completi
         try:
             async for out in stream:
                 if out.error:
-                    err = {"message": out.error, "type": "server_error", "param": None, "code": "generation_failed"}
+                    err = {
+                        "message": out.error,
+                        "type": "server_error",
+                        "param": None,
+                        "code": "generation_failed",
+                    }
                     return JSONResponse({"error": err}, status_code=500)
                 text += out.text
                 reason = out.finish_reason
@@ -91,20 +116,37 @@ async def _respond(rt: Runtime, seq: Any, body: ChatCompletionRequest | Completi
             await stream.aclose()
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return JSONResponse({"id": seq.request_id, "object": kind, "created": created, "model": body.model, "choices": [choice], "usage": usage})
+        return JSONResponse(
+            {
+                "id": seq.request_id,
+                "object": kind,
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+                "usage": usage,
+            }
+        )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-            payload: dict[str, Any] = {"id": seq.request_id, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": body.model, "choices": choices}
+            payload: dict[str, Any] = {
+                "id": seq.request_id,
+                "object": f"{kind}.chunk" if chat else kind,
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+            }
             if include_usage:
                 payload["usage"] = usage
             return f"data: {json.dumps(payload)}\n\n"
 
         def choice(text: str, reason: str | None, first: bool = False) -> dict[str, Any]:
             if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                delta: dict[str, Any] = (
+                    {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                )
                 return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
             return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
 
@@ -115,7 +157,14 @@ async def _respond(rt: Runtime, seq: Any, body: ChatCompletionRequest | Completi
             async for out in stream:
                 last = out
                 if out.error:
-                    err = {"error": {"message": out.error, "type": "server_error", "param": None, "code": "generation_failed"}}
+                    err = {
+                        "error": {
+                            "message": out.error,
+                            "type": "server_error",
+                            "param": None,
+                            "code": "generation_failed",
+                        }
+                    }
                     yield f"data: {json.dumps(err)}\n\n"
                     break
                 if out.text or out.finished:

@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from server.engine.engine import LLMEngine, RequestOutput
 from server.engine.sequence import Sequence
@@ -55,14 +55,16 @@ class AsyncEngine:
         with self._lock:
             return len(self._streams)
 
-    async def generate(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
+    async def generate(self, seq: Sequence) -> AsyncGenerator[RequestOutput, None]:
         """Submit `seq` and yield its outputs until it finishes. Leaving early (client gone) aborts it."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._lock:
             if len(self._streams) >= self.max_queue:
-                raise QueueFullError(f"{len(self._streams)} requests are in flight (max_queue {self.max_queue})")
+                raise QueueFullError(
+                    f"{len(self._streams)} requests are in flight (max_queue {self.max_queue})"
+                )
             self._streams[seq.request_id] = (asyncio.get_running_loop(), q)
         self._send("add", seq)
         finished = False

@@ -40,7 +40,13 @@ class KVCache:
     """Flat paged storage: slot = block * block_size + offset, shared by all sequences."""
 
     def __init__(
-        self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        num_layers: int,
+        num_slots: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         # zeros, not empty: padded decode rows read slot 0, and 0 * NaN would poison the output
         self.k = torch.zeros(num_layers, num_slots, kv_heads, head_dim, dtype=dtype, device=device)
@@ -62,7 +68,9 @@ def paged_attention(
     cache: KVCache | None = kwargs.get("loraplex_kv_cache")
     if meta is None or cache is None:
         # Outside the engine (e.g. a plain forward in a test) behave like SDPA.
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     k_cache, v_cache = cache.k[layer], cache.v[layer]  # [N, KVH, hd]
     k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))

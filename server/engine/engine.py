@@ -137,14 +137,18 @@ class LLMEngine:
             reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.base.max_model_len:
             reason = FinishReason.LENGTH
-        text, hit_stop = self.detokenizers[seq.request_id].update(seq.output_token_ids, final=reason is not None)
+        text, hit_stop = self.detokenizers[seq.request_id].update(
+            seq.output_token_ids, final=reason is not None
+        )
         if hit_stop:
             reason = FinishReason.STOP
         if reason is not None:
             self.scheduler.finish(seq, reason)
         return self._output(seq, (token,), text)
 
-    def _output(self, seq: Sequence, tokens: tuple[int, ...], text: str, error: str | None = None) -> RequestOutput:
+    def _output(
+        self, seq: Sequence, tokens: tuple[int, ...], text: str, error: str | None = None
+    ) -> RequestOutput:
         if seq.is_finished:
             self.seqs.pop(seq.request_id, None)
             self.detokenizers.pop(seq.request_id, None)
@@ -168,7 +172,9 @@ class LLMEngine:
         self.failed.clear()
         return outputs
 
-    def _record(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]], adapters: dict[str, AdapterWeights]) -> None:
+    def _record(
+        self, decode: list[Sequence], prefill: list[tuple[Sequence, int]], adapters: dict[str, AdapterWeights]
+    ) -> None:
         self.records.append(
             StepRecord(
                 step=self.step_count,

@@ -19,7 +19,7 @@ class LinearShape:
 class ModuleLoRA:
     """LoRA factors for one base projection: y += scale * B @ (A @ x).
 
-    A: [r, in], B: [out, r], both in nn.Linear layout (PEFT stores them this way whatever fan_in_fan_out says).
+    A: [r, in], B: [out, r], in nn.Linear layout (PEFT stores them so whatever fan_in_fan_out says).
     """
 
     A: torch.Tensor
@@ -37,7 +37,9 @@ class ConfigReport:
 
     honoured: dict[str, object] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)  # key -> why it has no effect here
-    refused: dict[str, str] = field(default_factory=dict)  # key -> why (non-empty means the adapter was rejected)
+    refused: dict[str, str] = field(
+        default_factory=dict
+    )  # key -> why (non-empty means the adapter was rejected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,9 @@ class AdapterWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values())
+        return sum(
+            m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values()
+        )
 
     @property
     def target_modules(self) -> list[str]:

@@ -24,6 +24,10 @@ class LoRALinear(nn.Module):
     all-zero slot 0, so loading an adapter is a copy, never an allocation.
     """
 
+    lora_A: torch.Tensor  # [S + 1, R, in]
+    lora_B: torch.Tensor  # [S + 1, R, out]
+    lora_scale: torch.Tensor  # [S + 1]
+
     def __init__(
         self, base: nn.Linear, num_slots: int, max_rank: int, context: LoRAContext, dtype: torch.dtype
     ) -> None:
@@ -33,9 +37,19 @@ class LoRALinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         device = next(base.parameters()).device
-        self.register_buffer("lora_A", torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("lora_scale", torch.zeros(num_slots + 1, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "lora_A",
+            torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "lora_B",
+            torch.zeros(num_slots + 1, max_rank, self.out_features, dtype=dtype, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "lora_scale", torch.zeros(num_slots + 1, dtype=dtype, device=device), persistent=False
+        )
         self.ranks = [0] * (num_slots + 1)
         self.loaded: set[int] = set()
 

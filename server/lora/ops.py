@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 # CPU GEMM kernels pick a different path below 16 rows, which changes the last bits of each row.
 # Padding every product to at least 16 rows makes a token's result independent of how many
 # tokens share the step: the batch invariance every test relies on.

@@ -65,7 +65,8 @@ class AdapterRegistry:
 
         if not NAME_RE.match(name):
             raise AdapterError(
-                f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+                f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit",
                 "name",
             )
         version = adapter_version(directory)

@@ -59,7 +59,7 @@ def disable_cpu_weight_packing(model: nn.Module) -> None:
     moves the module) computes. We keep the exact format so outputs match PEFT's."""
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+            setattr(m, "support_avx512bf16_for_cpu", False)  # noqa: B010
 
 
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -90,7 +90,8 @@ def load_base(
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_ARCHITECTURES:
         raise ModelNotFoundError(
-            f"model type {config.model_type!r} is not supported; loraplex serves {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"model type {config.model_type!r} is not supported; "
+            f"loraplex serves {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     attention.register()
     kwargs: dict[str, Any] = {"dtype": dt, "attn_implementation": attention.ATTN_IMPLEMENTATION}
@@ -102,7 +103,7 @@ def load_base(
             bnb_4bit_compute_dtype=dt,
         )
         kwargs["device_map"] = {"": dev}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization != "nf4":
         model.to(dev)
     model.eval().requires_grad_(False)

