@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from collections.abc import Sequence as Sequence_
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,7 @@ import torch
 
 from server.config import EngineConfig, default_cache_dir
 from server.engine.engine import LLMEngine
-from server.engine.sequence import SamplingParams, Sequence
-from server.lora.registry import AdapterRecord, AdapterRegistry
+from server.lora.registry import AdapterRegistry
 from server.model.loader import BaseModel, load_base
 from server.model.source import resolve_model
 from tests.peft_factory import make_adapter
@@ -126,32 +124,3 @@ def make_engine(base: BaseModel, registry: AdapterRegistry) -> EngineFactory:
         return LLMEngine(base, registry, EngineConfig(**cfg))
 
     return make
-
-
-def greedy(
-    engine: LLMEngine, jobs: Sequence_[tuple[str, AdapterRecord | None, list[int]]], max_tokens: int = 32
-) -> dict[str, list[int]]:
-    """Submit every job at once, run to completion, return each request's tokens."""
-    for rid, adapter, ids in jobs:
-        engine.add_request(
-            Sequence(
-                rid,
-                list(ids),
-                SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                adapter=adapter,
-                eos_token_ids=engine.base.eos_token_ids,
-            )
-        )
-    out: dict[str, list[int]] = {rid: [] for rid, _, _ in jobs}
-    finished: set[str] = set()
-    while engine.has_work():
-        outputs = engine.step()
-        if not outputs and not engine.scheduler.running:
-            engine.cache.wait_for_loads(timeout=60)  # waiting requests need an adapter from disk
-        for o in outputs:
-            assert o.error is None, o.error
-            out[o.request_id].extend(o.token_ids)
-            if o.finished:
-                finished.add(o.request_id)
-    assert finished == set(out), f"unfinished: {set(out) - finished}"
-    return out

@@ -11,7 +11,8 @@ import torch
 from server.engine.sequence import SamplingParams, Sequence
 from server.lora.registry import AdapterRegistry
 from server.model.loader import disable_cpu_weight_packing
-from tests.e2e.conftest import ADAPTERS, EngineFactory, greedy
+from tests.drive import greedy
+from tests.e2e.conftest import ADAPTERS, EngineFactory
 
 pytestmark = pytest.mark.e2e
 NEW_TOKENS = 32

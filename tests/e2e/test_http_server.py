@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -68,9 +69,9 @@ def test_openai_client_chat_with_adapter(server_url: str) -> None:
     client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused")
     ids = {m.id: m for m in client.models.list().data}
     assert BASE_ID in ids and "qv-r4" in ids
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    base = client.chat.completions.create(model=BASE_ID, messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]
-    tuned = client.chat.completions.create(model="qv-r4", messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
+    base = client.chat.completions.create(model=BASE_ID, messages=messages, max_tokens=12, temperature=0)
+    tuned = client.chat.completions.create(model="qv-r4", messages=messages, max_tokens=12, temperature=0)
     assert base.choices[0].message.content and tuned.choices[0].message.content
     assert base.usage is not None and base.usage.completion_tokens <= 12
     assert "Paris" in base.choices[0].message.content
@@ -80,7 +81,7 @@ def test_openai_client_chat_with_adapter(server_url: str) -> None:
         model="qv-r4",
         messages=messages,
         max_tokens=12,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
         stream=True,
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)

@@ -1,0 +1,214 @@
+"""The whole engine on tiny random checkpoints of every supported architecture: HF generate and
+PEFT as oracles, mixed batches, adapter loading off the engine thread, sampling, stop strings."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from server.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.sequence import SamplingParams, Sequence
+from server.errors import ModelNotFoundError
+from server.lora.adapter import AdapterWeights
+from server.lora.registry import AdapterRecord, AdapterRegistry
+from server.model.loader import BaseModel, disable_cpu_weight_packing, load_base
+from server.model.source import resolve_model
+from tests.drive import greedy
+from tests.peft_factory import make_adapter
+
+PROMPTS = ["hello there", "the quick brown fox", "1 2 3 4"]
+LORAS: dict[str, dict[str, Any]] = {
+    "qv": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "all": {"r": 8, "lora_alpha": 8, "target_modules": "all-linear", "rank_pattern": {"down_proj": 2}},
+}
+
+
+def engine_for(base: BaseModel, registry: AdapterRegistry, **overrides: Any) -> LLMEngine:
+    cfg: dict[str, Any] = {
+        "max_loras": 2,
+        "max_lora_rank": 8,
+        "max_model_len": 256,
+        "kv_cache_tokens": 2048,
+        "block_size": 4,
+        **overrides,
+    }
+    return LLMEngine(base, registry, EngineConfig(**cfg))
+
+
+def prompt_ids(base: BaseModel, text: str) -> list[int]:
+    ids = base.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return [int(i) for i in ids]
+
+
+def hf_model(path: Path, quantization: str) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    disable_cpu_weight_packing(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("arch", "quantization"), [("llama", "none"), ("qwen2", "none"), ("mistral", "none"), ("llama", "nf4")]
+)
+def test_engine_matches_hf_and_peft(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, arch: str, quantization: str
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint(arch)
+    base = load_base(path, arch, quantization=quantization, device="cpu", max_loras=2, max_lora_rank=8)
+    registry = AdapterRegistry(base.linear_shapes, 8)
+    for i, (name, cfg) in enumerate(LORAS.items()):
+        make_adapter(
+            lambda: AutoModelForCausalLM.from_pretrained(path), tmp_path / name, seed=i, b_scale=0.5, **cfg
+        )
+        registry.add_dir(name, tmp_path / name)
+    jobs = [
+        (f"{name}/{p}", registry.resolve(name) if name else None, prompt_ids(base, text))
+        for name in (None, *LORAS)
+        for p, text in enumerate(PROMPTS)
+    ]
+    solo: dict[str, list[int]] = {}
+    for job in jobs:
+        solo.update(greedy(engine_for(base, registry), [job], max_tokens=16))
+    mixed = greedy(engine_for(base, registry, max_num_seqs=16), jobs, max_tokens=16)
+    assert mixed == solo
+
+    ref = hf_model(path, quantization)
+    peft = PeftModel.from_pretrained(ref, tmp_path / "qv", adapter_name="qv")
+    peft.load_adapter(tmp_path / "all", adapter_name="all")
+    for rid, _, ids in jobs:
+        name = rid.split("/")[0]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            if name == "None":
+                with peft.disable_adapter():
+                    out = peft.generate(
+                        x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False
+                    )
+            else:
+                peft.set_adapter(name)
+                out = peft.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False)
+        assert solo[rid] == out[0, len(ids) :].tolist(), f"{arch}/{quantization} {rid}: engine != reference"
+    assert any(solo[f"qv/{p}"] != solo[f"None/{p}"] for p in range(len(PROMPTS)))
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint: Callable[[str], Path]) -> BaseModel:
+    return load_base(
+        tiny_checkpoint("llama"), "tiny", quantization="none", device="cpu", max_loras=2, max_lora_rank=8
+    )
+
+
+def test_decoding_continues_while_an_adapter_loads(
+    llama: BaseModel, tmp_path: Path, tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    make_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), tmp_path / "slow", seed=3, **LORAS["qv"])
+    release = threading.Event()
+
+    class SlowRegistry(AdapterRegistry):
+        def load(self, record: AdapterRecord) -> AdapterWeights:
+            assert release.wait(timeout=60)
+            return super().load(record)
+
+    registry = SlowRegistry(llama.linear_shapes, 8)
+    record, _ = registry.add_dir("slow", tmp_path / "slow")
+    engine = engine_for(llama, registry)
+    eos = llama.eos_token_ids
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine.add_request(Sequence("base", prompt_ids(llama, PROMPTS[0]), params, eos_token_ids=eos))
+    engine.add_request(
+        Sequence("tuned", prompt_ids(llama, PROMPTS[1]), params, adapter=record, eos_token_ids=eos)
+    )
+    for _ in range(6):
+        engine.step()
+    assert sum("base" in r.decoded for r in engine.records) >= 5, (
+        "the base request stalled behind a disk load"
+    )
+    assert all("tuned" not in r.decoded for r in engine.records)
+    release.set()
+    engine.cache.wait_for_loads(timeout=60)
+    done: set[str] = set()
+    while engine.has_work():
+        done |= {o.request_id for o in engine.step() if o.finished}
+    assert done == {"base", "tuned"}
+
+
+def test_seeded_sampling_is_independent_of_the_batch(llama: BaseModel) -> None:
+    registry = AdapterRegistry(llama.linear_shapes, 8)
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+
+    def run(extra: int) -> list[int]:
+        engine = engine_for(llama, registry)
+        eos = llama.eos_token_ids
+        engine.add_request(Sequence("seeded", prompt_ids(llama, PROMPTS[0]), params, eos_token_ids=eos))
+        for i in range(extra):
+            other = SamplingParams(max_tokens=16, temperature=1.0)
+            engine.add_request(Sequence(f"o{i}", prompt_ids(llama, PROMPTS[i % 3]), other, eos_token_ids=eos))
+        tokens: list[int] = []
+        while engine.has_work():
+            tokens += [t for o in engine.step() if o.request_id == "seeded" for t in o.token_ids]
+        return tokens
+
+    alone = run(0)
+    assert alone == run(3)
+    assert len(set(alone)) > 1
+
+
+def test_stop_string_ends_the_request(llama: BaseModel) -> None:
+    registry = AdapterRegistry(llama.linear_shapes, 8)
+    full = greedy(engine_for(llama, registry), [("r", None, prompt_ids(llama, PROMPTS[2]))], max_tokens=20)[
+        "r"
+    ]
+    text = llama.tokenizer.decode(full, skip_special_tokens=True)
+    stop = text[5:7]
+    engine = engine_for(llama, registry)
+    seq = Sequence(
+        "r",
+        prompt_ids(llama, PROMPTS[2]),
+        SamplingParams(max_tokens=20, temperature=0.0, stop=(stop,)),
+        eos_token_ids=llama.eos_token_ids,
+    )
+    engine.add_request(seq)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    assert outs[-1].finished and outs[-1].finish_reason == "stop"
+    emitted = "".join(o.text for o in outs)
+    assert emitted == text[: text.index(stop)]
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_missing_model_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
+        resolve_model(str(tmp_path / "nowhere"), tmp_path)
+
+
+def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="not supported"):
+        load_base(tmp_path, "gpt2", quantization="none", device="cpu")
