@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from server.config import EngineConfig, Settings
 from server.engine.async_engine import AsyncEngine
@@ -60,7 +59,7 @@ class Runtime:
         return Sequence(request_id, prompt, params, adapter=adapter, eos_token_ids=self.base.eos_token_ids)
 
 
-def build_runtime(settings: Settings, extra_adapter_dirs: tuple[Path, ...] = ()) -> Runtime:
+def build_runtime(settings: Settings) -> Runtime:
     path, model_id = resolve_model(settings.model, settings.cache_dir)
     base = load_base(
         path,
@@ -84,9 +83,8 @@ def build_runtime(settings: Settings, extra_adapter_dirs: tuple[Path, ...] = ())
         max_queue=settings.max_queue,
     )
     registry = AdapterRegistry(base.linear_shapes, settings.max_lora_rank)
-    for d in (*extra_adapter_dirs, *([settings.adapters_dir] if settings.adapters_dir else [])):
-        if d.is_dir():
-            registry.scan(d)
+    if settings.adapters_dir is not None and settings.adapters_dir.is_dir():
+        registry.scan(settings.adapters_dir)
     engine = LLMEngine(base, registry, config)
     async_engine = AsyncEngine(engine, config.max_queue)
     return Runtime(settings, base, registry, engine, async_engine)

@@ -50,6 +50,12 @@ class StepRecord:
 
 class LLMEngine:
     def __init__(self, base: BaseModel, registry: AdapterRegistry, config: EngineConfig) -> None:
+        buffers = next(iter(base.lora_layers.values())).lora_A.shape if base.lora_layers else None
+        if buffers is not None and (config.max_loras > buffers[0] - 1 or config.max_lora_rank > buffers[1]):
+            raise ValueError(
+                f"max_loras {config.max_loras} / max_lora_rank {config.max_lora_rank} exceed the model's "
+                f"LoRA buffers ({buffers[0] - 1} slots, rank {buffers[1]})"
+            )
         self.base = base
         self.registry = registry
         self.config = config

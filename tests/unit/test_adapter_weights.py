@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from server.errors import AdapterConfigError, AdapterError, AdapterWeightsError
 from server.lora.adapter import LinearShape
 from server.lora.weights import linear_modules, load_adapter
+from tests.unit.conftest import tiny_config
 
 MAX_RANK = 8
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -27,14 +28,8 @@ ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = tiny_config("llama")
+    assert isinstance(config, LlamaConfig)
     return LlamaForCausalLM(config)
 
 
