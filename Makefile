@@ -27,8 +27,8 @@ serve: model
 	$(PY) -m server serve --host $(HOST) --port $(PORT) --adapters-dir adapters
 
 lint: $(STAMP)
-	$(PY) -m ruff check server tests
-	$(PY) -m ruff format --check server tests
+	$(PY) -m ruff check server tests bench
+	$(PY) -m ruff format --check server tests bench
 	$(PY) -m mypy
 
 test: lint model
@@ -42,3 +42,6 @@ test-e2e: model
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+bench: model
+	$(PY) bench/step_overhead.py
