@@ -24,7 +24,7 @@ model: $(STAMP)
 	$(PY) -m server prepare-model
 
 serve: model
-	$(PY) -m server serve --host $(HOST) --port $(PORT) --adapters-dir adapters
+	$(PY) -m server serve --host $(HOST) --port $(PORT) --import-adapters adapters
 
 lint: $(STAMP)
 	$(PY) -m ruff check server tests bench

@@ -10,9 +10,14 @@ from pathlib import Path
 
 from server.config import Settings
 
+# Keys on a command line are visible to every user of the machine (ps); env only.
+SECRET_FIELDS = ("api_keys", "admin_keys")
+
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
+        if name in SECRET_FIELDS:
+            continue
         flag = "--" + name.replace("_", "-")
         ann = field.annotation
         choices = None
@@ -41,11 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare-model", help="convert the default GGUF model once (cached)")
     _add_settings_flags(prep)
     ns = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(ns, "log_level", "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     settings = _settings(ns)
+    from server.api.logs import configure
+
+    configure(getattr(ns, "log_level", "info"), settings.log_format)
 
     from server.errors import ModelNotFoundError
 
@@ -69,7 +73,15 @@ def _serve(settings: Settings, log_level: str) -> int:
     from server.runtime import build_runtime
 
     runtime = build_runtime(settings)
-    uvicorn.run(create_app(runtime), host=settings.host, port=settings.port, log_level=log_level.lower())
+    # our edge middleware logs each request with its id; uvicorn's access log would repeat it
+    uvicorn.run(
+        create_app(runtime),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        access_log=False,
+        log_config=None,
+    )
     return 0
 
 

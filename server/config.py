@@ -30,7 +30,20 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models live here")
-    adapters_dir: Path | None = Field(None, description="directory of PEFT adapter dirs to serve")
+    adapters_dir: Path | None = Field(None, description="the adapter store (default: CACHE_DIR/adapters)")
+    import_adapters: Path | None = Field(
+        None, description="PEFT adapter dirs under this dir are imported at start"
+    )
+    adapter_import_dirs: str = Field(
+        "", description="comma-separated dirs /v1/load_lora_adapter may read from"
+    )
+    api_keys: str = Field("", description="comma-separated inference keys (env only)")
+    admin_keys: str = Field("", description="comma-separated admin keys, imply inference (env only)")
+    max_upload_bytes: int = Field(256 << 20, ge=1024, description="largest adapter upload")
+    max_request_bytes: int = Field(8 << 20, ge=1024, description="largest JSON request body")
+    max_tokens_limit: int = Field(4096, ge=1, description="upper bound on max_tokens")
+    max_n: int = Field(8, ge=1, description="upper bound on n")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
     host: str = "127.0.0.1"
     port: int = 8000
     max_loras: int = Field(8, ge=1, description="device slots: distinct adapters in one step")
@@ -44,6 +57,14 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(32768, ge=256, description="KV cache capacity in tokens")
     block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+
+    @property
+    def store_dir(self) -> Path:
+        return self.adapters_dir or self.cache_dir / "adapters"
+
+    @staticmethod
+    def split(value: str) -> list[str]:
+        return [v.strip() for v in value.split(",") if v.strip()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
 from server.errors import RequestError
 from server.lora.registry import AdapterRecord, AdapterRegistry
+from server.lora.store import AdapterStore
 from server.model.loader import BaseModel, load_base
 from server.model.source import resolve_model
 
@@ -82,9 +83,11 @@ def build_runtime(settings: Settings) -> Runtime:
         block_size=settings.block_size,
         max_queue=settings.max_queue,
     )
-    registry = AdapterRegistry(base.linear_shapes, settings.max_lora_rank)
-    if settings.adapters_dir is not None and settings.adapters_dir.is_dir():
-        registry.scan(settings.adapters_dir)
+    registry = AdapterRegistry(base.linear_shapes, settings.max_lora_rank, AdapterStore(settings.store_dir))
+    restored = registry.restore()
+    log.info("%d adapters restored from %s", len(restored), settings.store_dir)
+    if settings.import_adapters is not None and settings.import_adapters.is_dir():
+        registry.scan(settings.import_adapters)
     engine = LLMEngine(base, registry, config)
     async_engine = AsyncEngine(engine, config.max_queue)
     return Runtime(settings, base, registry, engine, async_engine)

@@ -1,7 +1,10 @@
-"""The FastAPI application: the lifespan starts and stops the engine thread."""
+"""The FastAPI application: routers with their auth scopes, edge middleware, and a lifespan that
+starts the engine thread and warms it up before /ready says yes."""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,23 +12,66 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import errors
-from server.api.routes import router
+from server.api import adapter_routes, errors, openai_routes, ops_routes
+from server.api.auth import KeyRing
+from server.api.edge import EdgeMiddleware
+from server.api.metrics import Metrics
+from server.engine.sequence import SamplingParams
 from server.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+async def _warm_up(runtime: Runtime) -> None:
+    seq = runtime.sequence(
+        "warmup", runtime.text_prompt("Hello"), SamplingParams(max_tokens=2, temperature=0.0), None
+    )
+    async for _ in runtime.async_engine.generate(seq):
+        pass
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def create_app(runtime: Runtime) -> FastAPI:
+    settings = runtime.settings
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.async_engine.start()
         try:
+            await _warm_up(runtime)
+            app.state.ready = True
             yield
         finally:
+            app.state.ready = False
             runtime.async_engine.shutdown()
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
     app.state.runtime = runtime
     app.state.started = time.time()
+    app.state.ready = False
+    app.state.keys = KeyRing(settings.split(settings.api_keys), settings.split(settings.admin_keys))
+    app.state.metrics = Metrics(runtime)
+    if app.state.keys.open and not _is_loopback(settings.host):
+        log.warning(
+            "no API keys are set and the server listens on %s: anyone who can reach it can use "
+            "and change it. Set LORAPLEX_API_KEYS / LORAPLEX_ADMIN_KEYS.",
+            settings.host,
+        )
     errors.install(app)
-    app.include_router(router)
+    app.include_router(ops_routes.router)
+    app.include_router(openai_routes.router)
+    app.include_router(adapter_routes.router)
+    app.add_middleware(
+        EdgeMiddleware,
+        max_request_bytes=settings.max_request_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
     return app

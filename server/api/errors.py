@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.auth import AuthError
+from server.api.edge import PayloadTooLargeError
 from server.errors import (
     AdapterError,
     AdapterNotFoundError,
@@ -17,11 +21,15 @@ from server.errors import (
 )
 
 
-def envelope(status: int, message: str, type_: str, code: str, param: str | None = None) -> JSONResponse:
+def envelope(
+    status: int, message: str, type_: str, code: str, param: str | None = None, **extra: object
+) -> JSONResponse:
     headers = {"Retry-After": "1"} if status in (429, 503) else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(
         status_code=status,
-        content={"error": {"message": message, "type": type_, "param": param, "code": code}},
+        content={"error": {"message": message, "type": type_, "param": param, "code": code, **extra}},
         headers=headers,
     )
 
@@ -32,7 +40,16 @@ def from_exception(e: LoraplexError) -> JSONResponse:
     if isinstance(e, RequestError):
         return envelope(400, str(e), "invalid_request_error", "invalid_value", e.param)
     if isinstance(e, AdapterError):
-        return envelope(400, str(e), "invalid_request_error", "invalid_adapter", e.field)
+        report = getattr(e, "report", None)
+        extra = {"report": asdict(report)} if report is not None else {}
+        return envelope(400, str(e), "invalid_request_error", "invalid_adapter", e.field, **extra)
+    if isinstance(e, AuthError):
+        code = "invalid_api_key" if e.status == 401 else "insufficient_scope"
+        return envelope(
+            e.status, str(e), "authentication_error" if e.status == 401 else "permission_error", code
+        )
+    if isinstance(e, PayloadTooLargeError):
+        return envelope(413, str(e), "invalid_request_error", "payload_too_large")
     if isinstance(e, QueueFullError):
         return envelope(429, str(e), "rate_limit_error", "queue_full")
     if isinstance(e, EngineDeadError):
@@ -59,5 +76,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        code = {
+            400: "invalid_request",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+        }.get(e.status_code, "http_error")
         return envelope(e.status_code, str(e.detail), "invalid_request_error", code)

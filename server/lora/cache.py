@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,7 @@ class AdapterCache:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
         self.hits = 0
         self.misses = 0
+        self.observe_load: Callable[[float], None] | None = None  # load-time histogram, if any
 
     def get(self, record: AdapterRecord) -> AdapterWeights | None:
         """The parsed adapter, or None while it loads (the load starts here). Raises the load's error."""
@@ -67,6 +69,7 @@ class AdapterCache:
             return key in self._lru
 
     def _load_one(self, record: AdapterRecord) -> None:
+        start = time.perf_counter()
         try:
             weights = self._load(record)
         except AdapterError as e:
@@ -79,6 +82,8 @@ class AdapterCache:
                 self._failed[record.version] = AdapterError(f"adapter {record.name!r} failed to load: {e}")
         else:
             self.put(record.version, weights)
+            if self.observe_load is not None:
+                self.observe_load(time.perf_counter() - start)
         finally:
             with self._lock:
                 self._loading.pop(record.version, None)

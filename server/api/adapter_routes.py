@@ -1,0 +1,167 @@
+"""Adapter management (admin scope): multipart upload, list, inspect, delete, and vLLM's
+load/unload endpoints restricted to configured import directories."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+
+from server.api.auth import AuthError, require
+from server.errors import AdapterError, AdapterWeightsError
+from server.lora.registry import AdapterRecord, check_name
+from server.lora.store import FILES, AdapterStore
+from server.lora.weights import PICKLE_SUFFIXES
+from server.runtime import Runtime
+
+router = APIRouter(dependencies=[Depends(require("admin"))])
+
+
+def _rt(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def _store(rt: Runtime) -> AdapterStore:
+    assert rt.registry.store is not None, "the server always runs with a store"
+    return rt.registry.store
+
+
+def describe(rt: Runtime, record: AdapterRecord) -> dict[str, Any]:
+    engine = rt.engine
+    if record.version in engine.slots.slot_of:
+        tier = "device"
+    elif record.version in engine.cache:
+        tier = "cpu"
+    else:
+        tier = "disk"
+    usage = rt.registry.usage(record.name)
+    return {
+        "object": "adapter",
+        **record.to_json(),
+        "parent": rt.model_id,
+        "tier": tier,
+        "requests": usage.requests,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+    }
+
+
+def _role(field: str, upload: UploadFile) -> str:
+    """Which adapter file a multipart part is: by field name, else by the client's file name (only
+    its last component is looked at, and only to compare; it never becomes a path)."""
+    filename = PurePosixPath((upload.filename or "").replace("\\", "/")).name
+    for candidate in (field, filename):
+        if candidate.lower().endswith(PICKLE_SUFFIXES):
+            raise AdapterWeightsError(
+                f"{candidate!r} is a pickle file; pickle weights are never loaded. Convert the adapter "
+                "to adapter_model.safetensors (PEFT: save_pretrained(..., safe_serialization=True)).",
+                candidate,
+            )
+        if candidate in FILES:
+            return candidate
+    raise AdapterError(
+        f"unexpected file part {field!r}: send adapter_config.json and adapter_model.safetensors", field
+    )
+
+
+@router.post("/v1/adapters", status_code=201, response_model=None)
+async def upload(request: Request) -> JSONResponse:
+    rt = _rt(request)
+    store = _store(rt)
+    async with request.form(max_files=2, max_fields=4) as form:
+        name = form.get("name")
+        if not isinstance(name, str):
+            raise AdapterError("the form field 'name' is required", "name")
+        check_name(name)
+        parts: dict[str, UploadFile] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                role = _role(key, value)
+                if role in parts:
+                    raise AdapterError(f"{role} was sent twice", role)
+                parts[role] = value
+        missing = [f for f in FILES if f not in parts]
+        if missing:
+            raise AdapterError(f"missing file(s): {', '.join(missing)}", missing[0])
+        staged = store.new_staging_dir()
+        try:
+            for role, part in parts.items():
+                with open(staged / role, "wb") as out:
+                    while chunk := await part.read(1 << 20):
+                        out.write(chunk)
+            previous = rt.registry.get(name)
+            record, _ = await run_in_threadpool(rt.registry.add_dir, name, staged, staged=True)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)  # gone already when committed
+    unchanged = previous is not None and previous.version == record.version
+    return JSONResponse(describe(rt, record), status_code=200 if unchanged else 201)
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request) -> dict[str, Any]:
+    rt = _rt(request)
+    return {"object": "list", "data": [describe(rt, r) for r in rt.registry.records()]}
+
+
+@router.get("/v1/adapters/{name}")
+async def get_adapter(name: str, request: Request) -> dict[str, Any]:
+    rt = _rt(request)
+    return describe(rt, rt.registry.resolve(name))
+
+
+@router.delete("/v1/adapters/{name}")
+async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
+    rt = _rt(request)
+    record = rt.registry.remove(name)
+    return {"id": record.name, "object": "adapter", "version": record.version, "deleted": True}
+
+
+class LoadLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(max_length=64)
+    lora_path: str = Field(max_length=4096)
+
+
+class UnloadLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(max_length=64)
+
+
+def _inside_import_dirs(rt: Runtime, path: Path) -> Path:
+    """The resolved path (symlinks followed) if it lies inside an --adapter-import-dirs entry."""
+    roots = [Path(d).resolve() for d in rt.settings.split(rt.settings.adapter_import_dirs)]
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise AuthError(f"lora_path {str(path)!r} is outside the directories in --adapter-import-dirs", 403)
+    return resolved
+
+
+@router.post("/v1/load_lora_adapter", response_model=None)
+async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
+    rt = _rt(request)
+    check_name(body.lora_name)
+    source = _inside_import_dirs(rt, Path(body.lora_path))
+    files = {f: _inside_import_dirs(rt, source / f) for f in FILES}  # a file may not link outside either
+    staged = _store(rt).new_staging_dir()
+    try:
+        for fname, path in files.items():
+            if not path.is_file():
+                raise AdapterError(f"{fname} not found in {body.lora_path!r}", fname)
+            shutil.copyfile(path, staged / fname)
+        await run_in_threadpool(rt.registry.add_dir, body.lora_name, staged, staged=True)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter", response_model=None)
+async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> PlainTextResponse:
+    _rt(request).registry.remove(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
