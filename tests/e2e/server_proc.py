@@ -1,0 +1,96 @@
+"""Start the real `loraplex serve` as a subprocess on a free port, and stop it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+BASE_ID = "SmolLM2-135M-Instruct"
+ADMIN_KEY = "admin-key-for-tests"
+API_KEY = "inference-key-for-tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProc:
+    store: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProc:
+        cmd = [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--port",
+            str(self.port),
+            "--adapters-dir",
+            str(self.store),
+            "--kv-cache-tokens",
+            "8192",
+            "--max-model-len",
+            "1024",
+            "--log-level",
+            "warning",
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env})
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "server exited during start-up"
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+
+def headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def upload(
+    url: str,
+    name: str,
+    directory: Path,
+    key: str | None = ADMIN_KEY,
+    files: dict[str, tuple[str, bytes]] | None = None,
+) -> httpx.Response:
+    """POST /v1/adapters with the two files of `directory` (or the given parts)."""
+    parts = (
+        files
+        if files is not None
+        else {
+            f: (f, (directory / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")
+        }
+    )
+    return httpx.post(
+        f"{url}/v1/adapters", data={"name": name}, files=parts, headers=headers(key), timeout=120
+    )
