@@ -53,6 +53,12 @@ def describe(rt: Runtime, record: AdapterRecord) -> dict[str, Any]:
     }
 
 
+def _check_new_name(rt: Runtime, name: str) -> None:
+    check_name(name)
+    if name == rt.model_id:
+        raise AdapterError(f"{name!r} is the base model's id; choose another adapter name", "name")
+
+
 def _role(field: str, upload: UploadFile) -> str:
     """Which adapter file a multipart part is: by field name, else by the client's file name (only
     its last component is looked at, and only to compare; it never becomes a path)."""
@@ -79,7 +85,7 @@ async def upload(request: Request) -> JSONResponse:
         name = form.get("name")
         if not isinstance(name, str):
             raise AdapterError("the form field 'name' is required", "name")
-        check_name(name)
+        _check_new_name(rt, name)
         parts: dict[str, UploadFile] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
@@ -146,7 +152,7 @@ def _inside_import_dirs(rt: Runtime, path: Path) -> Path:
 @router.post("/v1/load_lora_adapter", response_model=None)
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
     rt = _rt(request)
-    check_name(body.lora_name)
+    _check_new_name(rt, body.lora_name)
     source = _inside_import_dirs(rt, Path(body.lora_path))
     files = {f: _inside_import_dirs(rt, source / f) for f in FILES}  # a file may not link outside either
     staged = _store(rt).new_staging_dir()
