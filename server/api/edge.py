@@ -66,6 +66,25 @@ class EdgeMiddleware:
                         raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
                 return message
 
+            if not upload and scope["method"] == "POST" and "content-length" not in headers:
+                # A chunked JSON body is read here, within the limit, so an oversized one is a 413
+                # (FastAPI turns any error while it reads a body into a 400).
+                try:
+                    body = await _read_all(counted)
+                except PayloadTooLargeError as e:
+                    await _error(send_with_id, 413, str(e), "payload_too_large")
+                    return
+                replayed = False
+
+                async def replay() -> Message:
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                await self.app(scope, replay, send_with_id)
+                return
             await self.app(scope, counted, send_with_id)
         finally:
             log.info(
@@ -91,6 +110,17 @@ class EdgeMiddleware:
                 "payload_too_large",
             )
         return None
+
+
+async def _read_all(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def _error(send: Send, status: int, message: str, code: str) -> None:

@@ -97,7 +97,8 @@ def _job(
     seqs = []
     for i in range(body.n):
         params = SamplingParams(
-            max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, rt.base.max_model_len - len(prompt)),
+            # no max_tokens: as much as fits, bounded; a prompt that fills the context fails its length check
+            max_tokens=max_tokens or max(1, min(DEFAULT_MAX_TOKENS, rt.base.max_model_len - len(prompt))),
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
