@@ -4,6 +4,7 @@ refused), replacing an adapter under a running request, disconnects, and restart
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import time
 from collections.abc import Iterator
@@ -254,13 +255,16 @@ def test_adapters_survive_a_restart(adapter_dirs: dict[str, Path], tmp_path: Pat
         before = httpx.get(f"{first.url}/v1/adapters", headers=headers(ADMIN_KEY)).json()["data"]
     finally:
         first.stop()
-    second = ServerProc(tmp_path / "store", env=env).start()
+    shipped = tmp_path / "shipped"
+    shutil.copytree(adapter_dirs["rslora-r16"], shipped / "imported")
+    second = ServerProc(tmp_path / "store", args=["--import-adapters", str(shipped)], env=env).start()
     try:
         after = httpx.get(f"{second.url}/v1/adapters", headers=headers(ADMIN_KEY)).json()["data"]
-        assert {(a["name"], a["version"]) for a in after} == {(a["name"], a["version"]) for a in before}
-        assert {a["name"] for a in after} == {"one", "three"}
-        # the deleted adapter's blob is collected at start-up
-        assert len(list((tmp_path / "store" / "blobs").iterdir())) == 2
+        kept = {(a["name"], a["version"]) for a in after if a["name"] != "imported"}
+        assert kept == {(a["name"], a["version"]) for a in before}
+        assert {a["name"] for a in after} == {"one", "three", "imported"}
+        # the deleted adapter's blob is collected at start-up; the imported one is copied in
+        assert len(list((tmp_path / "store" / "blobs").iterdir())) == 3
         r = httpx.post(
             f"{second.url}/v1/completions",
             headers=headers(ADMIN_KEY),
@@ -270,3 +274,32 @@ def test_adapters_survive_a_restart(adapter_dirs: dict[str, Path], tmp_path: Pat
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
         second.stop()
+
+
+def test_delete_lets_running_requests_finish(
+    server: ServerProc, client: openai.OpenAI, adapter_dirs: dict[str, Path]
+) -> None:
+    assert upload(server.url, "doomed", adapter_dirs["mlp-r8-half"]).status_code == 201
+    expected = chat(client, "doomed", max_tokens=120)
+    body = {
+        "model": "doomed",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 120,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers(API_KEY), timeout=300
+    ) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        r = httpx.delete(f"{server.url}/v1/adapters/doomed", headers=headers(ADMIN_KEY))
+        assert r.status_code == 200 and r.json()["deleted"] is True
+        with pytest.raises(openai.NotFoundError):
+            chat(client, "doomed")
+        text = "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            for line in lines
+            if line.startswith("data: ") and line != "data: [DONE]"
+        )
+    assert text == expected
