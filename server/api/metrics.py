@@ -51,18 +51,24 @@ class _EngineCollector(Collector):
         )
         info.add_metric([str(engine.config.max_loras), names(running), names(waiting)], time.time())
         yield info
-        c = CounterMetricFamily("loraplex:adapter_slot_loads", "Adapters copied into a device slot.")
-        c.add_metric([], engine.slots.loads)
-        yield c
-        c = CounterMetricFamily("loraplex:adapter_slot_evictions", "Adapters evicted from a device slot.")
-        c.add_metric([], engine.slots.evictions)
-        yield c
-        c = CounterMetricFamily("loraplex:adapter_cpu_cache_hits", "CPU adapter cache hits.")
-        c.add_metric([], engine.cache.hits)
-        yield c
-        c = CounterMetricFamily("loraplex:adapter_cpu_cache_misses", "CPU adapter cache misses (disk loads).")
-        c.add_metric([], engine.cache.misses)
-        yield c
+        counters = (
+            ("loraplex:adapter_slot_loads", "Adapters copied into a device slot.", engine.slots.loads),
+            (
+                "loraplex:adapter_slot_evictions",
+                "Adapters evicted from a device slot.",
+                engine.slots.evictions,
+            ),
+            ("loraplex:adapter_cpu_cache_hits", "CPU adapter cache hits.", engine.cache.hits),
+            (
+                "loraplex:adapter_cpu_cache_misses",
+                "CPU adapter cache misses (disk loads).",
+                engine.cache.misses,
+            ),
+        )
+        for name, doc, value in counters:
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c
         g = GaugeMetricFamily("loraplex:adapters_registered", "Adapters in the registry.")
         g.add_metric([], len(self.rt.registry.records()))
         yield g

@@ -46,6 +46,28 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     }
 
 
+def stream_chat(url: str, model: str, max_tokens: int) -> Any:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    return httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=headers(API_KEY), timeout=300
+    )
+
+
+def sse_text(lines: Iterator[str]) -> str:
+    """The content of the remaining chat chunks of an SSE stream."""
+    text = ""
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+    return text
+
+
 def chat(client: openai.OpenAI, model: str, max_tokens: int = 16) -> str:
     messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
     r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
@@ -189,16 +211,7 @@ def test_replacing_an_adapter_does_not_disturb_a_running_request(
     long_v1 = chat(client, "swap", max_tokens=160)
     short_v2 = chat(client, "ref-v2")
 
-    body = {
-        "model": "swap",
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "max_tokens": 160,
-        "temperature": 0,
-        "stream": True,
-    }
-    with httpx.stream(
-        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers(API_KEY), timeout=300
-    ) as stream:
+    with stream_chat(server.url, "swap", 160) as stream:
         lines = stream.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
@@ -207,11 +220,7 @@ def test_replacing_an_adapter_does_not_disturb_a_running_request(
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'running_lora_adapters="swap"' in metrics, "the version-1 request was no longer running"
         assert chat(client, "swap") == short_v2, "a new request must get version 2"
-        text = ""
-        for line in lines:
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                text += chunk["choices"][0]["delta"].get("content") or ""
+        text = sse_text(lines)
     assert text == long_v1, "the running request must finish on version 1"
 
 
@@ -281,25 +290,12 @@ def test_delete_lets_running_requests_finish(
 ) -> None:
     assert upload(server.url, "doomed", adapter_dirs["mlp-r8-half"]).status_code == 201
     expected = chat(client, "doomed", max_tokens=120)
-    body = {
-        "model": "doomed",
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "max_tokens": 120,
-        "temperature": 0,
-        "stream": True,
-    }
-    with httpx.stream(
-        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers(API_KEY), timeout=300
-    ) as stream:
+    with stream_chat(server.url, "doomed", 120) as stream:
         lines = stream.iter_lines()
         next(line for line in lines if line.startswith("data: "))
         r = httpx.delete(f"{server.url}/v1/adapters/doomed", headers=headers(ADMIN_KEY))
         assert r.status_code == 200 and r.json()["deleted"] is True
         with pytest.raises(openai.NotFoundError):
             chat(client, "doomed")
-        text = "".join(
-            json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-            for line in lines
-            if line.startswith("data: ") and line != "data: [DONE]"
-        )
+        text = sse_text(lines)
     assert text == expected
