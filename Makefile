@@ -8,7 +8,7 @@ PORT ?= 8000
 # Without CUDA, pin the CPU build of torch: an unpinned requirement pulls a multi-GB CUDA wheel.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install serve test test-unit test-e2e lint model bench clean
+.PHONY: install serve test test-unit test-e2e lint model bench clean chromium
 
 install: $(STAMP)
 
@@ -31,13 +31,20 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check server tests bench
 	$(PY) -m mypy
 
-test: lint model
+# The chat page's browser test drives Debian's chromium (Playwright's own browser downloads are not used).
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
+	fi
+
+test: lint model chromium
 	$(PY) -m pytest -q tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
-test-e2e: model
+test-e2e: model chromium
 	$(PY) -m pytest -q tests/e2e
 
 clean:

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import adapter_routes, errors, openai_routes, ops_routes
+from server.api import adapter_routes, errors, openai_routes, ops_routes, web_routes
 from server.api.auth import KeyRing
 from server.api.edge import EdgeMiddleware
 from server.api.metrics import Metrics
@@ -69,6 +69,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(adapter_routes.router)
+    app.include_router(web_routes.router)
+    app.mount("/static", web_routes.static_files(), name="static")
     app.add_middleware(
         EdgeMiddleware,
         max_request_bytes=settings.max_request_bytes,
