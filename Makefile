@@ -52,3 +52,8 @@ clean:
 
 bench: model
 	$(PY) bench/step_overhead.py
+
+# Persona adapters (adapters/<persona>/): build the data, QLoRA-train each persona, evaluate.
+.PHONY: personas
+personas: model
+	PY=$(PY) adapters/recipe.sh

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     prep = sub.add_parser("prepare-model", help="convert the default GGUF model once (cached)")
     _add_settings_flags(prep)
+    _add_training_commands(sub)
     ns = parser.parse_args(argv)
     settings = _settings(ns)
     from server.api.logs import configure
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from server.errors import ModelNotFoundError
 
     try:
+        if ns.command in TRAINING_COMMANDS:
+            return _training(ns, settings)
         if ns.command == "prepare-model":
             from server.model.source import resolve_model
 
@@ -64,6 +67,73 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFoundError as e:
         logging.getLogger("loraplex").error("%s", e)
         return 2
+
+
+TRAINING_COMMANDS = ("train", "build-persona-data", "eval-personas")
+
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="QLoRA-train a LoRA adapter on a chat JSONL file")
+    train.add_argument("--data", type=Path, required=True, help='JSONL of {"messages": [...]}')
+    train.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
+    train.add_argument("--model", default=None, help="local checkpoint (default: the embedded model)")
+    train.add_argument("--quantization", choices=["nf4", "none"], default="nf4")
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=int, default=16)
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--max-len", type=int, default=160)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--log-every", type=int, default=10)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    data = sub.add_parser("build-persona-data", help="base answers -> persona JSONL")
+    data.add_argument("--model", default=None, help="local checkpoint (default: the embedded model)")
+    data.add_argument("--out", type=Path, required=True)
+    data.add_argument("--prompts", type=int, default=320)
+    ev = sub.add_parser("eval-personas", help="style scores of the base and each persona adapter")
+    ev.add_argument("--model", default=None, help="local checkpoint (default: the embedded model)")
+    ev.add_argument("--adapters-dir", dest="persona_dir", type=Path, default=Path("adapters"))
+    ev.add_argument("--out", type=Path, default=Path("bench/results/personas.json"))
+
+
+def _training(ns: argparse.Namespace, settings: Settings) -> int:
+    if ns.command == "train":
+        from server.model.source import resolve_model
+        from server.training.trainer import TrainConfig, train
+
+        path, _ = resolve_model(ns.model, settings.cache_dir)
+        cfg = TrainConfig(
+            data=ns.data,
+            out=ns.out,
+            model=path,
+            quantization=ns.quantization,
+            rank=ns.rank,
+            alpha=ns.alpha,
+            steps=ns.steps,
+            lr=ns.lr,
+            batch_size=ns.batch_size,
+            grad_accum=ns.grad_accum,
+            max_len=ns.max_len,
+            seed=ns.seed,
+            log_every=ns.log_every,
+            threads=ns.threads,
+        )
+        result = train(cfg)
+        logging.getLogger("loraplex").info(
+            "trained %d steps in %.0fs: loss %.3f -> %.3f; adapter in %s",
+            result.steps, result.seconds, result.first_loss, result.final_loss, ns.out,
+        )  # fmt: skip
+        return 0
+    if ns.command == "build-persona-data":
+        from server.training.dataset import build
+
+        build(ns.out, ns.prompts, settings)
+        return 0
+    from server.training.evaluate import run
+
+    return run(settings, ns.persona_dir, ns.out)
 
 
 def _serve(settings: Settings, log_level: str) -> int:
