@@ -53,6 +53,18 @@ class BaseModel:
     lora_context: LoRAContext
 
 
+def nf4_config(compute_dtype: torch.dtype) -> Any:
+    """QLoRA's storage format: 4-bit NormalFloat with double-quantized block scales."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def disable_cpu_weight_packing(model: nn.Module) -> None:
     """bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs at the first eval forward, with bf16
     block scales: faster, but no longer the NF4 + double-quant numbers a GPU (or PEFT after it
@@ -83,7 +95,7 @@ def load_base(
     max_lora_rank: int = 16,
     max_model_len: int | None = None,
 ) -> BaseModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -96,12 +108,7 @@ def load_base(
     attention.register()
     kwargs: dict[str, Any] = {"dtype": dt, "attn_implementation": attention.ATTN_IMPLEMENTATION}
     if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dt,
-        )
+        kwargs["quantization_config"] = nf4_config(dt)
         kwargs["device_map"] = {"": dev}
     model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization != "nf4":

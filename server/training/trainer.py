@@ -55,20 +55,15 @@ class TrainResult:
 
 def load_model(path: Path, quantization: str) -> Any:
     """The same NF4 + double-quant base the server serves, in fp32 compute (CPU) or bf16 (CUDA)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from server.model.loader import disable_cpu_weight_packing
+    from server.model.loader import disable_cpu_weight_packing, nf4_config
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        kwargs["quantization_config"] = nf4_config(dtype)
         kwargs["device_map"] = {"": "cuda" if cuda else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     disable_cpu_weight_packing(model)

@@ -10,9 +10,8 @@ import torch
 
 from server.engine.sequence import SamplingParams, Sequence
 from server.lora.registry import AdapterRegistry
-from server.model.loader import disable_cpu_weight_packing
 from tests.drive import greedy
-from tests.e2e.conftest import ADAPTERS, EngineFactory
+from tests.e2e.conftest import ADAPTERS, EngineFactory, nf4_reference
 
 pytestmark = pytest.mark.e2e
 NEW_TOKENS = 32
@@ -63,22 +62,8 @@ def test_peft_is_the_oracle(
     model_path: Path, adapter_dirs: dict[str, Path], prompt_ids: list[list[int]], solo: dict[str, list[int]]
 ) -> None:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    nf4 = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    ref = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        quantization_config=nf4,
-        dtype=torch.float32,
-        device_map={"": "cpu"},
-        attn_implementation="sdpa",
-    )
-    disable_cpu_weight_packing(ref)  # the same NF4 arithmetic as the engine (see the loader)
+    ref = nf4_reference(model_path)
     names = list(ADAPTERS)
     peft_model = PeftModel.from_pretrained(ref, adapter_dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:

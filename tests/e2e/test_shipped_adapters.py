@@ -11,9 +11,9 @@ import torch
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.lora.registry import AdapterRegistry
-from server.model.loader import BaseModel, disable_cpu_weight_packing
+from server.model.loader import BaseModel
 from tests.drive import greedy
-from tests.e2e.conftest import BUFFER_SLOTS, MAX_RANK, PROMPTS
+from tests.e2e.conftest import BUFFER_SLOTS, MAX_RANK, PROMPTS, nf4_reference
 
 pytestmark = pytest.mark.e2e
 SHIPPED = Path(__file__).resolve().parents[2] / "adapters"
@@ -24,22 +24,8 @@ NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def peft_reference(model_path: Path) -> Any:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    nf4 = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    ref = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        quantization_config=nf4,
-        dtype=torch.float32,
-        device_map={"": "cpu"},
-        attn_implementation="sdpa",
-    )
-    disable_cpu_weight_packing(ref)
+    ref = nf4_reference(model_path)
     model = PeftModel.from_pretrained(ref, SHIPPED / NAMES[0], adapter_name=NAMES[0])
     for name in NAMES[1:]:
         model.load_adapter(SHIPPED / name, adapter_name=name)
