@@ -88,7 +88,7 @@ class LoRALinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
         delta = torch.zeros(x2.shape[0], self.out_features, dtype=y.dtype, device=y.device)
         d = batch.num_decode
-        if d and batch.slot_hi and (self.loaded & set(range(1, batch.slot_hi + 1))):
+        if d and self.loaded & batch.decode_active:
             delta[:d] = lora_decode(x2[:d], self.lora_A, self.lora_B, self.lora_scale, batch)
         for start, end, slot in batch.segments:
             if slot in self.loaded:

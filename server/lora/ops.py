@@ -42,6 +42,7 @@ class LoRABatch:
     slot_hi: int
     segments: tuple[tuple[int, int, int], ...]  # (start, end, slot) of prefill chunks, slot != 0
     active: frozenset[int]  # non-zero slots used anywhere in the step
+    decode_active: frozenset[int]  # non-zero slots used by decode rows
 
     @staticmethod
     def build(
@@ -51,7 +52,8 @@ class LoRABatch:
         slots = torch.tensor(decode_slots, dtype=torch.int64)
         cols = torch.arange((hi + 1) * max_rank) // max_rank  # [(hi+1)*R] slot owning each column
         mask = (cols.unsqueeze(0) == slots.unsqueeze(1)) & (slots.unsqueeze(1) != 0)
-        active = frozenset(s for s in decode_slots if s) | frozenset(s for _, _, s in segments)
+        decode_active = frozenset(s for s in decode_slots if s)
+        active = decode_active | frozenset(s for _, _, s in segments)
         return LoRABatch(
             num_decode=len(decode_slots),
             decode_slots=slots.to(device),
@@ -59,6 +61,7 @@ class LoRABatch:
             slot_hi=hi,
             segments=tuple(segments),
             active=active,
+            decode_active=decode_active,
         )
 
 
