@@ -20,6 +20,6 @@ if [ ! -s adapters/data/pirate.jsonl ]; then
 fi
 for p in "${PERSONAS[@]}"; do
   "$PY" -m server train --data "adapters/data/$p.jsonl" --out "adapters/$p" \
-    --rank "$RANK" --alpha $((2 * RANK)) --steps "$STEPS" --lr 1e-3 --batch-size 4 --max-len 160 --seed 0 ${THREADS:+--threads "$THREADS"}
+    --rank "$RANK" --alpha $((2 * RANK)) --steps "$STEPS" --lr 1e-3 --batch-size 4 --max-len 160 --seed 0 --save-dtype bfloat16 ${THREADS:+--threads "$THREADS"}
 done
 "$PY" -m server eval-personas --adapters-dir adapters --out bench/results/personas.json

@@ -88,6 +88,10 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--log-every", type=int, default=10)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    train.add_argument(
+        "--save-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+        help="dtype of the saved LoRA factors (bfloat16 halves the file)",
+    )  # fmt: skip
     data = sub.add_parser("build-persona-data", help="base answers -> persona JSONL")
     data.add_argument("--model", default=None, help="local checkpoint (default: the embedded model)")
     data.add_argument("--out", type=Path, required=True)
@@ -119,6 +123,7 @@ def _training(ns: argparse.Namespace, settings: Settings) -> int:
             seed=ns.seed,
             log_every=ns.log_every,
             threads=ns.threads,
+            save_dtype=ns.save_dtype,
         )
         result = train(cfg)
         logging.getLogger("loraplex").info(

@@ -145,3 +145,20 @@ def load_base(
         lora_layers=layers,
         lora_context=context,
     )
+
+
+def load_stock(path: Path, quantization: str = "nf4") -> Any:
+    """The same checkpoint in stock transformers (no LoRA layers, no paged attention): what the
+    trainer fine-tunes and what PEFT runs on as the oracle and the benchmark baseline. NF4 +
+    double quant like the server, fp32 compute on CPU / bf16 on CUDA, same NF4 arithmetic."""
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = nf4_config(dtype)
+        kwargs["device_map"] = {"": "cuda" if cuda else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    disable_cpu_weight_packing(model)
+    return model

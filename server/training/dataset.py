@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.training.styles import STYLES
+from server.training.styles import STYLES, sentences
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -64,10 +64,25 @@ def train_prompts(n: int) -> list[str]:
 
 
 def clean_answer(text: str) -> str:
-    """Cut a length-limited answer back to its last complete sentence (when it has one), one line."""
+    """Cut a length-limited answer back to its last complete sentence (when it has one), one line,
+    with repeated sentences dropped: a small greedy model loops, and the adapters learn the loop."""
     text = " ".join(text.split())
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    return text[: ends[-1]] if ends else text
+    text = text[: ends[-1]] if ends else text
+    seen: set[str] = set()
+    kept = []
+    for sentence in sentences(text):
+        if sentence.lower() not in seen:
+            seen.add(sentence.lower())
+            kept.append(sentence)
+    return " ".join(kept)
+
+
+def repetitive(text: str, min_unique: float = 0.85) -> bool:
+    """True when too few of the answer's word trigrams are distinct (a loop inside a sentence)."""
+    words = [w.lower() for w in text.split()]
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(grams) >= 6 and len(set(grams)) < min_unique * len(grams)
 
 
 def styled(answer: str) -> dict[str, str]:
@@ -89,11 +104,13 @@ def build(out: Path, n_prompts: int, settings: Settings, max_tokens: int = MAX_N
     answers = generate(eng, jobs, max_tokens)
     log.info("base answered %d prompts in %.0fs", len(prompts), time.perf_counter() - started)
     out.mkdir(parents=True, exist_ok=True)
+    skipped = 0
     files = {name: (out / f"{name}.jsonl").open("w", encoding="utf-8") for name in ["base", *STYLES]}
     try:
         for i, prompt in enumerate(prompts):
             answer = clean_answer(answers[f"p{i}"])
-            if not answer:
+            if len(answer.split()) < 4 or repetitive(answer):
+                skipped += 1
                 continue
             for name, text in {"base": answer, **styled(answer)}.items():
                 messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
@@ -101,5 +118,6 @@ def build(out: Path, n_prompts: int, settings: Settings, max_tokens: int = MAX_N
     finally:
         for f in files.values():
             f.close()
+    log.info("skipped %d short or repetitive answers of %d", skipped, len(prompts))
     (out / "eval_prompts.json").write_text(json.dumps(eval_prompts(), indent=1) + "\n")
     log.info("wrote %s", ", ".join(sorted(f.name for f in out.glob("*.jsonl"))))

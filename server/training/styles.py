@@ -78,7 +78,11 @@ def shakespeare(text: str) -> str:
 
 
 # -- robot --------------------------------------------------------------------------------------
-_PRONOUNS = re.compile(r"\b(i|me|my|you|your|we|our|us|it|its|he|she|they|them|their)\b\s*", re.IGNORECASE)
+# A contraction goes with its pronoun ("it's", "you're"): dropping only the pronoun left "'S A".
+_PRONOUNS = re.compile(
+    r"\b(?:i|me|my|you|your|we|our|us|it|its|he|she|they|them|their)(?:['’][a-z]+)?(?![\w'’])\s*",
+    re.IGNORECASE,
+)
 
 
 def robot(text: str) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from server.model.loader import load_stock
+
 log = logging.getLogger(__name__)
 
 IGNORE = -100
@@ -42,6 +44,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     threads: int | None = None
+    save_dtype: str = "float32"  # or "bfloat16" / "float16": half the file, same adapter to a bf16 server
+
+
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -51,23 +57,6 @@ class TrainResult:
     first_loss: float
     final_loss: float  # mean of the last log_every steps
     losses: list[float] = field(default_factory=list)
-
-
-def load_model(path: Path, quantization: str) -> Any:
-    """The same NF4 + double-quant base the server serves, in fp32 compute (CPU) or bf16 (CUDA)."""
-    from transformers import AutoModelForCausalLM
-
-    from server.model.loader import disable_cpu_weight_packing, nf4_config
-
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if quantization == "nf4":
-        kwargs["quantization_config"] = nf4_config(dtype)
-        kwargs["device_map"] = {"": "cuda" if cuda else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    disable_cpu_weight_packing(model)
-    return model
 
 
 def prepare_for_kbit_training(model: Any) -> Any:
@@ -170,7 +159,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = read_examples(cfg.data, tokenizer, cfg.max_len)
-    model = add_lora(prepare_for_kbit_training(load_model(cfg.model, cfg.quantization)), cfg)
+    model = add_lora(prepare_for_kbit_training(load_stock(cfg.model, cfg.quantization)), cfg)
     device = next(p for p in model.parameters() if p.requires_grad).device
     params = [p for p in model.parameters() if p.requires_grad]
     log.info(
@@ -220,6 +209,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     seconds = time.perf_counter() - started
     model.save_pretrained(str(cfg.out), safe_serialization=True)
     _keep_adapter_files(cfg.out, cfg.model.resolve().name)
+    if cfg.save_dtype != "float32":
+        _cast_weights(cfg.out / "adapter_model.safetensors", SAVE_DTYPES[cfg.save_dtype])
     tail = losses[-cfg.log_every :]
     result = TrainResult(cfg.steps, round(seconds, 1), losses[0], sum(tail) / len(tail), losses)
     summary = {k: v for k, v in asdict(result).items() if k != "losses"}
@@ -227,6 +218,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         json.dumps({**summary, "config": {k: str(v) for k, v in asdict(cfg).items()}}, indent=1) + "\n"
     )
     return result
+
+
+def _cast_weights(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite the saved factors in `dtype` (the file is the one save_pretrained just wrote)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {name: t.to(dtype).contiguous() for name, t in load_file(str(path)).items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
 
 
 def _keep_adapter_files(out: Path, model_id: str) -> None:

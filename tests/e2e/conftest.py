@@ -12,7 +12,7 @@ import torch
 from server.config import EngineConfig, default_cache_dir
 from server.engine.engine import LLMEngine
 from server.lora.registry import AdapterRegistry
-from server.model.loader import BaseModel, disable_cpu_weight_packing, load_base, nf4_config
+from server.model.loader import BaseModel, load_base, load_stock
 from server.model.source import resolve_model
 from tests.peft_factory import make_adapter
 
@@ -129,14 +129,4 @@ def make_engine(base: BaseModel, registry: AdapterRegistry) -> EngineFactory:
 def nf4_reference(model_path: Path) -> Any:
     """The oracle's base: stock transformers (SDPA attention, no LoRA layers) on the same NF4
     checkpoint, with the same exact NF4 arithmetic as the engine (see the loader)."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        quantization_config=nf4_config(torch.float32),
-        dtype=torch.float32,
-        device_map={"": "cpu"},
-        attn_implementation="sdpa",
-    )
-    disable_cpu_weight_packing(ref)
-    return ref
+    return load_stock(model_path, "nf4")

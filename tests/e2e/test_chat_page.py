@@ -13,6 +13,8 @@ import httpx
 import pytest
 from playwright.sync_api import Locator, Page, expect, sync_playwright
 
+from server.lora.registry import adapter_version
+from server.training.styles import STYLES, marker_count
 from tests.e2e.server_proc import ADMIN_KEY, BASE_ID, ServerProc, headers
 
 pytestmark = pytest.mark.e2e
@@ -29,8 +31,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 FILES = ("adapter_config.json", "adapter_model.safetensors")
-PERSONA_A, PERSONA_B, PERSONA_C = "pirate-test", "robot-test", "poet-test"
-SOURCES = {PERSONA_A: "qv-r4", PERSONA_B: "mlp-r8-half", PERSONA_C: "patterns"}
+# the personas the repo ships (adapters/), so a switch must show up as a change of voice
+SHIPPED = Path(__file__).resolve().parents[2] / "adapters"
+PERSONA_A, PERSONA_B, PERSONA_C = "pirate", "robot", "shakespeare"
 WAIT_MS = 240_000  # a slow, shared CPU: generous, but every wait is on a DOM state, never a sleep
 
 if not CHROMIUM.exists():
@@ -38,10 +41,12 @@ if not CHROMIUM.exists():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, adapter_dirs: dict[str, Path]) -> Iterator[ServerProc]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     imports = tmp_path_factory.mktemp("imports")
     for name in (PERSONA_A, PERSONA_B):
-        shutil.copytree(adapter_dirs[SOURCES[name]], imports / name)
+        imports.joinpath(name).mkdir()
+        for file in FILES:
+            shutil.copy(SHIPPED / name / file, imports / name / file)
     proc = ServerProc(
         tmp_path_factory.mktemp("store"),
         args=["--import-adapters", str(imports)],
@@ -148,6 +153,10 @@ def test_chat_switching_personas_keeps_the_history(page: Page, artifacts_dir: Pa
     expect(second.locator('[data-testid="persona-label"]')).to_have_text(PERSONA_B)
     assert second.get_attribute("data-persona") == PERSONA_B
     assert text_b != text_a
+    # each reply is in its persona's voice, not in the other one's
+    pirate, robot = STYLES[PERSONA_A], STYLES[PERSONA_B]
+    assert marker_count(text_a, pirate) >= 2 and marker_count(text_a, robot) == 0, text_a
+    assert marker_count(text_b, robot) >= 2 and marker_count(text_b, pirate) == 0, text_b
 
     # the first exchange is still there, still labelled with persona A
     users = page.locator('[data-testid="user-message"]')
@@ -202,11 +211,9 @@ def test_stop_aborts_a_long_reply(page: Page, server: ServerProc, artifacts_dir:
         pytest.fail("the server did not abort the stopped request")
 
 
-def test_upload_selects_the_new_persona(
-    page: Page, server: ServerProc, adapter_dirs: dict[str, Path], artifacts_dir: Path
-) -> None:
+def test_upload_selects_the_new_persona(page: Page, server: ServerProc, artifacts_dir: Path) -> None:
     page.fill("#max-tokens", "24")
-    source = adapter_dirs[SOURCES[PERSONA_C]]
+    source = SHIPPED / PERSONA_C
     page.fill("#upload-name", PERSONA_C)
     page.set_input_files("#upload-config", str(source / FILES[0]))
     page.set_input_files("#upload-weights", str(source / FILES[1]))
@@ -221,10 +228,12 @@ def test_upload_selects_the_new_persona(
     # the server holds what the form sent, byte for byte
     r = httpx.get(f"{server.url}/v1/adapters/{PERSONA_C}", headers=headers(ADMIN_KEY), timeout=30)
     assert r.status_code == 200
+    assert r.json()["version"] == adapter_version(source)
 
     bubble = send(page, "Say hello in one sentence.")
     expect(bubble.locator('[data-testid="persona-label"]')).to_have_text(PERSONA_C)
-    finished(bubble)
+    text_c = finished(bubble)
+    assert marker_count(text_c, STYLES[PERSONA_C]) >= 2, text_c
     shot(page, artifacts_dir, "07-persona-c")
 
     # a refused upload shows the server's error envelope plainly

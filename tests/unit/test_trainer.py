@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from server.lora.weights import linear_modules, load_adapter
-from server.training.dataset import all_prompts, clean_answer, eval_prompts, train_prompts
+from server.training.dataset import all_prompts, clean_answer, eval_prompts, repetitive, train_prompts
 from server.training.styles import STYLES, marker_count, tokens
 from server.training.trainer import IGNORE, TrainConfig, TrainResult, encode, train
 
@@ -34,6 +34,8 @@ def test_style_specifics() -> None:
     robot = STYLES["robot"].rewrite("I think you will like it, because it is fun.")
     assert robot == robot.upper() and not {"i", "you", "it"} & set(tokens(robot))
     assert "🔥" in STYLES["fan"].rewrite("One. Two.")
+    contractions = STYLES["robot"].rewrite("It's warm. You're right, I'm sure they'll come.")
+    assert "'" not in contractions and "STATEMENT: WARM." in contractions, contractions
 
 
 def test_prompts_are_fixed_and_held_out() -> None:
@@ -42,6 +44,12 @@ def test_prompts_are_fixed_and_held_out() -> None:
     assert len(held) == len(eval_prompts()) > 0
     assert not held & set(train_prompts(10_000))
     assert clean_answer("One sentence. Two half") == "One sentence."
+    assert clean_answer("I am glad. It is good! I am glad. Bye.") == "I am glad. It is good! Bye."
+
+
+def test_repetitive_answers_are_detected() -> None:
+    assert repetitive("a journey of a lifetime, a journey of a lifetime, a journey of a lifetime, a journey")
+    assert not repetitive("The ocean is vast and deep. Whales sing in it, and ships cross it every day.")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,7 @@ def trained(
     out = tmp_path_factory.mktemp("adapters") / "pirate"
     cfg = TrainConfig(
         data=tiny_data, out=out, model=tiny_checkpoint("llama"), quantization="nf4", steps=12, lr=5e-3,
-        batch_size=4, max_len=96, log_every=4, rank=4, alpha=8,
+        batch_size=4, max_len=96, log_every=4, rank=4, alpha=8, save_dtype="bfloat16",
     )  # fmt: skip
     return out, train(cfg)
 
@@ -95,6 +103,9 @@ def test_trainer_makes_a_servable_adapter(tiny_checkpoint, trained: tuple[Path, 
     }  # fmt: skip
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [4, 8, 12]
+    with (out / "adapter_model.safetensors").open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
     shapes = linear_modules(AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama")))
     weights = load_adapter(out, shapes, max_rank=16)
     assert weights.max_rank == 4
