@@ -1,84 +1,136 @@
-"""Decode-step cost at batch 16 on the default model in NF4: base only vs 1, 4 and 16 distinct
-rank-16 adapters on all seven projections. Prints ratios against the base-only step of the same run.
+"""Decode-step cost at batch 16 on the default model in NF4, base only vs 1, 4 and 16 distinct
+rank-16 adapters on all seven projections: loraplex's engine step, and PEFT's mixed-batch forward
+(`adapter_names`) on the same NF4 base with the same adapters. Every case runs in the same process,
+interleaved round by round so that drift on a shared machine hits all of them alike.
 
-    .venv/bin/python bench/step_overhead.py [--steps 20]
+    .venv/bin/python -m bench.step_overhead [--rounds 8] [--steps 5] [--no-peft]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from bench.adapters import adapter_set
+from bench.report import save, table
 from server.config import EngineConfig, default_cache_dir
 from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
-from server.lora.adapter import AdapterWeights, ConfigReport, LinearShape, ModuleLoRA
-from server.lora.registry import AdapterRecord, AdapterRegistry
-from server.model.loader import load_base
+from server.lora.registry import AdapterRegistry
+from server.model.loader import BaseModel, load_base, load_stock
 from server.model.source import resolve_model
 
 BATCH = 16
 RANK = 16
+DISTINCT = (0, 1, 4, 16)
+PROMPT = "Tell me a long story about a dragon and a knight."
 
 
-def random_adapter(shapes: dict[str, LinearShape], seed: int) -> AdapterWeights:
-    g = torch.Generator().manual_seed(seed)
-    modules = {
-        name: ModuleLoRA(
-            A=torch.randn(RANK, s.in_features, generator=g) * 0.01,
-            B=torch.randn(s.out_features, RANK, generator=g) * 0.01,
-            scale=2.0,
-        )
-        for name, s in shapes.items()
-    }
-    return AdapterWeights(modules=modules, report=ConfigReport())
+def engine_case(base: BaseModel, registry: AdapterRegistry, distinct: int) -> Callable[[], None]:
+    engine = LLMEngine(
+        base,
+        registry,
+        EngineConfig(
+            max_loras=16, max_lora_rank=RANK, max_num_seqs=BATCH, max_model_len=1024, kv_cache_tokens=8192
+        ),
+    )
+    records = registry.records()
+    prompt = base.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    for i in range(BATCH):
+        adapter = records[i % distinct] if distinct else None
+        engine.add_request(Sequence(f"r{i}", list(prompt), params, adapter=adapter))
+    while len(engine.scheduler.running) < BATCH or any(
+        s.num_uncomputed > 1 for s in engine.scheduler.running
+    ):
+        engine.step()  # prefill (adapters load from disk in the background first)
+        if not engine.scheduler.running:
+            engine.cache.wait_for_loads(timeout=60)
+
+    def step() -> None:
+        engine.step()
+
+    return step
+
+
+def peft_case(model: Any, tokenizer: Any, distinct: int) -> Callable[[], None]:
+    names = [f"a{i % distinct}" if distinct else "__base__" for i in range(BATCH)]
+    ids = torch.tensor([tokenizer.encode(PROMPT)] * BATCH)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, adapter_names=names)
+    state = {"cache": out.past_key_values, "next": out.logits[:, -1:].argmax(-1)}
+
+    def step() -> None:
+        with torch.inference_mode():
+            out = model(
+                input_ids=state["next"], past_key_values=state["cache"], use_cache=True, adapter_names=names
+            )
+        state["cache"], state["next"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    return step
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds over all cases")
+    ap.add_argument("--steps", type=int, default=5, help="timed decode steps per case per round")
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT's adapter_names cases")
     args = ap.parse_args()
+
     path, model_id = resolve_model(None, default_cache_dir())
-    base = load_base(path, model_id, quantization="nf4", device="cpu", max_loras=16, max_lora_rank=RANK)
+    base = load_base(path, model_id, quantization="nf4", device="auto", max_loras=16, max_lora_rank=RANK)
+    dirs = adapter_set(base.linear_shapes, max(DISTINCT), RANK)
     registry = AdapterRegistry(base.linear_shapes, RANK)
-    records = [AdapterRecord(f"a{i}", f"v{i}", Path("."), RANK, (), 0, ConfigReport()) for i in range(16)]
-    prompt = base.tokenizer.encode("Tell me a long story about a dragon and a knight.")
-    results: dict[str, float] = {}
-    for distinct in (0, 1, 4, 16):
-        engine = LLMEngine(
-            base,
-            registry,
-            EngineConfig(max_loras=16, max_lora_rank=RANK, max_model_len=1024, kv_cache_tokens=16384),
-        )
-        for i, r in enumerate(records):
-            engine.cache.put(r.version, random_adapter(base.linear_shapes, i))
-        params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-        for i in range(BATCH):
-            adapter = records[i % distinct] if distinct else None
-            engine.add_request(Sequence(f"r{i}", list(prompt), params, adapter=adapter))
-        for _ in range(3):  # prefill + warm-up
-            engine.step()
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t)
-        results[f"{distinct} adapters"] = statistics.median(times)
-    base_t = results["0 adapters"]
-    print(f"decode step, batch {BATCH}, NF4, rank {RANK}, all 7 projections (median of {args.steps})")
-    print(f"{'':<12} {'ms':>8} {'x base':>8}")
-    for k, v in results.items():
-        print(f"{k:<12} {v * 1000:8.1f} {v / base_t:8.2f}")
-    out = Path(__file__).parent / "results" / "step_overhead.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps({k: {"ms": v * 1000, "ratio": v / base_t} for k, v in results.items()}, indent=2)
+    for i, d in enumerate(dirs):
+        registry.add_dir(f"a{i}", d)
+    cases: dict[tuple[str, int], Callable[[], None]] = {
+        ("loraplex", n): engine_case(base, registry, n) for n in DISTINCT
+    }
+    if not args.no_peft:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(load_stock(path, "nf4"), str(dirs[0]), adapter_name="a0")
+        for i, d in enumerate(dirs[1:], start=1):
+            peft_model.load_adapter(str(d), adapter_name=f"a{i}")
+        peft_model.eval()
+        cases |= {("peft", n): peft_case(peft_model, base.tokenizer, n) for n in DISTINCT}
+
+    times: dict[tuple[str, int], list[float]] = {k: [] for k in cases}
+    for _ in range(args.rounds):
+        for key, step in cases.items():
+            step()  # one untimed step: the other cases just ran, caches are cold
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                step()
+                times[key].append(time.perf_counter() - t)
+    ms = {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+    rows, results = [], {}
+    for n in DISTINCT:
+        ours, ours_ratio = ms[("loraplex", n)], ms[("loraplex", n)] / ms[("loraplex", 0)]
+        row: list[Any] = [f"{n} adapters" if n else "base only", f"{ours:.1f}", ours_ratio]
+        entry: dict[str, float] = {"loraplex_ms": ours, "loraplex_ratio": ours_ratio}
+        if ("peft", n) in ms:
+            theirs, theirs_ratio = ms[("peft", n)], ms[("peft", n)] / ms[("peft", 0)]
+            row += [f"{theirs:.1f}", theirs_ratio, theirs / ours]
+            entry |= {"peft_ms": theirs, "peft_ratio": theirs_ratio, "peft_over_loraplex": theirs / ours}
+        rows.append(row)
+        results[str(n)] = entry
+    header = ["batch 16", "loraplex ms", "x base"] + (
+        ["PEFT ms", "x base", "PEFT/loraplex"] if len(ms) > 4 else []
     )
+    text = table(
+        f"decode step, batch {BATCH}, NF4, rank {RANK} on all 7 projections "
+        f"(median of {args.rounds * args.steps} steps, interleaved)",
+        header,
+        rows,
+    )
+    save("step_overhead", {"batch": BATCH, "rank": RANK, "cases": results, "table": text})
 
 
 if __name__ == "__main__":

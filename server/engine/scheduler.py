@@ -84,20 +84,32 @@ class Scheduler:
         adapters = {s.adapter_key for s in self.running if s.adapter_key}
         admitted: list[Sequence] = []
         head_starving = False
+        # Asking the gate starts a disk load. Loading every queued adapter at once would push the
+        # first ones out of the CPU cache (max_cpu_loras) before their requests get in, and load
+        # them again, so only the next `window` distinct adapters in queue order are fetched; they
+        # are fetched even while the adapter budget is full, to be in memory when a slot frees up.
+        fetching: set[str] = set()
+        window = min(self.config.max_loras, max(1, self.config.max_cpu_loras - self.config.max_loras))
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             key = seq.adapter_key
-            if key and key not in adapters and len(adapters) >= self.config.max_loras:
+            new_adapter = key is not None and key not in adapters
+            in_window = not new_adapter or key in fetching or len(fetching) < window
+            if key is not None and new_adapter and in_window:
+                fetching.add(key)
+            if new_adapter and len(adapters) >= self.config.max_loras:
                 # vLLM lets later requests overtake; we do too, but only until this one has waited
                 # long enough, then nobody new joins until an adapter frees up (no starvation).
                 seq.blocked_steps += 1
                 if seq.blocked_steps > self.config.max_adapter_wait_steps:
                     head_starving = True
+                if in_window:
+                    self.gate.ready(seq)
                 continue
             if head_starving:
                 break
-            if not self.gate.ready(seq):
+            if not in_window or not self.gate.ready(seq):
                 continue
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq, n):
@@ -109,6 +121,7 @@ class Scheduler:
             admitted.append(seq)
             if key:
                 adapters.add(key)
+                fetching.discard(key)
             budget -= n
             if seq.num_uncomputed == 1:
                 out.decode.append(seq)

@@ -84,15 +84,16 @@ class LoRALinear(nn.Module):
         batch = self.context.batch
         if batch is None or not (batch.active & self.loaded):
             return y
-        # x: [1, T, in] (packed batch) -> [T, in]
+        # x: [1, T, in] (packed batch) -> [T, in]; the low-rank terms are added into y's rows in
+        # place (y is this call's own output), sparing a zero-filled delta and a copy per layer.
         x2 = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
-        delta = torch.zeros(x2.shape[0], self.out_features, dtype=y.dtype, device=y.device)
+        y2 = y.view(-1, self.out_features)
         d = batch.num_decode
         if d and self.loaded & batch.decode_active:
-            delta[:d] = lora_decode(x2[:d], self.lora_A, self.lora_B, self.lora_scale, batch)
+            y2[:d] += lora_decode(x2[:d], self.lora_A, self.lora_B, self.lora_scale, batch)
         for start, end, slot in batch.segments:
             if slot in self.loaded:
-                delta[start:end] = lora_segment(
+                y2[start:end] += lora_segment(
                     x2[start:end], self.lora_A, self.lora_B, self.lora_scale, slot, self.ranks[slot]
                 )
-        return y + delta.view_as(y)
+        return y

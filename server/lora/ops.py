@@ -33,12 +33,16 @@ class LoRABatch:
 
     Tokens are laid out decode first: rows [0, num_decode) hold one token per decoding sequence,
     then come the prefill chunks. Decode rows go through one dense masked product over the slot
-    range [0, slot_hi]; each prefill chunk with an adapter is a segment computed with its own slot.
+    range [slot_lo, slot_hi] of the adapters they use; each prefill chunk with an adapter is a
+    segment computed with its own slot.
     """
 
     num_decode: int
     decode_slots: torch.Tensor  # [D] int64, slot of each decode token (0 = base)
-    decode_mask: torch.Tensor  # [D, (slot_hi + 1) * R] bool, True on the R columns of the token's slot
+    # [D, (slot_hi - slot_lo + 1) * R] bool, True where a column does NOT belong to the token's slot.
+    # Built once per step so that each of the ~200 layers pays one masked_fill, not a compare + invert.
+    decode_drop: torch.Tensor
+    slot_lo: int
     slot_hi: int
     segments: tuple[tuple[int, int, int], ...]  # (start, end, slot) of prefill chunks, slot != 0
     active: frozenset[int]  # non-zero slots used anywhere in the step
@@ -48,16 +52,18 @@ class LoRABatch:
     def build(
         decode_slots: list[int], segments: list[tuple[int, int, int]], max_rank: int, device: torch.device
     ) -> LoRABatch:
-        hi = max(decode_slots, default=0)
-        slots = torch.tensor(decode_slots, dtype=torch.int64)
-        cols = torch.arange((hi + 1) * max_rank) // max_rank  # [(hi+1)*R] slot owning each column
-        mask = (cols.unsqueeze(0) == slots.unsqueeze(1)) & (slots.unsqueeze(1) != 0)
         decode_active = frozenset(s for s in decode_slots if s)
+        # Slot 0 (no adapter) is all zeros: leaving it out of the range saves reading its columns.
+        lo, hi = (min(decode_active), max(decode_active)) if decode_active else (1, 0)
+        slots = torch.tensor(decode_slots, dtype=torch.int64)
+        cols = lo + torch.arange((hi - lo + 1) * max_rank) // max_rank  # slot owning each column
+        drop = cols.unsqueeze(0) != slots.unsqueeze(1)
         active = decode_active | frozenset(s for _, _, s in segments)
         return LoRABatch(
             num_decode=len(decode_slots),
             decode_slots=slots.to(device),
-            decode_mask=mask.to(device),
+            decode_drop=drop.to(device),
+            slot_lo=lo,
             slot_hi=hi,
             segments=tuple(segments),
             active=active,
@@ -81,23 +87,22 @@ def lora_reference(
 def lora_decode(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, batch: LoRABatch
 ) -> torch.Tensor:
-    """Semantics: lora_reference on the decode rows, as three dense products.
+    """Semantics: lora_reference on the decode rows, as two dense products.
 
-    Every token is multiplied by all slots in [0, slot_hi] at once and the columns of other slots
-    are zeroed before the expand, so the cost is one GEMM pair per projection however many
+    Every token is multiplied by all slots in [slot_lo, slot_hi] at once and the columns of other
+    slots are zeroed before the expand, so the cost is one GEMM pair per projection however many
     adapters the batch mixes (a per-adapter loop costs a dispatch per adapter per layer, which
     dominates on CPU). Zeroed columns add exact zeros, so a token's result does not depend on
     which other adapters share the step.
     x: [D, in] -> [D, out]
     """
-    d, hi = x.shape[0], batch.slot_hi
-    rank = A.shape[1]
-    a = A[: hi + 1].reshape((hi + 1) * rank, -1)  # [(hi+1)*R, in], a view
-    b = B[: hi + 1].reshape((hi + 1) * rank, -1)  # [(hi+1)*R, out], a view
-    t = pad_rows(x) @ a.T  # [D', in] -> [D', (hi+1)*R]
-    t = pad_rows(t[:d].masked_fill(~batch.decode_mask, 0.0))
-    y = (t @ b)[:d]  # [D', (hi+1)*R] -> [D, out]
-    return y * scale[batch.decode_slots].unsqueeze(1)
+    d, lo, hi = x.shape[0], batch.slot_lo, batch.slot_hi
+    a = A[lo : hi + 1].flatten(0, 1)  # [(hi-lo+1)*R, in], a view
+    b = B[lo : hi + 1].flatten(0, 1)  # [(hi-lo+1)*R, out], a view
+    t = pad_rows(x) @ a.T  # [D', in] -> [D', (hi-lo+1)*R]
+    t[:d].masked_fill_(batch.decode_drop, 0.0)  # padding rows of t are 0 already (zero rows of x)
+    y = (t @ b)[:d]  # -> [D, out]
+    return y.mul_(scale[batch.decode_slots].unsqueeze(1))
 
 
 def lora_segment(

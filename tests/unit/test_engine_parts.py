@@ -74,12 +74,15 @@ def test_lora_segment_matches_reference() -> None:
 def test_lora_batch_build() -> None:
     batch = LoRABatch.build([0, 2, 1], [(3, 7, 4)], 2, CPU)
     assert batch.num_decode == 3
-    assert batch.slot_hi == 2
+    assert (batch.slot_lo, batch.slot_hi) == (1, 2)  # slot 0 (all zeros) is left out of the range
     assert batch.active == frozenset({1, 2, 4})
-    assert batch.decode_mask.shape == (3, 6)
-    assert batch.decode_mask[0].sum() == 0  # slot 0 never selects columns
-    assert batch.decode_mask[1].tolist() == [False, False, False, False, True, True]
-    assert batch.decode_mask[2].tolist() == [False, False, True, True, False, False]
+    assert batch.decode_drop.shape == (3, 4)
+    assert batch.decode_drop[0].all()  # slot 0 never selects columns
+    assert batch.decode_drop[1].tolist() == [True, True, False, False]
+    assert batch.decode_drop[2].tolist() == [False, False, True, True]
+    only_3 = LoRABatch.build([3, 0, 3], [], 2, CPU)
+    assert (only_3.slot_lo, only_3.slot_hi) == (3, 3)
+    assert only_3.decode_drop.tolist() == [[False, False], [True, True], [False, False]]
 
 
 def test_lora_decode_batch_invariant() -> None:
@@ -310,6 +313,40 @@ def test_scheduler_max_loras_first_step() -> None:
     assert scheduled == [a1, a2]
     assert list(sched.waiting) == [b]
     assert b.blocked_steps == 1
+
+
+class LoadingGate(FakeGate):
+    """Adapters become ready only once loaded; records which loads the scheduler started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[str] = []
+        self.loaded: set[str] = set()
+
+    def ready(self, seq: Sequence) -> bool:
+        key = seq.adapter_key
+        if key is None or key in self.loaded:
+            return True
+        if key not in self.started:
+            self.started.append(key)
+        return False
+
+
+def test_scheduler_fetches_only_the_next_adapters() -> None:
+    sched, _ = _sched(max_loras=2, max_cpu_loras=5)  # prefetch window: min(2, 5 - 2) = 2
+    gate = LoadingGate()
+    sched.gate = gate
+    seqs = [_seq(4, f"a{i % 6}") for i in range(12)]
+    for s in seqs:
+        sched.add(s)
+    out = sched.schedule()
+    assert out.empty
+    assert gate.started == ["a0", "a1"]  # not all six: they would not fit the CPU cache together
+    gate.loaded |= {"a0", "a1"}
+    out = sched.schedule()
+    assert [s.adapter_key for s, _ in out.prefill] == ["a0", "a1", "a0", "a1"]
+    # the adapter budget is full now, yet the next two load so they are ready when a slot frees
+    assert gate.started == ["a0", "a1", "a2", "a3"]
 
 
 def test_scheduler_no_adapter_starvation() -> None:

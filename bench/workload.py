@@ -1,0 +1,176 @@
+"""The workload both throughput benchmarks share: the default model in NF4 as the server loads it,
+real chat prompts through the chat template, random rank-16 adapters on all seven projections,
+and a synchronous driver of the engine with optional arrival times."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence as Sequence_
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.adapters import adapter_set
+from server.config import EngineConfig, default_cache_dir
+from server.engine.engine import LLMEngine
+from server.engine.sequence import SamplingParams, Sequence
+from server.lora.adapter import AdapterWeights
+from server.lora.registry import AdapterRecord, AdapterRegistry
+from server.model.loader import BaseModel, load_base
+from server.model.source import resolve_model
+
+RANK = 16
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in simple terms.",
+    "Give me three tips for a good night's sleep.",
+    "How does a bicycle stay upright?",
+    "Write a short poem about the sea.",
+    "What is the difference between weather and climate?",
+    "Why is the sky blue?",
+    "How do I make a cup of green tea?",
+    "Summarize the plot of Romeo and Juliet.",
+    "What are prime numbers? Give a few examples.",
+    "Suggest a name for a friendly robot.",
+    "How do vaccines work?",
+    "What should I pack for a weekend hiking trip?",
+    "Explain what a black hole is.",
+    "Tell me a fun fact about octopuses.",
+    "How can I improve my handwriting?",
+    "What is the Pythagorean theorem?",
+    "Describe a typical day of a medieval blacksmith.",
+    "Why do cats purr?",
+    "What is recursion in programming?",
+    "How do airplanes fly?",
+    "Recommend a hobby for someone who likes puzzles.",
+    "What causes the seasons on Earth?",
+    "Write a two-sentence story about a lost key.",
+]
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def model_path() -> tuple[Path, str]:
+    return resolve_model(None, default_cache_dir())
+
+
+def load(max_loras: int) -> BaseModel:
+    """The base exactly as the server loads it, with `max_loras` device slots of rank RANK."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # one bar per load would bury the tables
+    path, model_id = model_path()
+    return load_base(
+        path, model_id, quantization="nf4", device="auto", max_loras=max_loras, max_lora_rank=RANK
+    )
+
+
+def chat_ids(tokenizer: object, count: int) -> list[list[int]]:
+    """`count` chat prompts cycling through QUESTIONS, rendered by the model's chat template."""
+    out = []
+    for i in range(count):
+        messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+        ids = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        out.append([int(t) for t in ids])
+    return out
+
+
+def register(
+    base: BaseModel, count: int, rank: int = RANK
+) -> tuple[AdapterRegistry, list[AdapterRecord], list[AdapterWeights], list[Path]]:
+    """`count` random adapters registered the way the server does (add_dir: validated, versioned)."""
+    registry = AdapterRegistry(base.linear_shapes, rank)
+    dirs = adapter_set(base.linear_shapes, count, rank)
+    records, weights = [], []
+    for i, d in enumerate(dirs):
+        record, w = registry.add_dir(f"a{i}", d)
+        records.append(record)
+        weights.append(w)
+    return registry, records, weights, dirs
+
+
+def engine(
+    base: BaseModel,
+    registry: AdapterRegistry,
+    *,
+    max_loras: int,
+    max_num_seqs: int,
+    preload: Sequence_[tuple[AdapterRecord, AdapterWeights]] = (),
+    kv_cache_tokens: int = 8192,
+) -> LLMEngine:
+    """A fresh engine whose CPU tier already holds `preload`: the benchmarks time batching, not disk
+    reads (the PEFT baselines also have every adapter in memory before timing starts)."""
+    gc.collect()
+    config = EngineConfig(
+        max_loras=max_loras,
+        max_cpu_loras=max(32, max_loras, len(preload)),
+        max_lora_rank=RANK,
+        max_num_seqs=max_num_seqs,
+        max_model_len=1024,
+        kv_cache_tokens=kv_cache_tokens,
+    )
+    eng = LLMEngine(base, registry, config)
+    for record, weights in preload:
+        eng.cache.put(record.version, weights)
+    return eng
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+@dataclass
+class Run:
+    seconds: float
+    tokens: dict[str, list[int]]
+    latency: dict[str, float] = field(default_factory=dict)  # arrival -> last token
+
+    @property
+    def generated(self) -> int:
+        return sum(len(t) for t in self.tokens.values())
+
+
+Job = tuple[str, AdapterRecord | None, list[int]]
+
+
+def drive(eng: LLMEngine, jobs: Sequence_[Job], max_tokens: int, arrivals: list[float] | None = None) -> Run:
+    """Run every job to completion. With `arrivals` (seconds from the start, ascending), a job is
+    added once the wall clock passes its time, checked between steps, as the server's engine loop
+    drains its inbox between steps."""
+    times = arrivals or [0.0] * len(jobs)
+    pending = sorted(zip(times, jobs, strict=True), key=lambda p: p[0])
+    tokens: dict[str, list[int]] = {rid: [] for rid, _, _ in jobs}
+    arrived: dict[str, float] = {}
+    latency: dict[str, float] = {}
+    start = time.perf_counter()
+    while pending or eng.has_work():
+        now = time.perf_counter() - start
+        while pending and pending[0][0] <= now:
+            at, (rid, adapter, ids) = pending.pop(0)
+            arrived[rid] = at
+            seq = Sequence(rid, list(ids), greedy(max_tokens), adapter, eos_token_ids=eng.base.eos_token_ids)
+            eng.add_request(seq)
+        if not eng.has_work():
+            time.sleep(max(0.0, pending[0][0] - now))
+            continue
+        outputs = eng.step()
+        if not outputs and not eng.scheduler.running:
+            eng.cache.wait_for_loads(timeout=0.05)
+        for o in outputs:
+            if o.error is not None:
+                raise RuntimeError(f"request {o.request_id} failed: {o.error}")
+            tokens[o.request_id].extend(o.token_ids)
+            if o.finished:
+                latency[o.request_id] = time.perf_counter() - start - arrived[o.request_id]
+    seconds = time.perf_counter() - start
+    short = [rid for rid, t in tokens.items() if len(t) != max_tokens]
+    assert not short, f"requests without exactly {max_tokens} tokens: {short}"
+    return Run(seconds, tokens, latency)
