@@ -50,8 +50,13 @@ test-e2e: model chromium
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
+# Each script prints its table and writes bench/results/<name>.json (about 30-40 min in all on 2 CPU cores).
 bench: model
-	$(PY) bench/step_overhead.py
+	$(PY) -m bench.step_overhead
+	$(PY) -m bench.throughput
+	$(PY) -m bench.http_e2e
+	$(PY) -m bench.churn
+	$(PY) -m bench.scaling
 
 # Persona adapters (adapters/<persona>/): build the data, QLoRA-train each persona, evaluate.
 .PHONY: personas

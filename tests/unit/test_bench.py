@@ -1,0 +1,53 @@
+"""The benchmark scripts' shared pieces: they import, their adapters are what PEFT itself loads, and
+the report helpers compute what they claim."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import report
+from bench.adapters import write_adapter
+from server.lora.weights import linear_modules, load_adapter
+
+SCRIPTS = ("step_overhead", "throughput", "http_e2e", "churn", "scaling")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_import_and_have_a_main(name: str) -> None:
+    module = importlib.import_module(f"bench.{name}")
+    assert callable(module.main)
+
+
+def test_random_adapter_loads_in_peft_and_in_loraplex(tiny_checkpoint, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    shapes = linear_modules(AutoModelForCausalLM.from_pretrained(path))
+    out = write_adapter(tmp_path / "a", shapes, rank=4, seed=1, targets=("q_proj", "down_proj"))
+    ours = load_adapter(out, shapes, max_rank=16)
+    assert ours.max_rank == 4
+    assert {n.rsplit(".", 1)[-1] for n in ours.modules} == {"q_proj", "down_proj"}
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(out))
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == 2 * len(ours.modules)
+    module = next(iter(ours.modules))
+    peft_a = next(v for k, v in loaded.items() if f"{module}.lora_A" in k)
+    assert torch.equal(peft_a, ours.modules[module].A)  # the same numbers reach both
+    assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 8
+
+
+def test_percentile_and_table(capsys: pytest.CaptureFixture[str]) -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert report.percentile(values, 50) == 50.0
+    assert report.percentile(values, 95) == 95.0
+    assert report.percentile([3.0], 99) == 3.0
+    text = report.table("t", ["a", "ratio"], [["x", 1.234], ["longer", 10.0]])
+    assert text.splitlines()[2].split() == ["x", "1.23"]
+    assert "10.00" in capsys.readouterr().out
