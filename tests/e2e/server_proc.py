@@ -65,6 +65,16 @@ class ServerProc:
             time.sleep(0.5)
         raise TimeoutError("server did not become ready")
 
+    def __enter__(self) -> ServerProc:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()

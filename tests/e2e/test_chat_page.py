@@ -47,15 +47,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
         imports.joinpath(name).mkdir()
         for file in FILES:
             shutil.copy(SHIPPED / name / file, imports / name / file)
-    proc = ServerProc(
+    with ServerProc(
         tmp_path_factory.mktemp("store"),
         args=["--import-adapters", str(imports)],
         env={"LORAPLEX_ADMIN_KEYS": ADMIN_KEY},
-    ).start()
-    try:
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -66,11 +66,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         ],
         env={"LORAPLEX_API_KEYS": API_KEY, "LORAPLEX_ADMIN_KEYS": ADMIN_KEY},
     )
-    try:
-        proc.start()
+    with proc:
         yield Server(proc, import_dir, outside_dir)
-    finally:
-        proc.stop()
 
 
 def snapshot(root: Path) -> list[tuple[str, bytes | None]]:

@@ -23,15 +23,12 @@ MAX_UPLOAD = 8 << 20
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
-    proc = ServerProc(
+    with ServerProc(
         tmp_path_factory.mktemp("store"),
         args=["--max-upload-bytes", str(MAX_UPLOAD)],
         env={"LORAPLEX_API_KEYS": API_KEY, "LORAPLEX_ADMIN_KEYS": ADMIN_KEY},
-    ).start()
-    try:
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +249,7 @@ def test_client_disconnect_aborts_the_request(server: ServerProc) -> None:
 
 def test_adapters_survive_a_restart(adapter_dirs: dict[str, Path], tmp_path: Path) -> None:
     env = {"LORAPLEX_ADMIN_KEYS": ADMIN_KEY}
-    first = ServerProc(tmp_path / "store", env=env).start()
-    try:
+    with ServerProc(tmp_path / "store", env=env) as first:
         for name in ("one", "two"):
             assert (
                 upload(first.url, name, adapter_dirs["qv-r4" if name == "one" else "patterns"]).status_code
@@ -262,12 +258,9 @@ def test_adapters_survive_a_restart(adapter_dirs: dict[str, Path], tmp_path: Pat
         assert httpx.delete(f"{first.url}/v1/adapters/two", headers=headers(ADMIN_KEY)).status_code == 200
         assert upload(first.url, "three", adapter_dirs["mlp-r8-half"]).status_code == 201
         before = httpx.get(f"{first.url}/v1/adapters", headers=headers(ADMIN_KEY)).json()["data"]
-    finally:
-        first.stop()
     shipped = tmp_path / "shipped"
     shutil.copytree(adapter_dirs["rslora-r16"], shipped / "imported")
-    second = ServerProc(tmp_path / "store", args=["--import-adapters", str(shipped)], env=env).start()
-    try:
+    with ServerProc(tmp_path / "store", args=["--import-adapters", str(shipped)], env=env) as second:
         after = httpx.get(f"{second.url}/v1/adapters", headers=headers(ADMIN_KEY)).json()["data"]
         kept = {(a["name"], a["version"]) for a in after if a["name"] != "imported"}
         assert kept == {(a["name"], a["version"]) for a in before}
@@ -281,8 +274,6 @@ def test_adapters_survive_a_restart(adapter_dirs: dict[str, Path], tmp_path: Pat
             json={"model": "three", "prompt": "Hello", "max_tokens": 4, "temperature": 0},
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        second.stop()
 
 
 def test_delete_lets_running_requests_finish(
