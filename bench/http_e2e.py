@@ -186,8 +186,12 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--sequential", type=int, default=16, help="baseline: this many, one at a time")
-    ap.add_argument("--max-num-seqs", type=int, default=None, help="server flag (default: the server's)")
-    ap.add_argument("--max-loras", type=int, default=None, help="server flag (default: the server's)")
+    ap.add_argument(
+        "--max-num-seqs", type=int, default=64, help="server flag: all 64 clients decode together"
+    )
+    ap.add_argument(
+        "--max-loras", type=int, default=16, help="server flag: every adapter of the run resident"
+    )
     ap.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = ap.parse_args()

@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds over all cases")
     ap.add_argument("--steps", type=int, default=5, help="timed decode steps per case per round")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT's adapter_names cases")
+    ap.add_argument("--no-profile", action="store_true", help="skip the op profile of the 16-adapter step")
     args = ap.parse_args()
 
     path, model_id = resolve_model(None, default_cache_dir())
@@ -130,7 +131,40 @@ def main() -> None:
         header,
         rows,
     )
-    save("step_overhead", {"batch": BATCH, "rank": RANK, "cases": results, "table": text})
+    record: dict[str, Any] = {"batch": BATCH, "rank": RANK, "cases": results, "table": text}
+    if not args.no_profile:
+        record["profile"] = profile_delta(
+            cases[("loraplex", 0)], cases[("loraplex", max(DISTINCT))], args.steps
+        )
+    save("step_overhead", record)
+
+
+def op_ms(step: Callable[[], None], steps: int) -> dict[str, float]:
+    """Self CPU time per step of every op (torch profiler; its own overhead inflates small ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+
+
+def profile_delta(base_step: Callable[[], None], lora_step: Callable[[], None], steps: int) -> dict[str, Any]:
+    """Where the extra time of the 16-adapter step goes, op by op, against the base-only step."""
+    base, lora = op_ms(base_step, steps), op_ms(lora_step, steps)
+    ops = sorted(set(base) | set(lora), key=lambda k: lora.get(k, 0) - base.get(k, 0), reverse=True)
+    rows = [
+        [k, f"{base.get(k, 0):.1f}", f"{lora.get(k, 0):.1f}", f"{lora.get(k, 0) - base.get(k, 0):+.1f}"]
+        for k in ops[:8]
+    ]
+    total = sum(lora.values()) - sum(base.values())
+    rows.append(["all ops", f"{sum(base.values()):.1f}", f"{sum(lora.values()):.1f}", f"{total:+.1f}"])
+    text = table(
+        f"\nprofile (ms of self CPU per step): base only vs {max(DISTINCT)} adapters, largest differences",
+        ["op", "base only", f"{max(DISTINCT)} adapters", "difference"],
+        rows,
+    )
+    return {"base_ms_by_op": base, "lora_ms_by_op": lora, "table": text}
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=64, help="all requests of a burst decode together")
     ap.add_argument("--rate", type=float, default=None, help="req/s (default: requests / burst seconds)")
     ap.add_argument("--peft-serial-requests", type=int, default=16)
     ap.add_argument("--peft-batch", type=int, default=16)
