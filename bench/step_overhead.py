@@ -21,6 +21,7 @@ from bench.report import save, table
 from server.config import EngineConfig, default_cache_dir
 from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
+from server.lora.ops import LoRABatch, lora_decode
 from server.lora.registry import AdapterRegistry
 from server.model.loader import BaseModel, load_base, load_stock
 from server.model.source import resolve_model
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds over all cases")
     ap.add_argument("--steps", type=int, default=5, help="timed decode steps per case per round")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT's adapter_names cases")
-    ap.add_argument("--no-profile", action="store_true", help="skip the op profile of the 16-adapter step")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip timing the LoRA products alone")
     args = ap.parse_args()
 
     path, model_id = resolve_model(None, default_cache_dir())
@@ -132,39 +133,47 @@ def main() -> None:
         rows,
     )
     record: dict[str, Any] = {"batch": BATCH, "rank": RANK, "cases": results, "table": text}
-    if not args.no_profile:
-        record["profile"] = profile_delta(
-            cases[("loraplex", 0)], cases[("loraplex", max(DISTINCT))], args.steps
+    if not args.no_breakdown:
+        alone = lora_alone(base, args.rounds * args.steps)
+        extra = ms[("loraplex", max(DISTINCT))] - ms[("loraplex", 0)]
+        alone["step_extra_ms"] = extra
+        record["breakdown"] = alone
+        print(
+            f"\n{max(DISTINCT)} adapters: the step costs {extra:.1f} ms more than base only; "
+            f"the LoRA products alone take {alone['lora_products_ms']:.1f} ms "
+            f"({alone['gflop_computed']:.2f} GFLOP computed, {alone['gflop_useful']:.2f} useful, "
+            f"{alone['mb_of_adapter_weights_read']:.0f} MB of adapter weights read)"
         )
     save("step_overhead", record)
 
 
-def op_ms(step: Callable[[], None], steps: int) -> dict[str, float]:
-    """Self CPU time per step of every op (torch profiler; its own overhead inflates small ops)."""
-    from torch.profiler import ProfilerActivity, profile
+def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
+    """The grouped low-rank products of one 16-adapter decode step, timed alone: every LoRA layer's
+    lora_decode on 16 rows over the slots the engine filled, without the base model around it.
+    Also the arithmetic: the dense masked product multiplies every row by every slot in range."""
+    layers = list(base.lora_layers.values())
+    n = max(DISTINCT)
+    batch = LoRABatch.build(list(range(1, n + 1)), [], RANK, base.device)
+    xs = [torch.randn(BATCH, layer.in_features, device=base.device) for layer in layers]
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-    return {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+    def run() -> None:
+        for layer, x in zip(layers, xs, strict=True):
+            lora_decode(x, layer.lora_A, layer.lora_B, layer.lora_scale, batch)
 
-
-def profile_delta(base_step: Callable[[], None], lora_step: Callable[[], None], steps: int) -> dict[str, Any]:
-    """Where the extra time of the 16-adapter step goes, op by op, against the base-only step."""
-    base, lora = op_ms(base_step, steps), op_ms(lora_step, steps)
-    ops = sorted(set(base) | set(lora), key=lambda k: lora.get(k, 0) - base.get(k, 0), reverse=True)
-    rows = [
-        [k, f"{base.get(k, 0):.1f}", f"{lora.get(k, 0):.1f}", f"{lora.get(k, 0) - base.get(k, 0):+.1f}"]
-        for k in ops[:8]
-    ]
-    total = sum(lora.values()) - sum(base.values())
-    rows.append(["all ops", f"{sum(base.values()):.1f}", f"{sum(lora.values()):.1f}", f"{total:+.1f}"])
-    text = table(
-        f"\nprofile (ms of self CPU per step): base only vs {max(DISTINCT)} adapters, largest differences",
-        ["op", "base only", f"{max(DISTINCT)} adapters", "difference"],
-        rows,
-    )
-    return {"base_ms_by_op": base, "lora_ms_by_op": lora, "table": text}
+    run()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    dims = sum(layer.in_features + layer.out_features for layer in layers)
+    computed = 2 * BATCH * n * RANK * dims  # every row x every slot's columns
+    return {
+        "lora_products_ms": statistics.median(times) * 1000,
+        "gflop_computed": computed / 1e9,
+        "gflop_useful": computed / n / 1e9,  # each row only needs its own slot's columns
+        "mb_of_adapter_weights_read": 4 * n * RANK * dims / 1e6,
+    }
 
 
 if __name__ == "__main__":
