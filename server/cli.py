@@ -142,6 +142,12 @@ def _training(ns: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(settings: Settings, log_level: str) -> int:
+    """HTTP on a thread, the engine loop on the main thread (where torch's CPU kernels run fastest);
+    SIGINT/SIGTERM reach the main thread and stop uvicorn, whose shutdown stops the engine loop."""
+    import signal
+    import threading
+
+    import torch
     import uvicorn
 
     from server.api.app import create_app
@@ -149,7 +155,7 @@ def _serve(settings: Settings, log_level: str) -> int:
 
     runtime = build_runtime(settings)
     # our edge middleware logs each request with its id; uvicorn's access log would repeat it
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(runtime),
         host=settings.host,
         port=settings.port,
@@ -157,7 +163,28 @@ def _serve(settings: Settings, log_level: str) -> int:
         access_log=False,
         log_config=None,
     )
-    return 0
+    server = uvicorn.Server(config)
+
+    def http() -> None:
+        torch.set_num_threads(1)  # the odd tensor op here must not start a second OpenMP pool
+        try:
+            server.run()
+        finally:
+            runtime.async_engine.shutdown()  # start-up failed or uvicorn stopped: end the loop too
+
+    def on_signal(signum: int, frame: object) -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    runtime.async_engine.hold()
+    thread = threading.Thread(target=http, name="http")
+    thread.start()
+    runtime.async_engine.run()
+    thread.join()
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

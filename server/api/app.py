@@ -44,7 +44,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime.async_engine.start()
+        runtime.async_engine.start()  # a no-op when `loraplex serve` runs the loop on the main thread
         try:
             await _warm_up(runtime)
             app.state.ready = True

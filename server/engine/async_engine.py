@@ -17,10 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    """Runs LLMEngine.step() on a dedicated thread, which alone touches the model and device tensors.
+    """Runs LLMEngine.step() on one thread, which alone touches the model and device tensors.
 
     Requests and aborts arrive through a thread-safe inbox; outputs go back to each request's
-    asyncio.Queue through `call_soon_threadsafe`.
+    asyncio.Queue through `call_soon_threadsafe`. `start()` gives the loop a thread of its own
+    (tests, embedding); `loraplex serve` calls `run()` on the main thread instead, because torch's
+    OpenMP pool runs every CPU step ~1.8x slower on a secondary thread (see README, benchmarks).
     """
 
     def __init__(self, engine: LLMEngine, max_queue: int) -> None:
@@ -31,24 +33,43 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
+        self._running = threading.Event()
+        self._external = False  # the loop runs on a thread the caller owns (see hold())
         self.error: BaseException | None = None
         self.last_progress = time.monotonic()  # /health: the loop is alive and not stuck
         engine.cache.on_loaded = self._wake.set
 
     def start(self) -> None:
+        """Run the loop on a thread of its own, unless the caller has claimed it with hold()."""
+        if self._external:
+            return
+        self._running.set()  # alive from now on: requests may be submitted before the thread runs
         self._thread.start()
+
+    def hold(self) -> None:
+        """Promise to call run() on the caller's thread; requests are accepted from now on."""
+        self._external = True
+        self._running.set()
 
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
         self.engine.cache.close()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._running.is_set() and self.error is None
+
+    def run(self) -> None:
+        """The engine loop, on the calling thread, until shutdown()."""
+        self._running.set()
+        try:
+            self._loop()
+        finally:
+            self._running.clear()
 
     @property
     def num_pending(self) -> int:

@@ -10,6 +10,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
+
 from server.errors import AdapterError
 from server.lora.adapter import AdapterWeights
 from server.lora.registry import AdapterRecord
@@ -32,7 +34,13 @@ class AdapterCache:
         self._failed: dict[str, AdapterError] = {}
         self._lock = threading.Lock()
         self._load_done = threading.Condition(self._lock)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        # One torch thread: a second OpenMP pool beside the engine's slows every engine step.
+        self._pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="adapter-loader",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
         self.hits = 0
         self.misses = 0
         self.observe_load: Callable[[float], None] | None = None  # load-time histogram, if any

@@ -69,17 +69,19 @@ class ServerProc:
         try:
             return self.start()
         except BaseException:
-            self.stop()
+            self.stop(check=False)
             raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.stop(check=exc_type is None)  # a failing test's own error is the one to see
 
-    def stop(self) -> None:
+    def stop(self, check: bool = True) -> None:
+        """SIGTERM, as an orchestrator sends it: the server must shut down cleanly, exit status 0."""
         if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
-            self.proc = None
+            proc, self.proc = self.proc, None
+            proc.terminate()
+            status = proc.wait(timeout=60)
+            assert status == 0 or not check, f"the server exited with {status} on SIGTERM"
 
 
 def headers(key: str | None) -> dict[str, str]:

@@ -3,6 +3,7 @@ PEFT as oracles, mixed batches, adapter loading off the engine thread, sampling,
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from server.config import EngineConfig
+from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
 from server.errors import ModelNotFoundError
@@ -212,3 +214,33 @@ def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
     with pytest.raises(ModelNotFoundError, match="not supported"):
         load_base(tmp_path, "gpt2", quantization="none", device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["own thread", "caller's thread"])
+def test_async_engine_serves_from_either_thread(llama: BaseModel, mode: str) -> None:
+    """`start()` runs the loop on its own thread; `hold()` + `run()` on the caller's (what
+    `loraplex serve` does on the main thread). Both stream a request and stop on shutdown()."""
+    engine = engine_for(llama, AdapterRegistry(llama.linear_shapes, 8))
+    front = AsyncEngine(engine, max_queue=8)
+    runner: threading.Thread | None = None
+    if mode == "own thread":
+        front.start()
+    else:
+        front.hold()
+        runner = threading.Thread(target=front.run)  # stands in for the main thread
+        runner.start()
+        front.start()  # the app's lifespan still calls it: a no-op now
+    assert front.alive
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    async def collect() -> list[int]:
+        seq = Sequence("r", prompt_ids(llama, PROMPTS[0]), params, eos_token_ids=llama.eos_token_ids)
+        return [t async for out in front.generate(seq) for t in out.token_ids]
+
+    assert len(asyncio.run(collect())) == 6
+    assert [t.name for t in threading.enumerate()].count("engine") == (1 if mode == "own thread" else 0)
+    front.shutdown()
+    if runner is not None:
+        runner.join(timeout=30)
+        assert not runner.is_alive()
+    assert not front.alive
