@@ -212,14 +212,10 @@ def main() -> None:
     print(f"{len(records)} adapters ready in {time.perf_counter() - t0:.0f}s")
 
     ranks = zipf_stream(args.adapters, args.requests, args.zipf_s, args.seed)
-    tok = base.tokenizer
     prompts = [
-        [int(t) for t in tok.apply_chat_template(
-            [{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}, part {i}."}],
-            add_generation_prompt=True, tokenize=True, return_dict=False,
-        )]
+        base.chat_ids([{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}, part {i}."}])
         for i in range(args.requests)
-    ]  # fmt: skip
+    ]
     # Warm-up on the resident set: first-call costs must not land on either measured run.
     warm = argparse.Namespace(**{**vars(args), "max_tokens": 2, "waves": 1})
     run(base, registry, warm, [records[r % args.max_loras] for r in ranks[:8]], prompts[:8], resident)

@@ -56,7 +56,7 @@ def decode_tps(
     (0 = base), timed after every prompt is prefilled and one warm-up decode step."""
     records = [r for r, _ in preload]
     eng = engine(base, registry, max_loras=len(records), max_num_seqs=batch, preload=preload)
-    for i, ids in enumerate(chat_ids(base.tokenizer, batch)):
+    for i, ids in enumerate(chat_ids(base, batch)):
         adapter = records[i % distinct] if distinct else None
         eng.add_request(Sequence(f"r{i}", ids, greedy(steps + 64), adapter))
     while not (eng.records and len(eng.records[-1].decoded) == batch):
@@ -87,7 +87,7 @@ def memory_child(count: int) -> None:
     rss["registered"] = snapshot()
     # Served through the CPU cache's disk loader, as the server does: nothing preloaded.
     eng = engine(base, registry, max_loras=SERVED, max_num_seqs=SERVED, kv_cache_tokens=2048)
-    prompts = chat_ids(base.tokenizer, SERVED)
+    prompts = chat_ids(base, SERVED)
     drive(eng, [(f"r{i}", records[i % count], prompts[i]) for i in range(SERVED)], 4)
     rss["served"] = snapshot()
     resident = sum(r.version in eng.cache for r in records)  # min(count, SERVED)

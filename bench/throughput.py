@@ -112,7 +112,7 @@ def main() -> None:
 
     base = load(max_loras=args.adapters)
     registry, records, weights, dirs = register(base, args.adapters)
-    prompts = chat_ids(base.tokenizer, args.requests)
+    prompts = chat_ids(base, args.requests)
     jobs: list[Job] = [(f"r{i}", records[i % args.adapters], p) for i, p in enumerate(prompts)]
     new = args.new_tokens
 

@@ -71,16 +71,9 @@ def load(max_loras: int) -> BaseModel:
     )
 
 
-def chat_ids(tokenizer: object, count: int) -> list[list[int]]:
+def chat_ids(base: BaseModel, count: int) -> list[list[int]]:
     """`count` chat prompts cycling through QUESTIONS, rendered by the model's chat template."""
-    out = []
-    for i in range(count):
-        messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-        ids = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        out.append([int(t) for t in ids])
-    return out
+    return [base.chat_ids([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(count)]
 
 
 def register(

@@ -36,12 +36,6 @@ class Runtime:
             return None
         return self.registry.resolve(model)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.base.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return [int(i) for i in ids]
-
     def text_prompt(self, text: str) -> list[int]:
         return [int(i) for i in self.base.tokenizer.encode(text)]
 

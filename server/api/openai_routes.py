@@ -113,7 +113,7 @@ def _job(
 @router.post("/v1/chat/completions", response_model=None)
 async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     rt = _rt(request)
-    prompt = rt.chat_prompt([m.model_dump(include={"role", "content"}) for m in body.messages])
+    prompt = rt.base.chat_ids([m.model_dump(include={"role", "content"}) for m in body.messages])
     job = _job(rt, body, prompt, True, body.max_completion_tokens or body.max_tokens)
     return await _respond(rt, request, job, body)
 

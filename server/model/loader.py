@@ -52,6 +52,13 @@ class BaseModel:
     lora_layers: dict[str, LoRALinear]
     lora_context: LoRAContext
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation as prompt token ids, through the model's chat template (assistant turn open)."""
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return [int(i) for i in ids]
+
 
 def nf4_config(compute_dtype: torch.dtype) -> Any:
     """QLoRA's storage format: 4-bit NormalFloat with double-quantized block scales."""

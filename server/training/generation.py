@@ -46,14 +46,12 @@ def register_dir(engine: LLMEngine, name: str, directory: Path) -> AdapterRecord
 def generate(engine: LLMEngine, jobs: Sequence_[Job], max_tokens: int) -> dict[str, str]:
     """Greedy chat completions for every job (request id, adapter or None, messages), all submitted
     at once so requests for different adapters share decode steps. Returns id -> text."""
-    tokenizer = engine.base.tokenizer
     for rid, adapter, messages in jobs:
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         engine.add_request(
-            Sequence(rid, [int(i) for i in ids], params, adapter, eos_token_ids=engine.base.eos_token_ids)
+            Sequence(
+                rid, engine.base.chat_ids(messages), params, adapter, eos_token_ids=engine.base.eos_token_ids
+            )
         )
     text: dict[str, list[str]] = {rid: [] for rid, _, _ in jobs}
     while engine.has_work():

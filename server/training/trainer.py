@@ -207,10 +207,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 log_file.flush()
                 bar.write(json.dumps(entry))
     seconds = time.perf_counter() - started
+    for p in params:  # training is over: save_pretrained writes the factors in the dtype they have
+        p.data = p.data.to(SAVE_DTYPES[cfg.save_dtype])
     model.save_pretrained(str(cfg.out), safe_serialization=True)
     _keep_adapter_files(cfg.out, cfg.model.resolve().name)
-    if cfg.save_dtype != "float32":
-        _cast_weights(cfg.out / "adapter_model.safetensors", SAVE_DTYPES[cfg.save_dtype])
     tail = losses[-cfg.log_every :]
     result = TrainResult(cfg.steps, round(seconds, 1), losses[0], sum(tail) / len(tail), losses)
     summary = {k: v for k, v in asdict(result).items() if k != "losses"}
@@ -218,16 +218,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         json.dumps({**summary, "config": {k: str(v) for k, v in asdict(cfg).items()}}, indent=1) + "\n"
     )
     return result
-
-
-def _cast_weights(path: Path, dtype: torch.dtype) -> None:
-    """Rewrite the saved factors in `dtype` (the file is the one save_pretrained just wrote)."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = {name: t.to(dtype).contiguous() for name, t in load_file(str(path)).items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
 
 
 def _keep_adapter_files(out: Path, model_id: str) -> None:

@@ -95,16 +95,7 @@ def registry(base: BaseModel, adapter_dirs: dict[str, Path]) -> AdapterRegistry:
 
 @pytest.fixture(scope="session")
 def prompt_ids(base: BaseModel) -> list[list[int]]:
-    tok = base.tokenizer
-    return [
-        [
-            int(i)
-            for i in tok.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        ]
-        for p in PROMPTS
-    ]
+    return [base.chat_ids([{"role": "user", "content": p}]) for p in PROMPTS]
 
 
 EngineFactory = Callable[..., LLMEngine]

@@ -44,10 +44,7 @@ def engine_for(base: BaseModel, registry: AdapterRegistry, **overrides: Any) -> 
 
 
 def prompt_ids(base: BaseModel, text: str) -> list[int]:
-    ids = base.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    return [int(i) for i in ids]
+    return base.chat_ids([{"role": "user", "content": text}])
 
 
 def hf_model(path: Path, quantization: str) -> Any:
