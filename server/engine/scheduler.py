@@ -45,6 +45,8 @@ class Scheduler:
         self.gate = gate
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # How many distinct queued adapters are fetched ahead (see _admit).
+        self.fetch_window = min(config.max_loras, max(1, config.max_cpu_loras - config.max_loras))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -86,16 +88,15 @@ class Scheduler:
         head_starving = False
         # Asking the gate starts a disk load. Loading every queued adapter at once would push the
         # first ones out of the CPU cache (max_cpu_loras) before their requests get in, and load
-        # them again, so only the next `window` distinct adapters in queue order are fetched; they
-        # are fetched even while the adapter budget is full, to be in memory when a slot frees up.
+        # them again, so only the next `fetch_window` distinct adapters in queue order are fetched;
+        # they are fetched even while the adapter budget is full, to be in memory when a slot frees.
         fetching: set[str] = set()
-        window = min(self.config.max_loras, max(1, self.config.max_cpu_loras - self.config.max_loras))
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             key = seq.adapter_key
             new_adapter = key is not None and key not in adapters
-            in_window = not new_adapter or key in fetching or len(fetching) < window
+            in_window = not new_adapter or key in fetching or len(fetching) < self.fetch_window
             if key is not None and new_adapter and in_window:
                 fetching.add(key)
             if new_adapter and len(adapters) >= self.config.max_loras:
