@@ -16,42 +16,36 @@ from typing import Any
 
 import torch
 
-from bench.adapters import adapter_set
+from bench import workload
 from bench.report import save, table
-from server.config import EngineConfig, default_cache_dir
-from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
+from server.lora.adapter import AdapterWeights
 from server.lora.ops import LoRABatch, lora_decode
-from server.lora.registry import AdapterRegistry
-from server.model.loader import BaseModel, load_base, load_stock
-from server.model.source import resolve_model
+from server.lora.registry import AdapterRecord, AdapterRegistry
+from server.model.loader import BaseModel
 
 BATCH = 16
-RANK = 16
+RANK = workload.RANK
 DISTINCT = (0, 1, 4, 16)
 PROMPT = "Tell me a long story about a dragon and a knight."
 
 
-def engine_case(base: BaseModel, registry: AdapterRegistry, distinct: int) -> Callable[[], None]:
-    engine = LLMEngine(
-        base,
-        registry,
-        EngineConfig(
-            max_loras=16, max_lora_rank=RANK, max_num_seqs=BATCH, max_model_len=1024, kv_cache_tokens=8192
-        ),
-    )
-    records = registry.records()
+def engine_case(
+    base: BaseModel,
+    registry: AdapterRegistry,
+    loaded: list[tuple[AdapterRecord, AdapterWeights]],
+    distinct: int,
+) -> Callable[[], None]:
+    engine = workload.engine(base, registry, max_loras=max(DISTINCT), max_num_seqs=BATCH, preload=loaded)
     prompt = base.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     for i in range(BATCH):
-        adapter = records[i % distinct] if distinct else None
+        adapter = loaded[i % distinct][0] if distinct else None
         engine.add_request(Sequence(f"r{i}", list(prompt), params, adapter=adapter))
     while len(engine.scheduler.running) < BATCH or any(
         s.num_uncomputed > 1 for s in engine.scheduler.running
     ):
-        engine.step()  # prefill (adapters load from disk in the background first)
-        if not engine.scheduler.running:
-            engine.cache.wait_for_loads(timeout=60)
+        engine.step()  # prefill
 
     def step() -> None:
         engine.step()
@@ -84,23 +78,15 @@ def main() -> None:
     ap.add_argument("--no-breakdown", action="store_true", help="skip timing the LoRA products alone")
     args = ap.parse_args()
 
-    path, model_id = resolve_model(None, default_cache_dir())
-    base = load_base(path, model_id, quantization="nf4", device="auto", max_loras=16, max_lora_rank=RANK)
-    dirs = adapter_set(base.linear_shapes, max(DISTINCT), RANK)
-    registry = AdapterRegistry(base.linear_shapes, RANK)
-    for i, d in enumerate(dirs):
-        registry.add_dir(f"a{i}", d)
+    base = workload.load(max_loras=max(DISTINCT))
+    registry, records, weights, dirs = workload.register(base, max(DISTINCT), RANK)
+    loaded = list(zip(records, weights, strict=True))
     cases: dict[tuple[str, int], Callable[[], None]] = {
-        ("loraplex", n): engine_case(base, registry, n) for n in DISTINCT
+        ("loraplex", n): engine_case(base, registry, loaded, n) for n in DISTINCT
     }
     if not args.no_peft:
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(load_stock(path, "nf4"), str(dirs[0]), adapter_name="a0")
-        for i, d in enumerate(dirs[1:], start=1):
-            peft_model.load_adapter(str(d), adapter_name=f"a{i}")
-        peft_model.eval()
-        cases |= {("peft", n): peft_case(peft_model, base.tokenizer, n) for n in DISTINCT}
+        model = workload.peft_model(dirs, base.tokenizer.eos_token_id)
+        cases |= {("peft", n): peft_case(model, base.tokenizer, n) for n in DISTINCT}
 
     times: dict[tuple[str, int], list[float]] = {k: [] for k in cases}
     for _ in range(args.rounds):

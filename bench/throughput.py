@@ -13,30 +13,13 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench import report
-from bench.workload import Job, Run, chat_ids, drive, engine, load, model_path, register, set_threads
+from bench.workload import Job, Run, chat_ids, drive, engine, load, peft_model, register, set_threads
 from server.engine.engine import LLMEngine
-from server.model.loader import load_stock
-
-
-def peft_model(dirs: list[Path], pad_id: int) -> Any:
-    from peft import PeftModel
-
-    path, _ = model_path()
-    stock = load_stock(path, "nf4")
-    # generate() fills an unset eos_token_id from the model's config; clearing it there is the only
-    # way to get exactly max_new_tokens per request, like ignore_eos on our side.
-    stock.generation_config.eos_token_id = None
-    stock.generation_config.pad_token_id = pad_id
-    model = PeftModel.from_pretrained(stock, dirs[0], adapter_name="a0")
-    for i, d in enumerate(dirs[1:], start=1):
-        model.load_adapter(d, adapter_name=f"a{i}")
-    return model.eval()
 
 
 def peft_serial(model: Any, jobs: list[tuple[str, str, list[int]]], new_tokens: int) -> Run:

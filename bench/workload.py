@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
 from server.lora.adapter import AdapterWeights
 from server.lora.registry import AdapterRecord, AdapterRegistry
-from server.model.loader import BaseModel, load_base
+from server.model.loader import BaseModel, load_base, load_stock
 from server.model.source import resolve_model
 
 RANK = 16
@@ -167,3 +168,19 @@ def drive(eng: LLMEngine, jobs: Sequence_[Job], max_tokens: int, arrivals: list[
     short = [rid for rid, t in tokens.items() if len(t) != max_tokens]
     assert not short, f"requests without exactly {max_tokens} tokens: {short}"
     return Run(seconds, tokens, latency)
+
+
+def peft_model(dirs: list[Path], pad_id: int) -> Any:
+    """PEFT on the same NF4 base (stock transformers) with every adapter of `dirs` loaded as a0, a1, ..."""
+    from peft import PeftModel
+
+    path, _ = model_path()
+    stock = load_stock(path, "nf4")
+    # generate() fills an unset eos_token_id from the model's config; clearing it there is the only
+    # way to get exactly max_new_tokens per request, like ignore_eos on our side.
+    stock.generation_config.eos_token_id = None
+    stock.generation_config.pad_token_id = pad_id
+    model = PeftModel.from_pretrained(stock, dirs[0], adapter_name="a0")
+    for i, d in enumerate(dirs[1:], start=1):
+        model.load_adapter(d, adapter_name=f"a{i}")
+    return model.eval()
