@@ -23,6 +23,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         choices = None
         kind: type = str
         args = typing.get_args(ann)
+        if ann is bool or bool in args:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description
+            )
+            continue
         if typing.get_origin(ann) is typing.Literal:
             choices = list(args)
         elif ann is int or int in args:
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(getattr(ns, "log_level", "info"), settings.log_format)
 
-    from server.errors import ModelNotFoundError
+    from server.errors import BackendError, ModelNotFoundError
 
     try:
         if ns.command in TRAINING_COMMANDS:
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("loraplex").info("model %s ready at %s", model_id, path)
             return 0
         return _serve(settings, ns.log_level)
-    except ModelNotFoundError as e:
+    except (ModelNotFoundError, BackendError) as e:
         logging.getLogger("loraplex").error("%s", e)
         return 2
 

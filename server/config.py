@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(8 << 20, ge=1024, description="largest JSON request body")
     max_tokens_limit: int = Field(4096, ge=1, description="upper bound on max_tokens")
     max_n: int = Field(8, ge=1, description="upper bound on n")
+    lora_backend: Literal["auto", "torch"] = Field("auto", description="LoRA term: auto picks torch")
+    attention_backend: Literal["auto", "torch"] = Field("auto", description="attention: auto picks torch")
+    batch_invariant: bool | None = Field(
+        None, description="same bits alone or in any batch (default: on for CPU, off for CUDA)"
+    )
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
     host: str = "127.0.0.1"
     port: int = 8000
@@ -51,6 +56,9 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(16, ge=1, description="largest rank accepted; slot buffers are this wide")
     max_num_seqs: int = Field(32, ge=1, description="sequences decoded together")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one forward pass")
+    prefill_chunk_tokens: int = Field(
+        512, ge=1, description="long prompts are prefilled in chunks of this many tokens"
+    )
     max_model_len: int | None = Field(
         None, description="context length (default: the model's, capped at 8192)"
     )
@@ -76,6 +84,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
+    # Prefill chunk boundaries sit at multiples of this (capped by max_num_batched_tokens), whatever
+    # else runs: the chunking of a prompt never depends on the batch.
+    prefill_chunk_tokens: int = 512
     max_model_len: int = 2048
     kv_cache_tokens: int = 32768
     block_size: int = 16
@@ -91,7 +102,14 @@ class EngineConfig:
                 f"kv_cache_tokens {self.kv_cache_tokens} cannot hold one sequence of max_model_len "
                 f"{self.max_model_len}"
             )
-        for name in ("max_loras", "max_lora_rank", "max_num_seqs", "block_size", "max_queue"):
+        for name in (
+            "max_loras",
+            "max_lora_rank",
+            "max_num_seqs",
+            "block_size",
+            "max_queue",
+            "prefill_chunk_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -11,6 +11,10 @@ class ModelNotFoundError(LoraplexError):
     """The base model (or its GGUF package) is not on this machine."""
 
 
+class BackendError(LoraplexError):
+    """A compute backend, or a combination of backends and device, that cannot run here."""
+
+
 class AdapterError(LoraplexError):
     """An adapter cannot be used. `field` names the config key or tensor at fault, when there is one."""
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 from server.config import EngineConfig, Settings
 from server.engine.async_engine import AsyncEngine
+from server.engine.backends import select_backends
 from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
 from server.errors import RequestError
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
-from server.model.loader import BaseModel, load_base
+from server.model.loader import BaseModel, load_base, resolve_device
 from server.model.source import resolve_model
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,12 @@ class Runtime:
 
 def build_runtime(settings: Settings) -> Runtime:
     path, model_id = resolve_model(settings.model, settings.cache_dir)
+    backends = select_backends(
+        resolve_device(settings.device),
+        lora=settings.lora_backend,
+        attention=settings.attention_backend,
+        batch_invariant=settings.batch_invariant,
+    )
     base = load_base(
         path,
         model_id,
@@ -65,6 +72,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank,
         max_model_len=settings.max_model_len,
+        base_gemm=backends.base_gemm,
     )
     config = EngineConfig(
         max_loras=settings.max_loras,
@@ -72,6 +80,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_lora_rank=settings.max_lora_rank,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
         max_model_len=base.max_model_len,
         kv_cache_tokens=max(settings.kv_cache_tokens, base.max_model_len),
         block_size=settings.block_size,

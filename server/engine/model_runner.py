@@ -9,7 +9,8 @@ from server.engine.attention import AttentionMetadata, KVCache, PrefillChunk
 from server.engine.block_manager import BlockManager
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
-from server.lora.ops import LoRABatch, pad_rows
+from server.lora.ops import LoRABatch
+from server.model.base_gemm import base_linear
 from server.model.loader import BaseModel
 
 
@@ -68,7 +69,7 @@ class ModelRunner:
             decode_kv=tuple(torch.tensor(ctx, device=dev) for ctx in dec_ctx),
             prefills=tuple(chunks),
         )
-        self.base.lora_context.batch = LoRABatch.build(dec_slots, segments, self.config.max_lora_rank, dev)
+        self.base.lora_context.batch = LoRABatch.build(dec_slots, segments, dev)
         try:
             hidden = self.base.model.model(
                 input_ids=torch.tensor([ids], device=dev),
@@ -89,5 +90,7 @@ class ModelRunner:
             if seq.num_computed_tokens + n == seq.num_tokens:
                 rows.append(chunk.start + n - 1)
                 sampling.append(seq)
-        logits = self.base.model.lm_head(pad_rows(hidden[rows]))[: len(rows)] if rows else hidden[:0]
-        return sampling, logits
+        if not rows:
+            return sampling, hidden[:0]
+        picked = hidden.index_select(0, torch.tensor(rows, device=dev))  # [N, hidden]
+        return sampling, base_linear(picked, self.base.model.lm_head, self.base.lora_context.base_gemm)

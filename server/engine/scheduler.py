@@ -47,12 +47,21 @@ class Scheduler:
         self.running: list[Sequence] = []
         # How many distinct queued adapters are fetched ahead (see _admit).
         self.fetch_window = min(config.max_loras, max(1, config.max_cpu_loras - config.max_loras))
+        self.chunk = min(config.prefill_chunk_tokens, config.max_num_batched_tokens)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def next_chunk(self, seq: Sequence) -> int:
+        """Tokens of the sequence's next forward: 1 when decoding; when prefilling, up to the next
+        multiple of the chunk size. Chunk boundaries are fixed by the sequence alone, never by what
+        else shares the step, so each chunk's attention has the same shapes alone or batched (a
+        chunk that does not fit this step's budget waits whole for the next one)."""
+        start = seq.num_computed_tokens
+        return min(seq.num_tokens, (start // self.chunk + 1) * self.chunk) - start
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -62,8 +71,8 @@ class Scheduler:
         kept: list[Sequence] = []
         while running:
             seq = running.pop(0)
-            n = min(seq.num_uncomputed, budget)
-            if n == 0:
+            n = self.next_chunk(seq)
+            if n > budget:
                 kept.append(seq)
                 continue
             while not self.blocks.can_allocate(seq, n) and running:
@@ -112,8 +121,8 @@ class Scheduler:
                 break
             if not in_window or not self.gate.ready(seq):
                 continue
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_allocate(seq, n):
+            n = self.next_chunk(seq)
+            if n > budget or not self.blocks.can_allocate(seq, n):
                 break
             self.blocks.allocate(seq, n)
             self.gate.acquire(seq)

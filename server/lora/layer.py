@@ -6,13 +6,16 @@ import torch
 from torch import nn
 
 from server.lora.adapter import ModuleLoRA
-from server.lora.ops import MIN_ROWS, LoRABatch, lora_decode, lora_segment
+from server.lora.ops import LoRABatch, lora_rows, lora_shared
+from server.model.base_gemm import BaseGemm, base_linear
 
 
 class LoRAContext:
-    """The current step's routing, set by the model runner before each forward and read by every layer."""
+    """Shared by every LoRA layer: how the base matmul runs (fixed at start-up) and the current
+    step's routing (set by the model runner before each forward)."""
 
-    def __init__(self) -> None:
+    def __init__(self, base_gemm: BaseGemm = BaseGemm.PLAIN) -> None:
+        self.base_gemm = base_gemm
         self.batch: LoRABatch | None = None
 
 
@@ -53,15 +56,6 @@ class LoRALinear(nn.Module):
         self.ranks = [0] * (num_slots + 1)
         self.loaded: set[int] = set()
 
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        """The base output, with the packed batch padded to MIN_ROWS tokens so that each token's
-        result does not depend on how many tokens share the step (see ops.pad_rows)."""
-        t = x.shape[-2]
-        if x.dim() != 3 or x.shape[0] != 1 or t >= MIN_ROWS:
-            return self.base(x)
-        padded = torch.cat([x, x.new_zeros(1, MIN_ROWS - t, x.shape[2])], dim=1)
-        return self.base(padded)[:, :t]
-
     def set_slot(self, slot: int, weights: ModuleLoRA | None) -> None:
         """Copy one adapter's factors into `slot` (None clears it: this projection is not targeted)."""
         assert slot != 0, "slot 0 is the permanent no-adapter slot"
@@ -80,20 +74,25 @@ class LoRALinear(nn.Module):
         self.loaded.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._base(x)
+        y = base_linear(x, self.base, self.context.base_gemm)
         batch = self.context.batch
         if batch is None or not (batch.active & self.loaded):
             return y
-        # x: [1, T, in] (packed batch) -> [T, in]; the low-rank terms are added into y's rows in
-        # place (y is this call's own output), sparing a zero-filled delta and a copy per layer.
+        # x: [1, T, in] (packed batch) -> [T, in]. As PEFT does, the term is computed in the
+        # factors' dtype (fp32) and cast before it is added, in place into y's rows (y is this
+        # call's own output), sparing a zero-filled delta and a copy per layer.
         x2 = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
         y2 = y.view(-1, self.out_features)
-        d = batch.num_decode
-        if d and self.loaded & batch.decode_active:
-            y2[:d] += lora_decode(x2[:d], self.lora_A, self.lora_B, self.lora_scale, batch)
+        A, B, scale = self.lora_A, self.lora_B, self.lora_scale
+        if self.loaded & batch.decode_active:
+            rows = batch.decode_rows
+            if rows is None:
+                d = batch.num_decode
+                y2[:d] += lora_rows(x2[:d], A, B, scale, batch.decode_slots).to(y2.dtype)
+            else:
+                delta = lora_rows(x2.index_select(0, rows), A, B, scale, batch.decode_slots)
+                y2.index_add_(0, rows, delta.to(y2.dtype))
         for start, end, slot in batch.segments:
             if slot in self.loaded:
-                y2[start:end] += lora_segment(
-                    x2[start:end], self.lora_A, self.lora_B, self.lora_scale, slot, self.ranks[slot]
-                )
+                y2[start:end] += lora_shared(x2[start:end], A, B, scale, slot).to(y2.dtype)
         return y

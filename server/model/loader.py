@@ -15,6 +15,7 @@ from server.engine import attention
 from server.errors import ModelNotFoundError
 from server.lora.adapter import LinearShape
 from server.lora.layer import LoRAContext, LoRALinear
+from server.model.base_gemm import BaseGemm
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def load_base(
     max_loras: int = 8,
     max_lora_rank: int = 16,
     max_model_len: int | None = None,
+    base_gemm: BaseGemm | None = None,
 ) -> BaseModel:
+    """`base_gemm` None: what `select_backends` picks for the device by default."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -124,13 +127,19 @@ def load_base(
     disable_cpu_weight_packing(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
-    context = LoRAContext()
+    if base_gemm is None:
+        from server.engine.backends import select_backends
+
+        base_gemm = select_backends(dev).base_gemm
+    context = LoRAContext(base_gemm)
     linears = target_linears(model)
     shapes = {name: LinearShape(m.in_features, m.out_features) for name, m in linears.items()}
     layers: dict[str, LoRALinear] = {}
     for name, linear in linears.items():
         parent_name, _, child = name.rpartition(".")
-        layer = LoRALinear(linear, max_loras, max_lora_rank, context, dtype=dt)
+        # fp32 factors whatever the compute dtype: PEFT computes the term in the adapter's fp32
+        # (autocast_adapter_dtype) and casts before the add.
+        layer = LoRALinear(linear, max_loras, max_lora_rank, context, dtype=torch.float32)
         setattr(model.get_submodule(parent_name), child, layer)
         layers[name] = layer
 
@@ -139,7 +148,10 @@ def load_base(
     if tokenizer.eos_token_id is not None:
         eos_ids |= {tokenizer.eos_token_id}
     limit = min(getattr(config, "max_position_embeddings", 2048), 8192)
-    log.info("loaded %s (%s, %s on %s, %d LoRA targets)", model_id, quantization, dt, dev, len(layers))
+    log.info(
+        "loaded %s (%s, %s on %s, %d LoRA targets, base matmul %s)",
+        model_id, quantization, dt, dev, len(layers), base_gemm.value,
+    )  # fmt: skip
     return BaseModel(
         model=model,
         tokenizer=tokenizer,

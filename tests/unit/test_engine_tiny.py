@@ -241,3 +241,53 @@ def test_async_engine_serves_from_either_thread(llama: BaseModel, mode: str) -> 
         runner.join(timeout=30)
         assert not runner.is_alive()
     assert not front.alive
+
+
+@pytest.mark.invariance
+def test_mixed_batch_logits_are_bitwise_solo(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    """Every logit row of every request is the same bits alone and inside a mixed batch: two
+    adapters and the base, a tighter token budget (chunks wait for room), decode rows beside
+    prefill chunks of other sequences."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    base = load_base(path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8)
+    registry = AdapterRegistry(base.linear_shapes, 8)
+    for i, (name, cfg) in enumerate(LORAS.items()):
+        make_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), tmp_path / name, seed=i, **cfg)
+        registry.add_dir(name, tmp_path / name)
+    texts = [*PROMPTS, "a longer prompt that takes several chunks of the token budget to prefill"]
+    jobs = [
+        (f"{name}/{p}", registry.resolve(name) if name else None, prompt_ids(base, text))
+        for name in (None, *LORAS)
+        for p, text in enumerate(texts)
+    ]
+
+    def logits_of(engine: LLMEngine) -> dict[str, list[torch.Tensor]]:
+        rows: dict[str, list[torch.Tensor]] = {}
+        run = engine.runner.run
+
+        def recording(step: Any, slot_of: dict[str, int]) -> Any:
+            sampling, logits = run(step, slot_of)
+            for seq, row in zip(sampling, logits, strict=True):
+                rows.setdefault(seq.request_id, []).append(row.clone())
+            return sampling, logits
+
+        engine.runner.run = recording  # type: ignore[method-assign]
+        return rows
+
+    solo: dict[str, list[torch.Tensor]] = {}
+    for job in jobs:
+        engine = engine_for(base, registry, max_num_batched_tokens=64, prefill_chunk_tokens=16)
+        rows = logits_of(engine)
+        greedy(engine, [job], max_tokens=8)
+        solo.update(rows)
+    engine = engine_for(base, registry, max_num_seqs=16, max_num_batched_tokens=40, prefill_chunk_tokens=16)
+    mixed = logits_of(engine)
+    greedy(engine, jobs, max_tokens=8)
+    assert any(len(r.prefilled) > 1 and r.decoded for r in engine.records), "no step mixed decode and prefill"
+    assert max(len(r.adapters) for r in engine.records) == 2
+    for rid, alone in solo.items():
+        assert len(mixed[rid]) == len(alone) == 8
+        for i, (a, b) in enumerate(zip(alone, mixed[rid], strict=True)):
+            assert torch.equal(a, b), f"{rid}: logits of token {i} differ alone vs in the mixed batch"

@@ -1,0 +1,67 @@
+"""The one place that chooses the compute backends, once, at start-up, and logs the choice.
+
+- LoRA term: `torch` (per-token products in plain torch: the CPU default and the oracle).
+- Attention: `torch` (per-sequence SDPA over the paged cache: the CPU default and the oracle).
+- Base matmul: `bnb` on CUDA (bitsandbytes' kernels), `plain` on CPU, `tiled` under batch invariance
+  (NF4 dequantized by bitsandbytes, then fixed 16-row tiles, on either device).
+- Batch invariance: each token's output is the same bits alone or in any batch. On CPU it costs the
+  padding of small batches to a 16-row tile (see base_gemm); `auto` turns it on there, because the
+  repo's exactness guarantees (solo == mixed, bitwise) rest on it; `--no-batch-invariant` trades it
+  for single-stream speed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from server.errors import BackendError
+from server.model.base_gemm import BaseGemm
+
+log = logging.getLogger(__name__)
+
+LORA_BACKENDS = ("auto", "torch")
+ATTENTION_BACKENDS = ("auto", "torch")
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    device: torch.device
+    lora: str
+    attention: str
+    base_gemm: BaseGemm
+    batch_invariant: bool
+
+    def describe(self) -> str:
+        return (
+            f"device={self.device.type} lora={self.lora} attention={self.attention} "
+            f"base_gemm={self.base_gemm.value} batch_invariant={self.batch_invariant}"
+        )
+
+
+def select_backends(
+    device: torch.device, lora: str = "auto", attention: str = "auto", batch_invariant: bool | None = None
+) -> Backends:
+    """Resolve `auto` for this device and refuse what cannot run, naming the combination."""
+    if lora not in LORA_BACKENDS:
+        raise BackendError(f"unknown --lora-backend {lora!r}; choose one of {', '.join(LORA_BACKENDS)}")
+    if attention not in ATTENTION_BACKENDS:
+        raise BackendError(
+            f"unknown --attention-backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+        )
+    cuda = device.type == "cuda"
+    if batch_invariant is None:
+        batch_invariant = not cuda
+    plain = BaseGemm.BNB if cuda else BaseGemm.PLAIN
+    base_gemm = BaseGemm.TILED if batch_invariant else plain
+    chosen = Backends(
+        device=device,
+        lora="torch",
+        attention="torch",
+        base_gemm=base_gemm,
+        batch_invariant=batch_invariant,
+    )
+    log.info("backends: %s", chosen.describe())
+    return chosen

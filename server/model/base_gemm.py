@@ -1,0 +1,70 @@
+"""The base projection's matmul: one shared product for every token of the step, in one of three modes.
+
+- `bnb`: the bitsandbytes module itself. On CUDA its kernels pick by row count (a GEMV kernel for
+  a few tokens, dequantize + cuBLAS above); the GPU default.
+- `plain`: one matmul over all rows. Fastest at small batches (a single token is a GEMV), but CPU
+  BLAS picks its kernel by row count, so a token's last bits depend on how many tokens share it.
+- `tiled`: the rows are cut into tiles of exactly TILE rows (the last one zero-padded) and each
+  tile is its own matmul. Every call has the same shape whatever the batch, so a token's output is
+  the same bits alone or in any batch: batch invariance from the shapes, not from one CPU's kernels.
+
+NF4 weights are dequantized with bitsandbytes' own kernels, exactly as its CPU `gemm_4bit` does
+(double-quantized block scales first), so both modes compute what bitsandbytes and PEFT compute,
+without the module's per-call overhead.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# SGLang's segment size; also the row count above which CPU GEMM kernels stop changing path.
+TILE = 16
+
+
+class BaseGemm(enum.Enum):
+    BNB = "bnb"
+    PLAIN = "plain"
+    TILED = "tiled"
+
+
+def dequantized_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The projection's weight [out, in] in `dtype`: dequantized for a bitsandbytes Linear4bit."""
+    weight = linear.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
+
+
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Semantics: F.linear(x, weight, bias), computed TILE rows per matmul call.
+    x: [n, in] -> [n, out]"""
+    n = x.shape[0]
+    full = n - n % TILE
+    out = x.new_empty(n, weight.shape[0])
+    for i in range(0, full, TILE):
+        out[i : i + TILE] = F.linear(x[i : i + TILE], weight, bias)
+    if full < n:
+        tail = torch.cat([x[full:], x.new_zeros(TILE - (n - full), x.shape[1])])
+        out[full:] = F.linear(tail, weight, bias)[: n - full]
+    return out
+
+
+def base_linear(x: torch.Tensor, linear: nn.Linear, mode: BaseGemm) -> torch.Tensor:
+    """The base projection of the packed rows. x: [..., in] -> [..., out]"""
+    if mode is BaseGemm.BNB:
+        return linear(x)
+    weight = dequantized_weight(linear, x.dtype)
+    bias: torch.Tensor | None = linear.bias
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if mode is BaseGemm.PLAIN:
+        return F.linear(x, weight, bias)
+    y = tiled_linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])

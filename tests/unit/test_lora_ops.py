@@ -1,0 +1,118 @@
+"""The row-invariant products against their plain references: the LoRA term (per-token products)
+and the base matmul (16-row tiles). Tests marked `invariance` also run under other CPU kernel
+families in subprocesses (test_kernel_families.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.lora.ops import LoRABatch, lora_reference, lora_rows, lora_shared
+from server.model.base_gemm import TILE, tiled_linear
+
+CPU = torch.device("cpu")
+# (in, out) pairs: the tiny test model's, SmolLM2-135M's attention and MLP, and odd sizes
+SHAPES = [(64, 128), (576, 192), (576, 1536), (1536, 576), (24, 40)]
+ROW_COUNTS = [1, 2, 3, 7, 8, 15, 16, 17, 33, 64, 257]
+
+
+def _slot_buffers(
+    num_slots: int, rank: int, d_in: int, d_out: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """A [S, R, in], B [S, R, out], scale [S]; slot 0 zero; slot s has rank ranks[s] (rows above zero)."""
+    g = torch.Generator().manual_seed(seed)
+    s = num_slots + 1
+    A = torch.randn(s, rank, d_in, generator=g)
+    B = torch.randn(s, rank, d_out, generator=g)
+    scale = torch.rand(s, generator=g) + 0.5
+    ranks = [0] + [1 + (i % rank) for i in range(num_slots)]
+    for slot, r in enumerate(ranks):
+        A[slot, r:] = 0.0
+        B[slot, r:] = 0.0
+    scale[0] = 0.0
+    return A, B, scale, ranks
+
+
+def test_lora_rows_matches_reference() -> None:
+    A, B, scale, _ = _slot_buffers(5, 8, 24, 40)
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, 21):
+        slots = torch.randint(0, 6, (t,), generator=g)
+        slots[0] = 0
+        x = torch.randn(t, 24, generator=g)
+        got = lora_rows(x, A, B, scale, slots)
+        assert torch.allclose(got, lora_reference(x, A, B, scale, slots), atol=1e-5), f"T={t}"
+        assert torch.equal(got[0], torch.zeros(40))  # slot 0 adds nothing
+
+
+def test_lora_shared_is_lora_rows_bitwise() -> None:
+    A, B, scale, _ = _slot_buffers(5, 8, 576, 192, seed=3)
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(4))
+    for slot in range(1, 6):
+        slots = torch.full((40,), slot)
+        got = lora_shared(x, A, B, scale, slot)
+        assert torch.allclose(got, lora_reference(x, A, B, scale, slots), atol=1e-4)
+        assert torch.equal(got, lora_rows(x, A, B, scale, slots))
+
+
+def test_lora_batch_build() -> None:
+    batch = LoRABatch.build([0, 2, 1], [(3, 7, 4)], CPU)
+    assert batch.num_decode == 3
+    assert batch.decode_rows is not None and batch.decode_rows.tolist() == [1, 2]
+    assert batch.decode_slots.tolist() == [2, 1]
+    assert batch.active == frozenset({1, 2, 4})
+    assert batch.decode_active == frozenset({1, 2})
+    every = LoRABatch.build([3, 3, 1], [], CPU)
+    assert every.decode_rows is None  # all rows carry an adapter: a slice, no gather
+    assert every.decode_slots.tolist() == [3, 3, 1]
+    none = LoRABatch.build([0, 0], [(2, 5, 1)], CPU)
+    assert none.decode_active == frozenset() and none.active == frozenset({1})
+
+
+@pytest.mark.invariance
+@pytest.mark.parametrize(("d_in", "d_out"), SHAPES)
+def test_lora_rows_alone_equal_batched(d_in: int, d_out: int) -> None:
+    """Each row's term is the same bits alone, in any batch size, in any order, with any mix."""
+    A, B, scale, _ = _slot_buffers(8, 16, d_in, d_out, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(max(ROW_COUNTS), d_in, generator=g)
+    slots = torch.randint(0, 9, (x.shape[0],), generator=g)
+    alone = torch.cat([lora_rows(x[i : i + 1], A, B, scale, slots[i : i + 1]) for i in range(64)])
+    for t in ROW_COUNTS:
+        got = lora_rows(x[:t], A, B, scale, slots[:t])
+        m = min(t, 64)
+        assert torch.equal(got[:m], alone[:m]), f"T={t}: a row's LoRA term changed with the batch"
+    perm = torch.randperm(64, generator=g)
+    assert torch.equal(lora_rows(x[:64][perm], A, B, scale, slots[:64][perm]), alone[perm])
+    for slot in (1, 8):  # a prefill chunk on one slot: the same bits as those rows in a mixed batch
+        rows = torch.full((64,), slot)
+        each = torch.cat([lora_rows(x[i : i + 1], A, B, scale, rows[:1]) for i in range(64)])
+        assert torch.equal(lora_shared(x[:64], A, B, scale, slot), each)
+
+
+def test_tiled_linear_matches_plain() -> None:
+    g = torch.Generator().manual_seed(7)
+    w, bias = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    for n in (1, 15, 16, 17, 40):
+        x = torch.randn(n, 24, generator=g)
+        got = tiled_linear(x, w, bias)
+        assert got.shape == (n, 40)
+        assert torch.allclose(got, F.linear(x, w, bias), atol=1e-5)
+    x = torch.randn(2 * TILE, 24, generator=g)
+    assert torch.equal(tiled_linear(x, w), torch.cat([F.linear(x[:TILE], w), F.linear(x[TILE:], w)]))
+
+
+@pytest.mark.invariance
+@pytest.mark.parametrize(("d_in", "d_out"), SHAPES)
+def test_tiled_linear_alone_equal_batched(d_in: int, d_out: int) -> None:
+    """A row's base output is the same bits alone (padded to one tile) and at any position of any batch."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(d_out, d_in, generator=g)
+    x = torch.randn(max(ROW_COUNTS), d_in, generator=g)
+    alone = torch.cat([tiled_linear(x[i : i + 1], w) for i in range(64)])
+    for t in ROW_COUNTS:
+        m = min(t, 64)
+        assert torch.equal(tiled_linear(x[:t], w)[:m], alone[:m]), f"T={t}: a row's base output changed"
+    perm = torch.randperm(64, generator=g)
+    assert torch.equal(tiled_linear(x[:64][perm], w), alone[perm])
