@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     max_n: int = Field(8, ge=1, description="upper bound on n")
     lora_backend: Literal["auto", "torch"] = Field("auto", description="LoRA term: auto picks torch")
     attention_backend: Literal["auto", "torch"] = Field("auto", description="attention: auto picks torch")
-    batch_invariant: bool | None = Field(
-        None, description="same bits alone or in any batch (default: on for CPU, off for CUDA)"
+    batch_invariant: bool = Field(
+        False, description="same bits alone or in any batch (16-row matmul tiles; slower alone)"
     )
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
     host: str = "127.0.0.1"

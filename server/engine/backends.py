@@ -4,10 +4,11 @@
 - Attention: `torch` (per-sequence SDPA over the paged cache: the CPU default and the oracle).
 - Base matmul: `bnb` on CUDA (bitsandbytes' kernels), `plain` on CPU, `tiled` under batch invariance
   (NF4 dequantized by bitsandbytes, then fixed 16-row tiles, on either device).
-- Batch invariance: each token's output is the same bits alone or in any batch. On CPU it costs the
-  padding of small batches to a 16-row tile (see base_gemm); `auto` turns it on there, because the
-  repo's exactness guarantees (solo == mixed, bitwise) rest on it; `--no-batch-invariant` trades it
-  for single-stream speed.
+- Batch invariance (`--batch-invariant`): each token's output is the same bits alone or in any
+  batch. It is off by default, chosen by the numbers (bench/single_stream.py): on CPU the 16-row
+  tiles make a lone request pay for 16 rows, 0.65x transformers' `generate` where the plain matmul
+  reaches 1.1x; from 16 rows up both cost the same. Off, the LoRA term and the prefill chunking
+  stay invariant; only the base and lm_head matmuls below 16 rows may differ in the last bits.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Backends:
 
 
 def select_backends(
-    device: torch.device, lora: str = "auto", attention: str = "auto", batch_invariant: bool | None = None
+    device: torch.device, lora: str = "auto", attention: str = "auto", batch_invariant: bool = False
 ) -> Backends:
     """Resolve `auto` for this device and refuse what cannot run, naming the combination."""
     if lora not in LORA_BACKENDS:
@@ -52,8 +53,6 @@ def select_backends(
             f"unknown --attention-backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
         )
     cuda = device.type == "cuda"
-    if batch_invariant is None:
-        batch_invariant = not cuda
     plain = BaseGemm.BNB if cuda else BaseGemm.PLAIN
     base_gemm = BaseGemm.TILED if batch_invariant else plain
     chosen = Backends(

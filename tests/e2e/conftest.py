@@ -12,6 +12,7 @@ import torch
 from server.config import EngineConfig, default_cache_dir
 from server.engine.engine import LLMEngine
 from server.lora.registry import AdapterRegistry
+from server.model.base_gemm import BaseGemm
 from server.model.loader import BaseModel, load_base, load_stock
 from server.model.source import resolve_model
 from tests.peft_factory import make_adapter
@@ -67,6 +68,7 @@ def base(model_path: Path) -> BaseModel:
         device="cpu",
         max_loras=BUFFER_SLOTS,
         max_lora_rank=MAX_RANK,
+        base_gemm=BaseGemm.TILED,  # the exactness tests run in the batch-invariant mode
     )
 
 

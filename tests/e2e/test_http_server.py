@@ -25,7 +25,7 @@ MAX_UPLOAD = 8 << 20
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     with ServerProc(
         tmp_path_factory.mktemp("store"),
-        args=["--max-upload-bytes", str(MAX_UPLOAD)],
+        args=["--max-upload-bytes", str(MAX_UPLOAD), "--batch-invariant"],
         env={"LORAPLEX_API_KEYS": API_KEY, "LORAPLEX_ADMIN_KEYS": ADMIN_KEY},
     ) as proc:
         yield proc

@@ -19,11 +19,13 @@ from server.engine.sequence import SamplingParams, Sequence
 from server.errors import ModelNotFoundError
 from server.lora.adapter import AdapterWeights
 from server.lora.registry import AdapterRecord, AdapterRegistry
+from server.model.base_gemm import BaseGemm
 from server.model.loader import BaseModel, disable_cpu_weight_packing, load_base
 from server.model.source import resolve_model
 from tests.drive import greedy
 from tests.peft_factory import make_adapter
 
+TILED = BaseGemm.TILED  # the exactness tests run in the batch-invariant mode
 PROMPTS = ["hello there", "the quick brown fox", "1 2 3 4"]
 LORAS: dict[str, dict[str, Any]] = {
     "qv": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
@@ -74,7 +76,9 @@ def test_engine_matches_hf_and_peft(
     from transformers import AutoModelForCausalLM
 
     path = tiny_checkpoint(arch)
-    base = load_base(path, arch, quantization=quantization, device="cpu", max_loras=2, max_lora_rank=8)
+    base = load_base(
+        path, arch, quantization=quantization, device="cpu", max_loras=2, max_lora_rank=8, base_gemm=TILED
+    )
     registry = AdapterRegistry(base.linear_shapes, 8)
     for i, (name, cfg) in enumerate(LORAS.items()):
         make_adapter(
@@ -251,7 +255,9 @@ def test_mixed_batch_logits_are_bitwise_solo(tiny_checkpoint: Callable[[str], Pa
     from transformers import AutoModelForCausalLM
 
     path = tiny_checkpoint("llama")
-    base = load_base(path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8)
+    base = load_base(
+        path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, base_gemm=TILED
+    )
     registry = AdapterRegistry(base.linear_shapes, 8)
     for i, (name, cfg) in enumerate(LORAS.items()):
         make_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), tmp_path / name, seed=i, **cfg)

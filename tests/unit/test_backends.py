@@ -1,0 +1,53 @@
+"""Backend selection at start-up: one place, logged, bad choices refused by name; the CLI flags."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from server.cli import _add_settings_flags, _settings
+from server.engine.backends import select_backends
+from server.errors import BackendError
+from server.model.base_gemm import BaseGemm
+
+CPU = torch.device("cpu")
+
+
+def test_cpu_defaults_and_invariant_mode(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="server.engine.backends"):
+        plain = select_backends(CPU)
+    assert (plain.lora, plain.attention, plain.base_gemm, plain.batch_invariant) == (
+        "torch",
+        "torch",
+        BaseGemm.PLAIN,
+        False,
+    )
+    assert "backends: device=cpu lora=torch attention=torch base_gemm=plain" in caplog.text
+    assert select_backends(CPU, batch_invariant=True).base_gemm is BaseGemm.TILED
+    assert select_backends(torch.device("cuda"), batch_invariant=False).base_gemm is BaseGemm.BNB
+    assert select_backends(torch.device("cuda"), batch_invariant=True).base_gemm is BaseGemm.TILED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"), [({"lora": "punica"}, "punica"), ({"attention": "xformers"}, "xformers")]
+)
+def test_unknown_backend_is_refused_by_name(kwargs: dict[str, str], named: str) -> None:
+    with pytest.raises(BackendError, match=named):
+        select_backends(CPU, **kwargs)  # type: ignore[arg-type]
+
+
+def test_cli_flags() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    _add_settings_flags(parser)
+    on = _settings(
+        parser.parse_args(["--batch-invariant", "--lora-backend", "torch", "--prefill-chunk-tokens", "64"])
+    )
+    assert on.batch_invariant and on.lora_backend == "torch" and on.prefill_chunk_tokens == 64
+    assert not _settings(parser.parse_args(["--no-batch-invariant"])).batch_invariant
+    assert not _settings(parser.parse_args([])).batch_invariant
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--attention-backend", "nonsense"])
