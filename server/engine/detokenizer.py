@@ -4,25 +4,46 @@ from __future__ import annotations
 
 from typing import Protocol
 
+REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
+
 
 class Tokenizer(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
 class Detokenizer:
-    """Decodes the whole output each step (outputs are short; the tokenizer is Rust) and releases text
-    only once it can no longer change: not ending in a partial UTF-8 character and not a possible
-    start of a stop string."""
+    """Decodes only a short window of the newest tokens each step (vLLM's prefix/read offsets), so a
+    step costs O(new tokens), not O(output). The window starts a few tokens back because byte-level
+    and SentencePiece decoders print a token differently at the start of a text (leading space)
+    than after its neighbour; the new text is the window's decoding minus its prefix's decoding.
+
+    Text is released only once it can no longer change: not ending in a partial UTF-8 character and
+    not a possible start of a stop string."""
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.decoded = ""  # text of output tokens [0, read)
+        self.prefix = 0  # first token of the decode window
+        self.read = 0  # tokens whose text is in `decoded`
         self.text = ""  # everything decoded so far, stop string excluded once found
         self.sent = 0  # characters of `text` already handed out
 
+    def _advance(self, output_ids: list[int], final: bool) -> None:
+        window = output_ids[self.prefix :]
+        prefix_text = self.tokenizer.decode(output_ids[self.prefix : self.read], skip_special_tokens=True)
+        new_text = self.tokenizer.decode(window, skip_special_tokens=True)
+        # A window ending in half a character waits for the next token (or the end).
+        if len(new_text) > len(prefix_text) and (final or not new_text.endswith(REPLACEMENT)):
+            self.decoded += new_text[len(prefix_text) :]
+            self.prefix, self.read = self.read, len(output_ids)
+        elif final:
+            self.read = len(output_ids)
+
     def update(self, output_ids: list[int], final: bool) -> tuple[str, bool]:
         """Returns (new text to emit, whether a stop string was hit)."""
-        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        self._advance(output_ids, final)
+        text = self.decoded
         hit = False
         for s in self.stop:
             # search only where a new match can start, so a stop string is found exactly once
@@ -32,8 +53,6 @@ class Detokenizer:
         self.text = text
         end = len(text)
         if not (hit or final):
-            if text.endswith("\ufffd"):
-                end -= 1
             for s in self.stop:
                 for k in range(min(len(s) - 1, len(text)), 0, -1):
                     if text.endswith(s[:k]):

@@ -63,7 +63,7 @@ class LLMEngine:
         self.cache = AdapterCache(config.max_cpu_loras, registry.load)
         self.slots = SlotTable(base.lora_layers, config.max_loras)
         self.scheduler = Scheduler(config, self.blocks, gate=self)
-        self.runner = ModelRunner(base, config, self.blocks)
+        self.runner = ModelRunner(base, config)
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
         # Adapters of admitted sequences, held here so the CPU LRU can never drop weights in use.
@@ -158,6 +158,7 @@ class LLMEngine:
         if seq.is_finished:
             self.seqs.pop(seq.request_id, None)
             self.detokenizers.pop(seq.request_id, None)
+            self.runner.forget(seq.request_id)
         return RequestOutput(
             request_id=seq.request_id,
             token_ids=tokens,

@@ -10,6 +10,7 @@ import torch
 
 from server.engine.sequence import SamplingParams, Sequence
 from server.lora.registry import AdapterRegistry
+from server.model.loader import BaseModel
 from tests.drive import greedy
 from tests.e2e.conftest import ADAPTERS, EngineFactory, nf4_reference
 
@@ -151,3 +152,19 @@ def test_abort_frees_its_place_within_one_step(
     engine.abort("r1")
     assert engine.blocks.num_free == free_before
     assert not engine.has_work()
+
+
+def test_incremental_detokenizer_matches_full_decode(base: BaseModel) -> None:
+    """SmolLM2's byte-level BPE: emoji and accents span several tokens, words carry leading spaces.
+    The deltas, streamed one token at a time, add up to the whole decode."""
+    from server.engine.detokenizer import Detokenizer
+
+    tok = base.tokenizer
+    text = "Café déjà vu 🐙🦑 naïve — «quoted» 東京 and 2½ cups.\n  Indented\tline 🎉"
+    ids = tok.encode(text) * 3
+    g = torch.Generator().manual_seed(0)
+    ids += torch.randint(0, tok.vocab_size, (200,), generator=g).tolist()
+    det = Detokenizer(tok, ())
+    streamed = "".join(det.update(ids[: i + 1], final=False)[0] for i in range(len(ids)))
+    streamed += det.update(ids, final=True)[0]
+    assert streamed == tok.decode(ids, skip_special_tokens=True)

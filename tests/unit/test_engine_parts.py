@@ -399,9 +399,36 @@ def test_detokenizer_false_stop_prefix_released() -> None:
 
 
 def test_detokenizer_holds_replacement_char_until_final() -> None:
+    det = Detokenizer(FakeTokenizer(["a", "\ufffd", "b"]), ())
+    assert det.update([0], final=False) == ("a", False)
+    assert det.update([0, 1], final=False) == ("", False)  # half a character: wait for the next token
+    assert det.update([0, 1, 2], final=False) == ("\ufffdb", False)
     det = Detokenizer(FakeTokenizer(["a", "\ufffd"]), ())
-    assert det.update([0, 1], final=False) == ("a", False)
-    assert det.update([0, 1], final=True) == ("\ufffd", False)
+    assert det.update([0, 1], final=False) == ("", False)
+    assert det.update([0, 1], final=True) == ("a\ufffd", False)
+
+
+class CountingTokenizer(FakeTokenizer):
+    def __init__(self, pieces: list[str]) -> None:
+        super().__init__(pieces)
+        self.decoded_tokens = 0
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.decoded_tokens += len(token_ids)
+        return super().decode(token_ids, skip_special_tokens)
+
+
+def test_detokenizer_work_per_step_is_constant() -> None:
+    tok = CountingTokenizer([f"w{i} " for i in range(10)])
+    det = Detokenizer(tok, ("STOP",))
+    ids: list[int] = []
+    emitted = ""
+    for i in range(400):
+        ids.append(i % 10)
+        emitted += det.update(ids, final=False)[0]
+    emitted += det.update(ids, final=True)[0]
+    assert emitted == tok.decode(ids)
+    assert tok.decoded_tokens < 10 * len(ids)  # re-decoding the whole output would be ~80,000
 
 
 # ------------------------------------------------------------------------------------- validation
