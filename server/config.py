@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(8 << 20, ge=1024, description="largest JSON request body")
     max_tokens_limit: int = Field(4096, ge=1, description="upper bound on max_tokens")
     max_n: int = Field(8, ge=1, description="upper bound on n")
-    lora_backend: Literal["auto", "torch"] = Field("auto", description="LoRA term: auto picks torch")
+    lora_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="LoRA term: torch (reference) or triton (SGMV kernels); auto picks torch"
+    )
     attention_backend: Literal["auto", "torch"] = Field("auto", description="attention: auto picks torch")
     batch_invariant: bool = Field(
         False, description="same bits alone or in any batch (16-row matmul tiles; slower alone)"

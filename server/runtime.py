@@ -73,6 +73,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_lora_rank=settings.max_lora_rank,
         max_model_len=settings.max_model_len,
         base_gemm=backends.base_gemm,
+        lora_backend=backends.lora,
     )
     config = EngineConfig(
         max_loras=settings.max_loras,

@@ -1,6 +1,8 @@
 """The one place that chooses the compute backends, once, at start-up, and logs the choice.
 
-- LoRA term: `torch` (per-token products in plain torch: the CPU default and the oracle).
+- LoRA term: `torch` (per-token products in plain torch: the CPU default and the oracle) or
+  `triton` (our SGMV kernels; CUDA, or the interpreter under TRITON_INTERPRET=1 for tests). `auto`
+  picks torch until bench/gpu_check.py has verified the kernels on a GPU.
 - Attention: `torch` (per-sequence SDPA over the paged cache: the CPU default and the oracle).
 - Base matmul: `bnb` on CUDA (bitsandbytes' kernels), `plain` on CPU, `tiled` under batch invariance
   (NF4 dequantized by bitsandbytes, then fixed 16-row tiles, on either device).
@@ -13,7 +15,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +27,7 @@ from server.model.base_gemm import BaseGemm
 
 log = logging.getLogger(__name__)
 
-LORA_BACKENDS = ("auto", "torch")
+LORA_BACKENDS = ("auto", "torch", "triton")
 ATTENTION_BACKENDS = ("auto", "torch")
 
 
@@ -53,14 +57,26 @@ def select_backends(
             f"unknown --attention-backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
         )
     cuda = device.type == "cuda"
+    if lora == "triton":
+        _check_triton(device, "--lora-backend triton")
     plain = BaseGemm.BNB if cuda else BaseGemm.PLAIN
     base_gemm = BaseGemm.TILED if batch_invariant else plain
     chosen = Backends(
         device=device,
-        lora="torch",
+        lora="triton" if lora == "triton" else "torch",
         attention="torch",
         base_gemm=base_gemm,
         batch_invariant=batch_invariant,
     )
     log.info("backends: %s", chosen.describe())
     return chosen
+
+
+def _check_triton(device: torch.device, what: str) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise BackendError(f"{what} needs the triton package: pip install 'loraplex[triton]'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendError(
+            f"{what} on {device.type}: the Triton kernels need a CUDA device "
+            "(or TRITON_INTERPRET=1, the interpreter, for tests)"
+        )

@@ -48,7 +48,10 @@ class ModelRunner:
             decode_kv=tuple(to_device(c, dev) for c in inputs.decode_context),
             prefills=tuple(chunks),
         )
-        self.base.lora_context.batch = LoRABatch.build(inputs.decode_adapter_slots, inputs.segments, dev)
+        ctx = self.base.lora_context
+        ctx.batch = LoRABatch.build(
+            inputs.decode_adapter_slots, inputs.segments, dev, sgmv=ctx.lora_backend == "triton"
+        )
         try:
             hidden = self.base.model.model(
                 input_ids=to_device(inputs.input_ids, dev).unsqueeze(0),

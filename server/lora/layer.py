@@ -14,8 +14,9 @@ class LoRAContext:
     """Shared by every LoRA layer: how the base matmul runs (fixed at start-up) and the current
     step's routing (set by the model runner before each forward)."""
 
-    def __init__(self, base_gemm: BaseGemm = BaseGemm.PLAIN) -> None:
+    def __init__(self, base_gemm: BaseGemm = BaseGemm.PLAIN, lora_backend: str = "torch") -> None:
         self.base_gemm = base_gemm
+        self.lora_backend = lora_backend
         self.batch: LoRABatch | None = None
 
 
@@ -30,6 +31,7 @@ class LoRALinear(nn.Module):
     lora_A: torch.Tensor  # [S + 1, R, in]
     lora_B: torch.Tensor  # [S + 1, R, out]
     lora_scale: torch.Tensor  # [S + 1]
+    lora_rank: torch.Tensor  # [S + 1] int32, each slot's true rank (the Triton kernels skip the padding)
 
     def __init__(
         self, base: nn.Linear, num_slots: int, max_rank: int, context: LoRAContext, dtype: torch.dtype
@@ -53,6 +55,9 @@ class LoRALinear(nn.Module):
         self.register_buffer(
             "lora_scale", torch.zeros(num_slots + 1, dtype=dtype, device=device), persistent=False
         )
+        self.register_buffer(
+            "lora_rank", torch.zeros(num_slots + 1, dtype=torch.int32, device=device), persistent=False
+        )
         self.ranks = [0] * (num_slots + 1)
         self.loaded: set[int] = set()
 
@@ -62,6 +67,7 @@ class LoRALinear(nn.Module):
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.lora_scale[slot] = 0.0
+        self.lora_rank[slot] = 0
         self.ranks[slot] = 0
         self.loaded.discard(slot)
         if weights is None:
@@ -70,6 +76,7 @@ class LoRALinear(nn.Module):
         self.lora_A[slot, :r].copy_(weights.A)
         self.lora_B[slot, :r].copy_(weights.B.T)
         self.lora_scale[slot] = weights.scale
+        self.lora_rank[slot] = r
         self.ranks[slot] = r
         self.loaded.add(slot)
 
@@ -81,9 +88,14 @@ class LoRALinear(nn.Module):
         # x: [1, T, in] (packed batch) -> [T, in]. As PEFT does, the term is computed in the
         # factors' dtype (fp32) and cast before it is added, in place into y's rows (y is this
         # call's own output), sparing a zero-filled delta and a copy per layer.
-        x2 = x.reshape(-1, self.in_features).to(self.lora_A.dtype)
         y2 = y.view(-1, self.out_features)
         A, B, scale = self.lora_A, self.lora_B, self.lora_scale
+        if batch.sgmv is not None:
+            from server.lora.backends.triton_sgmv import lora_sgmv
+
+            lora_sgmv(x.reshape(-1, self.in_features), y2, A, B, scale, self.lora_rank, batch.sgmv)
+            return y
+        x2 = x.reshape(-1, self.in_features).to(A.dtype)
         if self.loaded & batch.decode_active:
             rows = batch.decode_rows
             if rows is None:

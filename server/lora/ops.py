@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from server.lora.segments import Segments, build_segments
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +40,25 @@ class LoRABatch:
     segments: tuple[tuple[int, int, int], ...]  # (start, end, slot) of prefill chunks, slot != 0
     active: frozenset[int]  # non-zero slots used anywhere in the step
     decode_active: frozenset[int]  # non-zero slots used by decode rows
+    sgmv: Segments | None = None  # every row with an adapter, for the Triton kernels
 
     @staticmethod
     def build(
-        decode_slots: list[int], segments: list[tuple[int, int, int]], device: torch.device
+        decode_slots: list[int],
+        segments: list[tuple[int, int, int]],
+        device: torch.device,
+        sgmv: bool = False,
     ) -> LoRABatch:
         rows = [i for i, s in enumerate(decode_slots) if s]
         decode_active = frozenset(decode_slots[i] for i in rows)
         every = len(rows) == len(decode_slots)
+        routed = None
+        if sgmv:
+            row_slots = np.zeros(max([len(decode_slots), *(end for _, end, _ in segments)]), dtype=np.int64)
+            row_slots[: len(decode_slots)] = decode_slots
+            for start, end, slot in segments:
+                row_slots[start:end] = slot
+            routed = build_segments(row_slots, device)
         return LoRABatch(
             num_decode=len(decode_slots),
             decode_rows=None if every else torch.tensor(rows, dtype=torch.int64).to(device),
@@ -52,6 +66,7 @@ class LoRABatch:
             segments=tuple(segments),
             active=decode_active | frozenset(s for _, _, s in segments),
             decode_active=decode_active,
+            sgmv=routed,
         )
 
 

@@ -103,6 +103,7 @@ def load_base(
     max_lora_rank: int = 16,
     max_model_len: int | None = None,
     base_gemm: BaseGemm | None = None,
+    lora_backend: str = "torch",
 ) -> BaseModel:
     """`base_gemm` None: what `select_backends` picks for the device by default."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -131,7 +132,7 @@ def load_base(
         from server.engine.backends import select_backends
 
         base_gemm = select_backends(dev).base_gemm
-    context = LoRAContext(base_gemm)
+    context = LoRAContext(base_gemm, lora_backend)
     linears = target_linears(model)
     shapes = {name: LinearShape(m.in_features, m.out_features) for name, m in linears.items()}
     layers: dict[str, LoRALinear] = {}

@@ -297,3 +297,32 @@ def test_mixed_batch_logits_are_bitwise_solo(tiny_checkpoint: Callable[[str], Pa
         assert len(mixed[rid]) == len(alone) == 8
         for i, (a, b) in enumerate(zip(alone, mixed[rid], strict=True)):
             assert torch.equal(a, b), f"{rid}: logits of token {i} differ alone vs in the mixed batch"
+
+
+@pytest.mark.slow
+def test_triton_lora_backend_gives_the_torch_tokens(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The whole engine with the Triton SGMV kernels (interpreted on CPU) against the torch backend:
+    the same greedy tokens for base and adapter requests in one mixed batch."""
+    pytest.importorskip("triton")
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    results = {}
+    for backend in ("torch", "triton"):
+        base = load_base(
+            path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, lora_backend=backend
+        )
+        registry = AdapterRegistry(base.linear_shapes, 8)
+        for i, (name, cfg) in enumerate(LORAS.items()):
+            make_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), tmp_path / name, seed=i, **cfg)
+            registry.add_dir(name, tmp_path / name)
+        jobs = [
+            (f"{name}/{p}", registry.resolve(name) if name else None, prompt_ids(base, text))
+            for name in (None, *LORAS)
+            for p, text in enumerate(PROMPTS[:2])
+        ]
+        results[backend] = greedy(engine_for(base, registry, max_num_seqs=8), jobs, max_tokens=8)
+    assert results["triton"] == results["torch"]
+    assert results["torch"]["qv/0"] != results["torch"]["None/0"]

@@ -1,0 +1,1 @@
+"""LoRA backends other than the plain-torch reference in server/lora/ops.py."""

@@ -1,0 +1,177 @@
+"""Triton SGMV kernels for the grouped low-rank term (our own, after Punica's SGMV, vLLM's
+lora_shrink/lora_expand and SGLang's chunked backend).
+
+    shrink: t[row] = x[row] @ A[slot].T          one program per 16-row segment, K looped in BLOCK_K
+    expand: y[row] += (t[row] @ B[slot] * scale[slot]).to(y.dtype)   one program per segment x BLOCK_N
+
+Rows come sorted by slot in segments of at most 16 (server/lora/segments.py); a segment with
+slot -1 (graph padding) or 0 exits at once. Block sizes come from (K, N, R) only, never from the row
+count, every tile has 16 rows, and each row is written by exactly one program: no atomics, no
+split-K, so a row's result is the same bits whatever else is in the step.
+
+Two modes, chosen by the factors' dtype:
+- fp32 factors (PEFT-faithful): x widened to fp32, `tl.dot(..., input_precision="ieee")` (Triton's
+  fp32 default is TF32), scale after the expand, cast, add: what PEFT computes.
+- bf16/fp16 factors (fast): x cast to the factors' dtype, fp32 accumulation.
+
+On a CPU this runs under TRITON_INTERPRET=1 (tests only; the interpreter has no bf16 arithmetic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from server.lora.segments import SEGMENT, Segments
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, t_ptr, rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, rank_ptr,
+    K, stride_xm, stride_as, stride_ar, stride_tm,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0)
+    slot = tl.load(seg_slot_ptr + g)
+    if slot <= 0:
+        return
+    start = tl.load(seg_start_ptr + g)
+    n = tl.load(seg_len_ptr + g)
+    rank = tl.load(rank_ptr + slot)
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < n
+    rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < K
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        a = tl.load(
+            a_ptr + slot.to(tl.int64) * stride_as + r[None, :] * stride_ar + k[:, None],
+            mask=r_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_R]
+        if IEEE:
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x.to(a.dtype), a, acc)
+    t_rows = (start + m).to(tl.int64)
+    tl.store(t_ptr + t_rows[:, None] * stride_tm + r[None, :], acc, mask=m_ok[:, None])
+
+
+@triton.jit
+def _expand_kernel(
+    t_ptr, b_ptr, scale_ptr, y_ptr, rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, rank_ptr,
+    N, stride_tm, stride_bs, stride_br, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0)
+    slot = tl.load(seg_slot_ptr + g)
+    if slot <= 0:
+        return
+    start = tl.load(seg_start_ptr + g)
+    n_rows = tl.load(seg_len_ptr + g)
+    rank = tl.load(rank_ptr + slot)
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < n_rows
+    rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cols < N
+    t_rows = (start + m).to(tl.int64)
+    t = tl.load(
+        t_ptr + t_rows[:, None] * stride_tm + r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+    )
+    b = tl.load(
+        b_ptr + slot.to(tl.int64) * stride_bs + r[:, None] * stride_br + cols[None, :],
+        mask=r_ok[:, None] & c_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_R, BLOCK_N]
+    if IEEE:  # noqa: SIM108 (a constexpr branch: Triton compiles only the taken side)
+        out = tl.dot(t, b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(t.to(b.dtype), b)
+    out = out * tl.load(scale_ptr + slot).to(tl.float32)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+    ok = m_ok[:, None] & c_ok[None, :]
+    y = tl.load(y_ptrs, mask=ok, other=0.0)
+    tl.store(y_ptrs, y + out.to(y.dtype), mask=ok)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def block_sizes(k: int, n: int, r: int) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_N, BLOCK_R) from the projection's shape and the buffers' rank, never from M."""
+    return min(64, _pow2(k)), min(64, _pow2(n)), _pow2(r)
+
+
+@torch.library.custom_op("loraplex::sgmv_shrink", mutates_args=("t",))
+def sgmv_shrink(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    t: torch.Tensor,
+    rows: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    seg_slot: torch.Tensor,
+    ranks: torch.Tensor,
+) -> None:
+    """x: [T, in], a: [S, R, in], t: [T', BLOCK_R] fp32 (sorted-row order) <- x[rows] @ a[slot].T"""
+    assert t.shape[1] == _pow2(a.shape[1]), "t holds whole BLOCK_R-wide tiles"
+    block_k, _, block_r = block_sizes(x.shape[1], 1, a.shape[1])
+    _shrink_kernel[(seg_slot.shape[0],)](
+        x, a, t, rows, seg_start, seg_len, seg_slot, ranks,
+        x.shape[1], x.stride(0), a.stride(0), a.stride(1), t.stride(0),
+        BLOCK_M=SEGMENT, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=a.dtype == torch.float32,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("loraplex::sgmv_expand", mutates_args=("y",))
+def sgmv_expand(
+    t: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    y: torch.Tensor,
+    rows: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    seg_slot: torch.Tensor,
+    ranks: torch.Tensor,
+) -> None:
+    """t: [T', BLOCK_R] fp32, b: [S, R, out], y: [T, out]:
+    y[rows] += (t @ b[slot] * scale[slot]).to(y.dtype)"""
+    _, block_n, block_r = block_sizes(1, y.shape[1], b.shape[1])
+    grid = (seg_slot.shape[0], triton.cdiv(y.shape[1], block_n))
+    _expand_kernel[grid](
+        t, b, scale, y, rows, seg_start, seg_len, seg_slot, ranks,
+        y.shape[1], t.stride(0), b.stride(0), b.stride(1), y.stride(0),
+        BLOCK_M=SEGMENT, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=b.dtype == torch.float32,
+    )  # fmt: skip
+
+
+def lora_sgmv(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    ranks: torch.Tensor,
+    seg: Segments,
+) -> None:
+    """Semantics: y[t] += (scale[s] * (x[t] @ A[s].T) @ B[s]).to(y.dtype) for every row t with a
+    slot s != 0, in place. x: [T, in], y: [T, out] (contiguous rows)."""
+    if seg.num_rows == 0:
+        return
+    # BLOCK_R columns, not R: the shrink stores whole [16, BLOCK_R] tiles
+    t = torch.empty(seg.num_rows, _pow2(A.shape[1]), dtype=torch.float32, device=x.device)
+    sgmv_shrink(x, A, t, seg.rows, seg.start, seg.length, seg.slot, ranks)
+    sgmv_expand(t, B, scale, y, seg.rows, seg.start, seg.length, seg.slot, ranks)
