@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     lora_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="LoRA term: torch (reference) or triton (SGMV kernels); auto picks torch"
     )
-    attention_backend: Literal["auto", "torch"] = Field("auto", description="attention: auto picks torch")
+    attention_backend: Literal["auto", "torch", "flex"] = Field(
+        "auto", description="attention: torch (per-sequence SDPA, reference) or flex; auto picks torch"
+    )
     batch_invariant: bool = Field(
         False, description="same bits alone or in any batch (16-row matmul tiles; slower alone)"
     )
@@ -93,6 +95,7 @@ class EngineConfig:
     kv_cache_tokens: int = 32768
     block_size: int = 16
     max_queue: int = 256
+    attention_backend: str = "torch"  # "torch" or "flex" (chosen by select_backends)
     # Steps a request blocked by the adapter budget waits before newer requests stop overtaking it.
     max_adapter_wait_steps: int = 16
 

@@ -82,6 +82,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        attention_backend=backends.attention,
         max_model_len=base.max_model_len,
         kv_cache_tokens=max(settings.kv_cache_tokens, base.max_model_len),
         block_size=settings.block_size,

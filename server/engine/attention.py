@@ -18,6 +18,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from server.engine.attn_flex import FlexAttention, FlexStep
+
 ATTN_IMPLEMENTATION = "loraplex"
 
 
@@ -30,10 +32,21 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class FlexPlan:
+    """What the flex backend needs for one step (see attn_flex)."""
+
+    backend: FlexAttention
+    step: FlexStep
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    decode_kv: tuple[torch.Tensor, ...]  # per decode sequence: [L] cache slots of its context
-    prefills: tuple[PrefillChunk, ...]
+    num_decode: int
+    # the torch backend: per decode sequence [L] cache slots of its context; prefill chunks
+    decode_kv: tuple[torch.Tensor, ...] = ()
+    prefills: tuple[PrefillChunk, ...] = ()
+    flex: FlexPlan | None = None
 
 
 class KVCache:
@@ -77,6 +90,10 @@ def paged_attention(
     v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
 
     q = query[0]  # [H, T, hd]
+    if meta.flex is not None:
+        plan = meta.flex
+        out = plan.backend.run(q, k_cache, v_cache, plan.step, scaling)
+        return out.unsqueeze(0), None
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, hd]
     # One call per decode sequence: padding sequences to a common length changes the softmax's
     # reduction order, so a padded batch would not give exactly the tokens of a solo run.

@@ -3,7 +3,9 @@
 - LoRA term: `torch` (per-token products in plain torch: the CPU default and the oracle) or
   `triton` (our SGMV kernels; CUDA, or the interpreter under TRITON_INTERPRET=1 for tests). `auto`
   picks torch until bench/gpu_check.py has verified the kernels on a GPU.
-- Attention: `torch` (per-sequence SDPA over the paged cache: the CPU default and the oracle).
+- Attention: `torch` (per-sequence SDPA over the paged cache: the CPU default and the oracle) or
+  `flex` (FlexAttention through block tables; compiled on CUDA, eager on CPU). `auto` picks torch
+  until bench/gpu_check.py has measured flex on a GPU.
 - Base matmul: `bnb` on CUDA (bitsandbytes' kernels), `plain` on CPU, `tiled` under batch invariance
   (NF4 dequantized by bitsandbytes, then fixed 16-row tiles, on either device).
 - Batch invariance (`--batch-invariant`): each token's output is the same bits alone or in any
@@ -28,7 +30,7 @@ from server.model.base_gemm import BaseGemm
 log = logging.getLogger(__name__)
 
 LORA_BACKENDS = ("auto", "torch", "triton")
-ATTENTION_BACKENDS = ("auto", "torch")
+ATTENTION_BACKENDS = ("auto", "torch", "flex")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +63,20 @@ def select_backends(
         _check_triton(device, "--lora-backend triton")
     plain = BaseGemm.BNB if cuda else BaseGemm.PLAIN
     base_gemm = BaseGemm.TILED if batch_invariant else plain
+    if attention == "flex":
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            raise BackendError(
+                "--attention-backend flex needs torch >= 2.5 (torch.nn.attention.flex_attention)"
+            )
+        if batch_invariant and cuda:
+            raise BackendError(
+                "--batch-invariant with --attention-backend flex on CUDA: the compiled decode kernel may "
+                "split the key sequence by batch size; use --attention-backend torch"
+            )
     chosen = Backends(
         device=device,
         lora="triton" if lora == "triton" else "torch",
-        attention="torch",
+        attention="flex" if attention == "flex" else "torch",
         base_gemm=base_gemm,
         batch_invariant=batch_invariant,
     )

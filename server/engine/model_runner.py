@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from server.config import EngineConfig
-from server.engine.attention import AttentionMetadata, KVCache, PrefillChunk
+from server.engine.attention import AttentionMetadata, FlexPlan, KVCache, PrefillChunk
+from server.engine.attn_flex import FlexAttention
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
-from server.engine.step_inputs import StepInputBuilder, to_device
+from server.engine.step_inputs import StepInputBuilder, StepInputs, to_device
 from server.lora.ops import LoRABatch
 from server.model.base_gemm import base_linear
 from server.model.loader import BaseModel
@@ -29,6 +30,15 @@ class ModelRunner:
             base.device,
         )
         self.inputs = StepInputBuilder(config.block_size)
+        self.flex: FlexAttention | None = None
+        if config.attention_backend == "flex":
+            self.flex = FlexAttention(
+                config.num_kv_blocks,
+                config.block_size,
+                config.max_num_seqs,
+                base.device,
+                compiled=base.device.type == "cuda",
+            )
 
     @torch.inference_mode()
     def run(self, step: SchedulerOutput, slot_of: dict[str, int]) -> tuple[list[Sequence], torch.Tensor]:
@@ -36,18 +46,7 @@ class ModelRunner:
         computed) and their next-token logits [N, V]."""
         dev = self.base.device
         inputs = self.inputs.build(step, slot_of)
-        chunks = []
-        for p in inputs.prefills:
-            pos, n = p.seq.num_computed_tokens, p.length
-            total = pos + n
-            # query i (absolute position pos + i) sees keys 0..pos + i
-            mask = torch.arange(total).unsqueeze(0) <= (torch.arange(n) + pos).unsqueeze(1)
-            chunks.append(PrefillChunk(p.start, n, to_device(p.context, dev), mask.to(dev)))
-        meta = AttentionMetadata(
-            slot_mapping=to_device(inputs.slot_mapping, dev),
-            decode_kv=tuple(to_device(c, dev) for c in inputs.decode_context),
-            prefills=tuple(chunks),
-        )
+        meta = self._attention(inputs, step)
         ctx = self.base.lora_context
         ctx.batch = LoRABatch.build(
             inputs.decode_adapter_slots, inputs.segments, dev, sgmv=ctx.lora_backend == "triton"
@@ -67,6 +66,39 @@ class ModelRunner:
         picked = hidden.index_select(0, torch.tensor(inputs.sample_rows, device=dev))  # [N, hidden]
         logits = base_linear(picked, self.base.model.lm_head, self.base.lora_context.base_gemm)
         return inputs.sampling, logits
+
+    def _attention(self, inputs: StepInputs, step: SchedulerOutput) -> AttentionMetadata:
+        dev = self.base.device
+        slot_mapping = to_device(inputs.slot_mapping, dev)
+        if self.flex is not None:
+            bs = self.config.block_size
+            decode = [
+                (s.block_table[: s.num_computed_tokens // bs + 1], s.num_computed_tokens) for s in step.decode
+            ]
+            chunks = [
+                (
+                    p.seq.block_table[: -(-(p.seq.num_computed_tokens + p.length) // bs)],
+                    p.seq.num_computed_tokens,
+                    p.length,
+                    p.start,
+                )
+                for p in inputs.prefills
+            ]
+            plan = FlexPlan(self.flex, self.flex.prepare(decode, chunks))
+            return AttentionMetadata(slot_mapping, len(step.decode), flex=plan)
+        chunks_ref = []
+        for p in inputs.prefills:
+            pos, n = p.seq.num_computed_tokens, p.length
+            total = pos + n
+            # query i (absolute position pos + i) sees keys 0..pos + i
+            mask = torch.arange(total).unsqueeze(0) <= (torch.arange(n) + pos).unsqueeze(1)
+            chunks_ref.append(PrefillChunk(p.start, n, to_device(p.context, dev), mask.to(dev)))
+        return AttentionMetadata(
+            slot_mapping,
+            len(step.decode),
+            decode_kv=tuple(to_device(c, dev) for c in inputs.decode_context),
+            prefills=tuple(chunks_ref),
+        )
 
     def forget(self, request_id: str) -> None:
         self.inputs.forget(request_id)

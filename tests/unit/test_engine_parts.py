@@ -176,7 +176,7 @@ def _seq(prompt_len: int, adapter: str | None = None, max_tokens: int = 1000) ->
 
 
 def _sched(num_blocks: int = 1000, block_size: int = 4, **kw: int) -> tuple[Scheduler, BlockManager]:
-    cfg = EngineConfig(**{"max_cpu_loras": 32, "max_model_len": 64, "kv_cache_tokens": 4096, **kw})
+    cfg = EngineConfig(**{"max_cpu_loras": 32, "max_model_len": 64, "kv_cache_tokens": 4096, **kw})  # type: ignore[arg-type]
     blocks = BlockManager(num_blocks, block_size)
     return Scheduler(cfg, blocks, FakeGate()), blocks
 

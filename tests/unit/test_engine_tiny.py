@@ -300,19 +300,20 @@ def test_mixed_batch_logits_are_bitwise_solo(tiny_checkpoint: Callable[[str], Pa
 
 
 @pytest.mark.slow
-def test_triton_lora_backend_gives_the_torch_tokens(
+def test_triton_and_flex_backends_give_the_torch_tokens(
     tiny_checkpoint: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    """The whole engine with the Triton SGMV kernels (interpreted on CPU) against the torch backend:
-    the same greedy tokens for base and adapter requests in one mixed batch."""
+    """The whole engine with the Triton SGMV kernels (interpreted on CPU) and the Flex attention
+    backend (eager), alone and together, against the torch backends: the same greedy tokens for
+    base and adapter requests in one mixed batch, prompts prefilled in several chunks."""
     pytest.importorskip("triton")
     from transformers import AutoModelForCausalLM
 
     path = tiny_checkpoint("llama")
     results = {}
-    for backend in ("torch", "triton"):
+    for lora, attention in (("torch", "torch"), ("triton", "torch"), ("torch", "flex"), ("triton", "flex")):
         base = load_base(
-            path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, lora_backend=backend
+            path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, lora_backend=lora
         )
         registry = AdapterRegistry(base.linear_shapes, 8)
         for i, (name, cfg) in enumerate(LORAS.items()):
@@ -323,6 +324,11 @@ def test_triton_lora_backend_gives_the_torch_tokens(
             for name in (None, *LORAS)
             for p, text in enumerate(PROMPTS[:2])
         ]
-        results[backend] = greedy(engine_for(base, registry, max_num_seqs=8), jobs, max_tokens=8)
-    assert results["triton"] == results["torch"]
-    assert results["torch"]["qv/0"] != results["torch"]["None/0"]
+        engine = engine_for(
+            base, registry, max_num_seqs=8, prefill_chunk_tokens=8, attention_backend=attention
+        )
+        results[(lora, attention)] = greedy(engine, jobs, max_tokens=8)
+    reference = results[("torch", "torch")]
+    for combo, tokens in results.items():
+        assert tokens == reference, f"lora={combo[0]} attention={combo[1]} differs from the torch backends"
+    assert reference["qv/0"] != reference["None/0"]

@@ -1,0 +1,134 @@
+"""FlexAttention over the paged KV cache (`--attention-backend flex`).
+
+Queries attend the whole shared pool ([1, KVH, slots, hd], a view of the cache, no gather) through
+block tables: `BlockMask.from_kv_blocks` lists each query's blocks, and the mask_mod keeps a key
+when its block belongs to the query's sequence and its position in that sequence is not after the
+query's (causal), so one formula serves decode rows and prefill chunks. The per-step tables live
+in persistent tensors updated in place, so the mask functions never change identity.
+
+Compiled (the CUDA default): every decode row in one call, q [D, H, 1, hd], and one call per
+prefill chunk, q [1, H, n, hd]; the kernel visits only the listed blocks. Eager (CPU): flex's
+reference path scores the whole pool, and folds a batch of decode rows into one matmul whose row
+count would change each row's rounding, so every decode row is its own call, like a chunk of one:
+a row's arithmetic then has the same shapes alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+Q_BLOCK = 16
+
+
+@dataclass(frozen=True, slots=True)
+class FlexStep:
+    """One step's block masks: the decode rows' (compiled mode) and one per chunk."""
+
+    num_decode: int  # rows [0, num_decode) attend through `decode`
+    decode: BlockMask | None
+    # (first row, rows, mask, activate): `activate` loads the chunk's sequence id and position
+    chunks: tuple[tuple[int, int, BlockMask, Callable[[], object]], ...]
+
+
+class FlexAttention:
+    def __init__(self, num_blocks: int, block_size: int, max_rows: int, device: torch.device, compiled: bool):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = device
+        # block -> (its sequence in this step, its index in that sequence's table); -1 = no one's
+        self.owner = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
+        self.logical = torch.zeros(num_blocks, dtype=torch.int32, device=device)
+        # per decode row b: (sequence id, position of its query)
+        self.dec_seq = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self.dec_pos = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        # the chunk being computed: (sequence id, position of its first query)
+        self.chunk = torch.zeros(2, dtype=torch.int32, device=device)
+        self.compiled = compiled
+        self.attend: Any = torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
+        bs, owner, logical = block_size, self.owner, self.logical
+
+        def decode_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            blk = kv_idx // bs
+            mine = owner[blk] == self.dec_seq[b]
+            return mine & (logical[blk] * bs + kv_idx % bs <= self.dec_pos[b] + q_idx)
+
+        def chunk_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            blk = kv_idx // bs
+            mine = owner[blk] == self.chunk[0]
+            return mine & (logical[blk] * bs + kv_idx % bs <= self.chunk[1] + q_idx)
+
+        self.decode_mask = decode_mask
+        self.chunk_mask = chunk_mask
+
+    def _mask(self, tables: list[list[int]], q_len: int, mask_mod: Any) -> BlockMask:
+        rows, q_blocks = len(tables), -(-q_len // Q_BLOCK)
+        num = np.zeros((rows, 1, q_blocks), dtype=np.int32)
+        idx = np.zeros((rows, 1, q_blocks, self.num_blocks), dtype=np.int32)
+        for b, table in enumerate(tables):
+            num[b] = len(table)
+            idx[b, 0, :, : len(table)] = table
+        return BlockMask.from_kv_blocks(
+            torch.from_numpy(num).to(self.device),
+            torch.from_numpy(idx).to(self.device),
+            BLOCK_SIZE=(Q_BLOCK, self.block_size),
+            mask_mod=mask_mod,
+            seq_lengths=(q_len, self.num_blocks * self.block_size),
+            compute_q_blocks=False,
+        )
+
+    def prepare(
+        self,
+        decode: list[tuple[list[int], int]],
+        chunks: list[tuple[list[int], int, int, int]],
+    ) -> FlexStep:
+        """decode: (block table, query position) per decode row (rows 0..D-1); chunks: (block table,
+        first query position, length, first row) per prefill chunk. Tables hold the blocks of the
+        context so far."""
+        if not self.compiled:
+            chunks = [(t, p, 1, row) for row, (t, p) in enumerate(decode)] + chunks
+            decode = []
+        owner = np.full(self.num_blocks, -1, dtype=np.int32)
+        logical = np.zeros(self.num_blocks, dtype=np.int32)
+        for seq_id, table in enumerate([t for t, _ in decode] + [t for t, _, _, _ in chunks]):
+            owner[table] = seq_id
+            logical[table] = np.arange(len(table), dtype=np.int32)
+        self.owner.copy_(torch.from_numpy(owner))
+        self.logical.copy_(torch.from_numpy(logical))
+        dec_mask = None
+        if decode:
+            d = len(decode)
+            self.dec_seq[:d].copy_(torch.arange(d, dtype=torch.int32))
+            self.dec_pos[:d].copy_(torch.tensor([p for _, p in decode], dtype=torch.int32))
+            dec_mask = self._mask([t for t, _ in decode], 1, self.decode_mask)
+        made: list[tuple[int, int, BlockMask, Callable[[], object]]] = []
+        for c, (table, pos, n, row) in enumerate(chunks):
+            mask = self._mask([table], n, self.chunk_mask)
+            info = torch.tensor([len(decode) + c, pos], dtype=torch.int32)
+            made.append((row, n, mask, functools.partial(self.chunk.copy_, info)))
+        return FlexStep(len(decode), dec_mask, tuple(made))
+
+    def run(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: FlexStep, scale: float | None
+    ) -> torch.Tensor:
+        """q: [H, T, hd] (packed), pools: [slots, KVH, hd] -> [T, H, hd]"""
+        key = k_pool.permute(1, 0, 2).unsqueeze(0)  # [1, KVH, slots, hd], a view
+        value = v_pool.permute(1, 0, 2).unsqueeze(0)
+        out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])
+        if step.decode is not None:
+            d = step.num_decode
+            qd = q[:, :d].transpose(0, 1).unsqueeze(2)  # [D, H, 1, hd]
+            od = self.attend(qd, key, value, block_mask=step.decode, scale=scale, enable_gqa=True)
+            out[:d] = od[:, :, 0]
+        for start, n, mask, activate in step.chunks:
+            activate()
+            qp = q[:, start : start + n].unsqueeze(0)  # [1, H, n, hd]
+            op = self.attend(qp, key, value, block_mask=mask, scale=scale, enable_gqa=True)
+            out[start : start + n] = op[0].transpose(0, 1)
+        return out
