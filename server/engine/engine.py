@@ -60,7 +60,7 @@ class LLMEngine:
         self.registry = registry
         self.config = config
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
-        self.cache = AdapterCache(config.max_cpu_loras, registry.load)
+        self.cache = AdapterCache(config.max_cpu_loras, registry.load, pin=base.device.type == "cuda")
         self.slots = SlotTable(base.lora_layers, config.max_loras)
         self.scheduler = Scheduler(config, self.blocks, gate=self)
         self.runner = ModelRunner(base, config)

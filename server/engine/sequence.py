@@ -69,6 +69,7 @@ class Sequence:
     arrival: int = 0  # engine step at which the request arrived
     blocked_steps: int = 0  # steps spent waiting on the adapter budget
     generator: torch.Generator = field(init=False)
+    device_generator: torch.Generator | None = None  # the sampler's copy on an accelerator
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

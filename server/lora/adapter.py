@@ -57,6 +57,14 @@ class AdapterWeights:
     def max_rank(self) -> int:
         return max(m.rank for m in self.modules.values())
 
+    def pinned(self) -> AdapterWeights:
+        """The same adapter in page-locked host memory, so slot copies to a GPU run asynchronously."""
+        mods = {
+            k: ModuleLoRA(A=m.A.pin_memory(), B=m.B.pin_memory(), scale=m.scale)
+            for k, m in self.modules.items()
+        }
+        return AdapterWeights(modules=mods, report=self.report)
+
     @property
     def nbytes(self) -> int:
         return sum(

@@ -25,9 +25,11 @@ class AdapterCache:
         capacity: int,
         load: Callable[[AdapterRecord], AdapterWeights],
         on_loaded: Callable[[], None] | None = None,
+        pin: bool = False,
     ) -> None:
         self.capacity = capacity
         self._load = load
+        self.pin = pin  # page-locked copies for asynchronous copies to a GPU
         self.on_loaded = on_loaded  # wakes the engine loop when a load finishes
         self._lru: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._loading: dict[str, Future[None]] = {}
@@ -80,6 +82,8 @@ class AdapterCache:
         start = time.perf_counter()
         try:
             weights = self._load(record)
+            if self.pin:
+                weights = weights.pinned()
         except AdapterError as e:
             log.error("adapter %s (%s) failed to load: %s", record.name, record.version[:12], e)
             with self._lock:

@@ -73,8 +73,9 @@ class LoRALinear(nn.Module):
         if weights is None:
             return
         r = weights.rank
-        self.lora_A[slot, :r].copy_(weights.A)
-        self.lora_B[slot, :r].copy_(weights.B.T)
+        # non_blocking: from pinned memory on a side stream these overlap the step (see SlotTable)
+        self.lora_A[slot, :r].copy_(weights.A, non_blocking=True)
+        self.lora_B[slot, :r].copy_(weights.B.T, non_blocking=True)
         self.lora_scale[slot] = weights.scale
         self.lora_rank[slot] = r
         self.ranks[slot] = r

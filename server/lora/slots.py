@@ -6,6 +6,8 @@ import heapq
 import logging
 from collections import OrderedDict
 
+import torch
+
 from server.lora.adapter import AdapterWeights
 from server.lora.layer import LoRALinear
 
@@ -24,6 +26,9 @@ class SlotTable:
         heapq.heapify(self.free)
         self.loads = 0
         self.evictions = 0
+        device = next(iter(layers.values())).lora_A.device if layers else None
+        # On CUDA, slot writes go on a side stream: the step's kernels wait for them, the host does not.
+        self.stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
 
     def activate(self, needed: dict[str, AdapterWeights]) -> dict[str, int]:
         """Make every adapter of the step resident and return version -> slot. Slots of adapters in
@@ -32,6 +37,7 @@ class SlotTable:
         for key in needed:
             if key in self.slot_of:
                 self.slot_of.move_to_end(key)
+        writes: list[tuple[int, AdapterWeights]] = []
         for key, weights in needed.items():
             if key in self.slot_of:
                 continue
@@ -42,10 +48,23 @@ class SlotTable:
                 slot = self.slot_of.pop(victim)
                 self.evictions += 1
                 log.debug("evicted adapter %s from slot %d", victim[:12], slot)
-            self._write(slot, weights)
+            writes.append((slot, weights))
             self.slot_of[key] = slot
             self.loads += 1
+        self._write_all(writes)
         return {key: self.slot_of[key] for key in needed}
+
+    def _write_all(self, writes: list[tuple[int, AdapterWeights]]) -> None:
+        if self.stream is None or not writes:
+            for slot, weights in writes:
+                self._write(slot, weights)
+            return
+        main = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(main)  # a slot being replaced may still be read by the last step
+        with torch.cuda.stream(self.stream):
+            for slot, weights in writes:
+                self._write(slot, weights)
+        main.wait_stream(self.stream)
 
     def drop(self, key: str) -> None:
         """Forget an adapter version (deleted or replaced); its slot becomes free."""

@@ -16,6 +16,7 @@ without the module's per-call overhead.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,3 +69,26 @@ def base_linear(x: torch.Tensor, linear: nn.Linear, mode: BaseGemm) -> torch.Ten
         return F.linear(x, weight, bias)
     y = tiled_linear(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def tiled_rows(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Semantics: fn(x) for a row-wise fn, applied TILE rows at a time (the tail zero-padded), so the
+    kernel a GPU picks for fn's reductions never changes with the batch. x: [..., T, H]"""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    pad = (-n) % TILE
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+    out = torch.cat([fn(rows[i : i + TILE]) for i in range(0, rows.shape[0], TILE)])
+    return out[:n].view(*x.shape[:-1], out.shape[-1])
+
+
+class RowTiled(nn.Module):
+    """A row-wise module (RMSNorm) run in TILE-row tiles: batch invariance for its reductions on CUDA."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tiled_rows(x, self.inner)

@@ -15,7 +15,7 @@ from server.engine import attention
 from server.errors import ModelNotFoundError
 from server.lora.adapter import LinearShape
 from server.lora.layer import LoRAContext, LoRALinear
-from server.model.base_gemm import BaseGemm
+from server.model.base_gemm import BaseGemm, RowTiled
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,15 @@ def disable_cpu_weight_packing(model: nn.Module) -> None:
             setattr(m, "support_avx512bf16_for_cpu", False)  # noqa: B010
 
 
+def tile_norms(model: nn.Module) -> None:
+    """Batch-invariant mode on CUDA: every RMSNorm runs in fixed row tiles (a CUDA reduction's
+    launch configuration follows the number of rows; CPU reductions are per row already)."""
+    for name, m in list(model.named_modules()):
+        if type(m).__name__.endswith("RMSNorm") and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, RowTiled(m))
+
+
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every projection inside the decoder layers (bnb Linear4bit subclasses nn.Linear); lm_head and
     embeddings are not LoRA targets here."""
@@ -133,6 +142,8 @@ def load_base(
 
         base_gemm = select_backends(dev).base_gemm
     context = LoRAContext(base_gemm, lora_backend)
+    if base_gemm is BaseGemm.TILED and dev.type == "cuda":
+        tile_norms(model)
     linears = target_linears(model)
     shapes = {name: LinearShape(m.in_features, m.out_features) for name, m in linears.items()}
     layers: dict[str, LoRALinear] = {}

@@ -455,3 +455,14 @@ def test_sampling_params_accepts_bounds() -> None:
     p = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, stop=("x",))
     assert p.greedy
     assert not SamplingParams(temperature=2.0).greedy
+
+
+def test_sampler_draws_follow_the_filtered_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]]))
+    seq = _sseq(temperature=1.0, top_k=3, seed=5)  # top-k keeps 0.5/0.25/0.15, renormalized
+    counts = torch.zeros(5)
+    for _ in range(3000):
+        counts[sample(logits, [seq])[0]] += 1
+    freq = counts / counts.sum()
+    expected = torch.tensor([0.5, 0.25, 0.15, 0.0, 0.0]) / 0.9
+    assert torch.allclose(freq, expected, atol=0.03), freq

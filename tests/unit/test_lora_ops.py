@@ -116,3 +116,28 @@ def test_tiled_linear_alone_equal_batched(d_in: int, d_out: int) -> None:
         assert torch.equal(tiled_linear(x[:t], w)[:m], alone[:m]), f"T={t}: a row's base output changed"
     perm = torch.randperm(64, generator=g)
     assert torch.equal(tiled_linear(x[:64][perm], w), alone[perm])
+
+
+def test_tiled_rows_and_row_tiled_norms() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from server.model.base_gemm import RowTiled, tiled_rows
+    from server.model.loader import tile_norms
+
+    norm = LlamaRMSNorm(64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(1, 37, 64)
+    assert torch.allclose(tiled_rows(x, norm), norm(x), atol=1e-6)
+    assert torch.equal(tiled_rows(x[:, 5:6], norm)[0, 0], tiled_rows(x, norm)[0, 5])
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_layernorm = LlamaRMSNorm(64)
+            self.norm = LlamaRMSNorm(64)
+
+    block = Block()
+    tile_norms(block)
+    assert isinstance(block.input_layernorm, RowTiled) and isinstance(block.norm, RowTiled)
+    assert torch.allclose(block.norm(x), block.norm.inner(x), atol=1e-6)
