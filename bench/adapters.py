@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from server.config import default_cache_dir
 from server.lora.adapter import LinearShape
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +59,8 @@ def adapter_set(
     dtype: torch.dtype = torch.float32,
 ) -> list[Path]:
     """`count` distinct adapters (seeds 0..count-1), written once under the cache and reused."""
+    from server.config import default_cache_dir  # pydantic: imported here so gpu_check can skip it
+
     tag = f"r{rank}-{'-'.join(t.split('_')[0] for t in targets)}-{str(dtype).split('.')[-1]}"
     root = default_cache_dir() / "bench" / tag
     paths = []

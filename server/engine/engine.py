@@ -6,8 +6,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
 from server.engine.detokenizer import Detokenizer
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import sample

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from server.config import EngineConfig
 from server.engine.attention import AttentionMetadata, FlexPlan, KVCache, PrefillChunk
 from server.engine.attn_flex import FlexAttention
+from server.engine.config import EngineConfig
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.step_inputs import StepInputBuilder, StepInputs, to_device

@@ -6,8 +6,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 

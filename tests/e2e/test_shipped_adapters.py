@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from server.config import EngineConfig
+from server.engine.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.lora.registry import AdapterRegistry
 from server.model.loader import BaseModel

@@ -51,3 +51,51 @@ def test_percentile_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     text = report.table("t", ["a", "ratio"], [["x", 1.234], ["longer", 10.0]])
     assert text.splitlines()[2].split() == ["x", "1.23"]
     assert "10.00" in capsys.readouterr().out
+
+
+GPU_MACHINE_LACKS = ("pydantic", "pydantic_settings", "fastapi", "uvicorn", "gguf", "multipart")
+
+
+def test_gpu_check_imports_nothing_the_gpu_machine_lacks() -> None:
+    """The lent GPU machine has torch, triton, transformers and peft but none of the HTTP stack: the
+    engine, the backends and the check itself must import without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name.split('.')[0] in {GPU_MACHINE_LACKS!r}: raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import bench.gpu_check, bench.gpu_models, bench.adapters, server.engine.engine\n"
+        "import server.engine.backends, server.model.loader, server.lora.registry, tests.peft_factory\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_kernels(tmp_path: Path) -> None:
+    """The GPU check's probe and kernel phases, rehearsed on tiny shapes on the CPU: the tiled base
+    matmul and every LoRA path are row-invariant, the plain matmul is the control that is not."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.gpu_check",
+        "--smoke",
+        "--phases",
+        "probe,kernels",
+        "--out",
+        str(tmp_path),
+    ]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2], capture_output=True)
+    kernels = json.loads((tmp_path / "gpu_check.json").read_text())["kernels"]
+    entry = kernels["64x128"]
+    for key in ("torch_rows_invariant", "triton_fp32_invariant", "tiled_matmul_invariant"):
+        assert all(entry[key].values()), key
+    assert entry["triton_fp32_rel_err"] < 1e-5
+    assert kernels["flex_decode"]["row_alone_equals_batched"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
 from server.engine.detokenizer import Detokenizer
 from server.engine.sampler import sample
 from server.engine.scheduler import Scheduler, SchedulerOutput

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
 from server.errors import ModelNotFoundError

@@ -7,8 +7,8 @@ import types
 
 import numpy as np
 
-from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.engine.step_inputs import StepInputBuilder, slots_of

@@ -1,0 +1,537 @@
+"""The one prepared GPU check (hot-path issue): four phases, JSON written after each, within 8 minutes.
+
+    PYTHONUNBUFFERED=1 timeout 480 python3 -m bench.gpu_check --out $OUT
+    .venv/bin/python -m bench.gpu_check --smoke        # the same code on tiny shapes, CPU, interpreter
+
+0. probe: versions, the GPU, which backends import.
+1. kernels: Triton SGMV (fp32 PEFT-faithful, bf16 fast) and the torch LoRA rows against the reference;
+   bitwise row invariance over M in {1, 2, 7, 16, 64, 257, 2048} for them, for the base matmul
+   (plain, 16-row tiles, bitsandbytes' gemm_4bit) and for Flex decode; kernel times.
+2. engine: a seeded random model of SmolLM2-135M's shape in NF4 with four PEFT-made adapters:
+   solo vs mixed (tokens and logits) in the default, batch-invariant and triton+flex modes; the
+   default mode against PEFT at vLLM's tolerance (at the first differing token, each pick in the
+   other's top-5).
+3. throughput: decode tok/s at batch 16/64/256 with 16 distinct rank-16 adapters on all seven
+   projections vs base only, per backend set; then a Llama-3-8B-shaped model (4 layers) in NF4.
+Everything is made on the device: no weights are copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS: dict[str, Any] = {}
+PEFT_CONFIGS: dict[str, dict[str, Any]] = {  # as tests/e2e: different ranks, targets, patterns, rsLoRA
+    "qv-r4": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "mlp-r8": {"r": 8, "lora_alpha": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+    "patterns": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "rank_pattern": {"q_proj": 16}},
+    "rslora-r16": {"r": 16, "lora_alpha": 16, "use_rslora": True, "target_modules": ["k_proj", "o_proj"]},
+}
+
+
+class Check:
+    def __init__(self, out: Path, smoke: bool, deadline: float) -> None:
+        self.out = out
+        self.smoke = smoke
+        self.deadline = deadline
+        self.dev = torch.device("cpu" if smoke else "cuda")
+        self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str) + "\n")
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_us(self, fn: Callable[[], object], reps: int = 20) -> float:
+        fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times) * 1e6)
+
+
+def phase(name: str, check: Check, fn: Callable[[Check], dict[str, Any]]) -> None:
+    start = time.monotonic()
+    print(f"== {name} ({check.left():.0f} s left)", flush=True)
+    try:
+        RESULTS[name] = fn(check)
+    except Exception:
+        RESULTS[name] = {"error": traceback.format_exc()}
+        print(RESULTS[name]["error"], flush=True)
+    RESULTS[name]["seconds"] = round(time.monotonic() - start, 1)
+    check.save()
+    print(json.dumps(RESULTS[name], indent=1, default=str)[:4000], flush=True)
+
+
+# ------------------------------------------------------------------------------------------ 0: probe
+def probe(c: Check) -> dict[str, Any]:
+    import importlib.util
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
+    if c.dev.type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    for mod in ("triton", "bitsandbytes", "transformers", "peft", "flashinfer"):
+        spec = importlib.util.find_spec(mod)
+        if spec is None:
+            info[mod] = None
+            continue
+        try:
+            info[mod] = getattr(__import__(mod), "__version__", "?")
+        except Exception as e:
+            info[mod] = f"import fails: {e}"
+    try:
+        import bitsandbytes.functional as bnbf
+
+        w = torch.randn(64, 64, device=c.dev)
+        q, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        info["bnb_nf4_roundtrip_err"] = float((bnbf.dequantize_4bit(q, state) - w).abs().max())
+    except Exception as e:
+        info["bnb_nf4_roundtrip_err"] = f"fails: {e}"
+    try:
+        from torch.nn.attention import varlen
+
+        info["varlen_attn"] = str(getattr(varlen, "varlen_attn", None))
+    except Exception as e:
+        info["varlen_attn"] = f"absent: {e}"
+    return info
+
+
+# ---------------------------------------------------------------------------------------- 1: kernels
+def _invariant(run: Callable[[slice], torch.Tensor], ms: list[int]) -> dict[str, bool]:
+    """For each M: are the first rows of a batch of M the same bits as those rows run alone?
+    `run(rows)` computes the given rows of the test input."""
+    solo = torch.cat([run(slice(i, i + 1)) for i in range(8)])
+    return {str(m): bool(torch.equal(run(slice(0, m))[: min(m, 8)], solo[: min(m, 8)])) for m in ms}
+
+
+def kernels(c: Check) -> dict[str, Any]:
+    ms = [1, 2, 7, 16, 33] if c.smoke else [1, 2, 7, 16, 64, 257, 2048]
+    shapes = [(64, 128)] if c.smoke else [(576, 1536), (1536, 576), (4096, 14336)]
+    out: dict[str, Any] = {"ms": ms}
+    for din, dout in shapes:
+        out[f"{din}x{dout}"] = _kernels_at(c, din, dout, ms)
+    out["flex_decode"] = _flex(c)
+    return out
+
+
+def _kernels_at(c: Check, din: int, dout: int, ms: list[int]) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    from server.lora.ops import lora_reference, lora_rows
+    from server.lora.segments import build_segments
+    from server.model.base_gemm import tiled_linear
+
+    triton_ok = True
+    try:
+        from server.lora.backends.triton_sgmv import lora_sgmv
+    except Exception:
+        triton_ok = False
+    s, r, dev = 17, 16, c.dev
+    g = torch.Generator(device=dev).manual_seed(0)
+    A = torch.randn(s, r, din, device=dev, generator=g) / din**0.5
+    B = torch.randn(s, r, dout, device=dev, generator=g) * 0.1
+    A[0], B[0] = 0.0, 0.0
+    scale = torch.full((s,), 2.0, device=dev)
+    scale[0] = 0.0
+    ranks = torch.full((s,), r, dtype=torch.int32, device=dev)
+    ranks[0] = 0
+    m_max = max(ms)
+    x = torch.randn(m_max, din, device=dev, generator=g)
+    slots = torch.randint(1, s, (m_max,), device=dev, generator=g)
+    slots_np = slots.cpu().numpy()
+    half = torch.float32 if c.smoke else torch.bfloat16  # the interpreter has no bf16
+    entry: dict[str, Any] = {}
+
+    def torch_rows(rows: slice) -> torch.Tensor:
+        return lora_rows(x[rows], A, B, scale, slots[rows])
+
+    check = slice(0, min(m_max, 64))
+    ref = lora_reference(x[check], A, B, scale, slots[check])
+    entry["torch_rows_rel_err"] = float((torch_rows(check) - ref).abs().max() / ref.abs().max())
+    entry["torch_rows_invariant"] = _invariant(torch_rows, ms)
+    if triton_ok:
+        for mode, dt in (("fp32", torch.float32), ("fast", half)):
+            a, b = A.to(dt), B.to(dt)
+
+            def sgmv(rows: slice, a: torch.Tensor = a, b: torch.Tensor = b) -> torch.Tensor:
+                xs = x[rows]
+                y = torch.zeros(xs.shape[0], dout, device=dev, dtype=torch.float32)
+                lora_sgmv(xs, y, a, b, scale, ranks, build_segments(slots_np[rows], dev))
+                return y
+
+            entry[f"triton_{mode}_rel_err"] = float((sgmv(check) - ref).abs().max() / ref.abs().max())
+            entry[f"triton_{mode}_invariant"] = _invariant(sgmv, ms)
+        entry["us_m64_torch_rows"] = c.time_us(lambda: torch_rows(check))
+        entry["us_m64_triton_fp32"] = c.time_us(lambda: sgmv(check, A, B))
+    w = torch.randn(dout, din, device=dev, generator=g).to(half) / din**0.5
+    xh = x.to(half)
+    entry["plain_matmul_invariant"] = _invariant(lambda rows: F.linear(xh[rows], w), ms)
+    entry["tiled_matmul_invariant"] = _invariant(lambda rows: tiled_linear(xh[rows], w), ms)
+    try:
+        import bitsandbytes as bnb
+
+        lin = bnb.nn.Linear4bit(din, dout, bias=False, compute_dtype=half, quant_type="nf4")
+        lin.weight = bnb.nn.Params4bit(w.float().cpu(), requires_grad=False, quant_type="nf4")
+        lin = lin.to(dev)
+        with torch.no_grad():
+            entry["bnb_gemm_4bit_invariant"] = _invariant(lambda rows: lin(xh[rows]), ms)
+    except Exception as e:
+        entry["bnb_gemm_4bit_invariant"] = f"fails: {e}"
+    return entry
+
+
+def _flex(c: Check) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    from server.engine.attn_flex import FlexAttention
+
+    heads, kv_heads, hd, bs, nb = 9, 3, 64, 16, 256
+    g = torch.Generator(device=c.dev).manual_seed(1)
+    k = torch.randn(nb * bs, kv_heads, hd, device=c.dev, generator=g)
+    v = torch.randn(nb * bs, kv_heads, hd, device=c.dev, generator=g)
+    perm = torch.randperm(nb).tolist()
+    lens = [37, 200, 5, 130, 64, 99, 17, 250]
+    tables, i = [], 0
+    for n in lens:
+        tables.append(perm[i : i + -(-n // bs)])
+        i += -(-n // bs)
+    flex = FlexAttention(nb, bs, 16, c.dev, compiled=c.dev.type == "cuda")
+    q = torch.randn(heads, len(lens), hd, device=c.dev, generator=g)
+    decode = [(t, n - 1) for t, n in zip(tables, lens, strict=True)]
+    out = flex.run(q, k, v, flex.prepare(decode, []), None)
+    worst = 0.0
+    for row, (t, n) in enumerate(zip(tables, lens, strict=True)):
+        slots = torch.tensor([b * bs + o for b in t for o in range(bs)][:n], device=c.dev)
+        kd, vd = k[slots].transpose(0, 1).unsqueeze(0), v[slots].transpose(0, 1).unsqueeze(0)
+        ref = F.scaled_dot_product_attention(q[:, row : row + 1].unsqueeze(0), kd, vd, enable_gqa=True)[
+            0, :, 0
+        ]
+        worst = max(worst, float((out[row] - ref).abs().max()))
+    alone = flex.run(q[:, 3:4], k, v, flex.prepare([decode[3]], []), None)
+    return {"max_abs_err_vs_sdpa": worst, "row_alone_equals_batched": bool(torch.equal(alone[0], out[3]))}
+
+
+# ----------------------------------------------------------------------------------------- 2: engine
+def _engine(base: Any, registry: Any, **cfg: Any) -> Any:
+    from server.engine.config import EngineConfig
+    from server.engine.engine import LLMEngine
+
+    config = EngineConfig(
+        **{
+            "max_loras": 4,
+            "max_cpu_loras": 32,
+            "max_lora_rank": 16,
+            "max_model_len": 512,
+            "kv_cache_tokens": 8192,
+        }
+        | cfg
+    )
+    return LLMEngine(base, registry, config)
+
+
+def _run(
+    engine: Any, jobs: list[tuple[str, Any, list[int]]], tokens: int
+) -> tuple[dict[str, list[int]], dict[str, list[torch.Tensor]]]:
+    from server.engine.sequence import SamplingParams, Sequence
+
+    logits: dict[str, list[torch.Tensor]] = {}
+    run = engine.runner.run
+
+    def recording(step: Any, slot_of: dict[str, int]) -> Any:
+        sampling, rows = run(step, slot_of)
+        for seq, row in zip(sampling, rows, strict=True):
+            logits.setdefault(seq.request_id, []).append(row.float().cpu())
+        return sampling, rows
+
+    engine.runner.run = recording
+    out: dict[str, list[int]] = {rid: [] for rid, _, _ in jobs}
+    for rid, adapter, ids in jobs:
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        engine.add_request(Sequence(rid, list(ids), params, adapter=adapter))
+    while engine.has_work():
+        outputs = engine.step()
+        if not outputs and not engine.scheduler.running:
+            engine.cache.wait_for_loads(timeout=60)
+        for o in outputs:
+            out[o.request_id] += o.token_ids
+    return out, logits
+
+
+def _model(c: Check, name: str, shape: str, layers: int | None = None) -> Path:
+    from bench.gpu_models import make_checkpoint
+
+    path = c.tmp / name
+    if not (path / "config.json").is_file():
+        make_checkpoint(path, shape, layers=layers)
+    return path
+
+
+def engine_phase(c: Check) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from server.lora.registry import AdapterRegistry
+    from server.model.base_gemm import BaseGemm
+    from server.model.loader import load_base
+    from tests.peft_factory import make_adapter
+
+    ckpt = _model(c, "smollm2", "tiny" if c.smoke else "smollm2-135m")
+    dirs = {}
+    for i, (name, cfg) in enumerate(PEFT_CONFIGS.items()):
+        dirs[name] = make_adapter(
+            lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32),
+            c.tmp / name,
+            seed=i,
+            b_scale=2.0,
+            **cfg,
+        )
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 500, n).tolist() for n in (24, 41, 17)]
+    tokens = 16
+    modes: dict[str, dict[str, Any]] = {
+        "default": {},
+        "batch_invariant": {"base_gemm": BaseGemm.TILED},
+        "triton_flex": {"lora_backend": "triton", "attention": "flex"},
+    }
+    out: dict[str, Any] = {}
+    solo_default: tuple[dict[str, list[int]], dict[str, list[torch.Tensor]]] | None = None
+    for mode, opts in modes.items():
+        if c.left() < 60:
+            out[mode] = "skipped: out of time"
+            continue
+        attention = opts.pop("attention", "torch")
+        base = load_base(
+            ckpt, "rand-135m", quantization="nf4", device=c.dev.type, max_loras=4, max_lora_rank=16, **opts
+        )
+        registry = AdapterRegistry(base.linear_shapes, 16)
+        for name, d in dirs.items():
+            registry.add_dir(name, d)
+        jobs = [
+            (f"{name or 'base'}/{p}", registry.resolve(name) if name else None, ids)
+            for name in (None, *dirs)
+            for p, ids in enumerate(prompts)
+        ]
+        solo_tokens: dict[str, list[int]] = {}
+        solo_logits: dict[str, list[torch.Tensor]] = {}
+        for job in jobs:
+            t, lg = _run(_engine(base, registry, attention_backend=attention), [job], tokens)
+            solo_tokens |= t
+            solo_logits |= lg
+        mixed_tokens, mixed_logits = _run(
+            _engine(base, registry, max_num_seqs=32, attention_backend=attention), jobs, tokens
+        )
+        same_tokens = sum(solo_tokens[r] == mixed_tokens[r] for r in solo_tokens)
+        same_bits = sum(
+            all(torch.equal(a, b) for a, b in zip(solo_logits[r], mixed_logits[r], strict=True))
+            for r in solo_logits
+        )
+        worst = max(
+            float((a - b).abs().max())
+            for r in solo_logits
+            for a, b in zip(solo_logits[r], mixed_logits[r], strict=True)
+        )
+        out[mode] = {
+            "requests": len(jobs),
+            "solo_eq_mixed_tokens": same_tokens,
+            "solo_eq_mixed_logits_bitwise": same_bits,
+            "max_abs_logit_diff": worst,
+        }
+        if mode == "default":
+            solo_default = (solo_tokens, solo_logits)
+        del base, registry
+        gc.collect()
+        if c.dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if solo_default is not None and c.left() > 45:
+        out["vs_peft"] = _vs_peft(c, ckpt, dirs, prompts, tokens, *solo_default)
+    return out
+
+
+def _vs_peft(
+    c: Check,
+    ckpt: Path,
+    dirs: dict[str, Path],
+    prompts: list[list[int]],
+    tokens: int,
+    ours: dict[str, list[int]],
+    our_logits: dict[str, list[torch.Tensor]],
+) -> dict[str, Any]:
+    """vLLM's check_logprobs_close with top-5: at the first differing token, each run's pick must be
+    in the other's top-5; identical runs pass trivially."""
+    from peft import PeftModel
+
+    from server.model.loader import load_stock
+
+    stock = load_stock(ckpt, "nf4")
+    stock.generation_config.eos_token_id = None
+    model = PeftModel.from_pretrained(stock, dirs[next(iter(dirs))], adapter_name=next(iter(dirs)))
+    for extra in list(dirs)[1:]:
+        model.load_adapter(dirs[extra], adapter_name=extra)
+    model.eval()
+    identical = close = far = 0
+    names: list[str | None] = [None, *dirs]
+    for name in names:
+        for p, ids in enumerate(prompts):
+            rid = f"{name or 'base'}/{p}"
+            x = torch.tensor([ids], device=c.dev)
+            kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=tokens, do_sample=False,
+                      output_scores=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+            with torch.no_grad():
+                if name is None:
+                    with model.disable_adapter():
+                        gen = model.generate(x, **kw)
+                else:
+                    model.set_adapter(name)
+                    gen = model.generate(x, **kw)
+            theirs = gen.sequences[0, len(ids) :].tolist()
+            diff = next((i for i, (a, b) in enumerate(zip(ours[rid], theirs, strict=False)) if a != b), None)
+            if diff is None:
+                identical += 1
+                continue
+            their_top = torch.topk(gen.scores[diff][0].float(), 5).indices.tolist()
+            our_top = torch.topk(our_logits[rid][diff], 5).indices.tolist()
+            if ours[rid][diff] in their_top and theirs[diff] in our_top:
+                close += 1
+            else:
+                far += 1
+    return {"identical": identical, "close_top5": close, "not_close": far}
+
+
+# -------------------------------------------------------------------------------------- 3: throughput
+def _decode_rate(
+    c: Check, base: Any, registry: Any, records: list[Any], batch: int, adapters: int, attention: str
+) -> float:
+    from server.engine.sequence import SamplingParams, Sequence
+
+    engine = _engine(
+        base, registry, max_loras=16, max_num_seqs=batch, max_num_batched_tokens=max(2048, 40 * batch),
+        max_model_len=256, kv_cache_tokens=batch * 128 + 256, attention_backend=attention,
+    )  # fmt: skip
+    for rec, w in records:
+        engine.cache.put(rec.version, w)
+    rng = np.random.default_rng(batch)
+    params = SamplingParams(max_tokens=10_000 if not c.smoke else 40, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        adapter = records[i % adapters][0] if adapters else None
+        engine.add_request(Sequence(f"r{i}", rng.integers(3, 400, 32).tolist(), params, adapter=adapter))
+    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    steps = 4 if c.smoke else 24
+    engine.step()
+    c.sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    c.sync()
+    return batch * steps / (time.perf_counter() - t)
+
+
+def throughput(c: Check) -> dict[str, Any]:
+    from bench.adapters import write_adapter
+    from server.lora.registry import AdapterRegistry
+    from server.model.base_gemm import BaseGemm
+    from server.model.loader import load_base
+
+    plans = [("smollm2-135m", None, [16, 64, 256]), ("llama3-8b", 4, [16, 64])]
+    if c.smoke:
+        plans = [("tiny", None, [2, 4])]
+    sets: dict[str, dict[str, Any]] = {
+        "torch": {},
+        "triton_flex": {"lora_backend": "triton", "attention": "flex"},
+        "batch_invariant": {"base_gemm": BaseGemm.TILED},
+    }
+    out: dict[str, Any] = {"graphs": "not built yet"}
+    for shape, layers, batches in plans:
+        ckpt = _model(c, f"{shape}-{layers}", shape, layers)
+        for name, opts in sets.items():
+            if c.left() < 40:
+                out[f"{shape}/{name}"] = "skipped: out of time"
+                continue
+            opts = dict(opts)
+            attention = opts.pop("attention", "torch")
+            try:
+                base = load_base(
+                    ckpt, shape, quantization="nf4", device=c.dev.type, max_loras=16, max_lora_rank=16, **opts
+                )
+                registry = AdapterRegistry(base.linear_shapes, 16)
+                records = [
+                    registry.add_dir(
+                        f"a{i}", write_adapter(c.tmp / f"{shape}-a{i}", base.linear_shapes, 16, seed=i)
+                    )
+                    for i in range(16)
+                ]
+                row: dict[str, Any] = {}
+                for batch in batches:
+                    if c.left() < 20:
+                        break
+                    base_rate = _decode_rate(c, base, registry, records, batch, 0, attention)
+                    lora_rate = _decode_rate(c, base, registry, records, batch, 16, attention)
+                    row[str(batch)] = {
+                        "base_tok_s": round(base_rate, 1),
+                        "lora16_tok_s": round(lora_rate, 1),
+                        "lora_step_over_base_step": round(base_rate / lora_rate, 3),
+                    }
+                out[f"{shape}/{name}"] = row
+            except Exception:
+                out[f"{shape}/{name}"] = {"error": traceback.format_exc()[-2000:]}
+            finally:
+                base = registry = records = None  # type: ignore[assignment]
+                gc.collect()
+                if c.dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu_check"))
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    ap.add_argument("--budget", type=float, default=450.0, help="seconds before remaining work is skipped")
+    ap.add_argument("--phases", default="probe,kernels,engine,throughput")
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --smoke for the CPU rehearsal")
+    c = Check(args.out, args.smoke, time.monotonic() + args.budget)
+    RESULTS["command"] = " ".join(["python3 -m bench.gpu_check", *sys.argv[1:]])
+    RESULTS["smoke"] = args.smoke
+    chosen = args.phases.split(",")
+    for name, fn in (
+        ("probe", probe),
+        ("kernels", kernels),
+        ("engine", engine_phase),
+        ("throughput", throughput),
+    ):
+        if name in chosen:
+            phase(name, c, fn)
+    c.save()
+    print(f"wrote {c.out / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()
