@@ -97,7 +97,17 @@ class LoRALinear(nn.Module):
             lora_sgmv(x.reshape(-1, self.in_features), y2, A, B, scale, self.lora_rank, batch.sgmv)
             return y
         x2 = x.reshape(-1, self.in_features).to(A.dtype)
-        if self.loaded & batch.decode_active:
+        if batch.decode_groups is not None:
+            for slot, rows in batch.decode_groups:
+                if slot not in self.loaded:
+                    continue  # its factors are zero in this projection: the term adds exact zeros
+                if rows is None:
+                    d = batch.num_decode
+                    y2[:d] += lora_shared(x2[:d], A, B, scale, slot).to(y2.dtype)
+                else:
+                    delta = lora_shared(x2.index_select(0, rows), A, B, scale, slot)
+                    y2.index_add_(0, rows, delta.to(y2.dtype))
+        elif self.loaded & batch.decode_active:
             rows = batch.decode_rows
             if rows is None:
                 d = batch.num_decode

@@ -41,6 +41,9 @@ class LoRABatch:
     active: frozenset[int]  # non-zero slots used anywhere in the step
     decode_active: frozenset[int]  # non-zero slots used by decode rows
     sgmv: Segments | None = None  # every row with an adapter, for the Triton kernels
+    # When few adapters serve many decode rows: (slot, its rows; None = all decode rows) per slot,
+    # computed with broadcast factors instead of one gathered copy per row (the same bits).
+    decode_groups: tuple[tuple[int, torch.Tensor | None], ...] | None = None
 
     @staticmethod
     def build(
@@ -52,6 +55,13 @@ class LoRABatch:
         rows = [i for i, s in enumerate(decode_slots) if s]
         decode_active = frozenset(decode_slots[i] for i in rows)
         every = len(rows) == len(decode_slots)
+        groups = None
+        if len(decode_active) == 1 or (rows and len(decode_active) * 8 <= len(rows)):
+            groups = tuple(
+                (slot, None if every and len(decode_active) == 1 else
+                 torch.tensor([i for i in rows if decode_slots[i] == slot], dtype=torch.int64).to(device))
+                for slot in sorted(decode_active)
+            )  # fmt: skip
         routed = None
         if sgmv:
             row_slots = np.zeros(max([len(decode_slots), *(end for _, end, _ in segments)]), dtype=np.int64)
@@ -67,6 +77,7 @@ class LoRABatch:
             active=decode_active | frozenset(s for _, _, s in segments),
             decode_active=decode_active,
             sgmv=routed,
+            decode_groups=groups,
         )
 
 

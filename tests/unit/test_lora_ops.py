@@ -141,3 +141,43 @@ def test_tiled_rows_and_row_tiled_norms() -> None:
     tile_norms(block)
     assert isinstance(block.input_layernorm, RowTiled) and isinstance(block.norm, RowTiled)
     assert torch.allclose(block.norm(x), block.norm.inner(x), atol=1e-6)
+
+
+@pytest.mark.invariance
+def test_decode_groups_give_the_gathered_bits() -> None:
+    """Few adapters over many decode rows run per slot on broadcast factors; a step's routing may
+    choose either way, so both must give the same bits for every row."""
+    from torch import nn
+
+    from server.lora.adapter import ModuleLoRA
+    from server.lora.layer import LoRAContext, LoRALinear
+
+    from server.model.base_gemm import BaseGemm
+
+    ctx = LoRAContext(BaseGemm.TILED)  # the base rows must not differ either
+    layer = LoRALinear(nn.Linear(96, 80), 3, 8, ctx, torch.float32)
+    g = torch.Generator().manual_seed(9)
+    for slot in (1, 2):
+        layer.set_slot(
+            slot, ModuleLoRA(A=torch.randn(8, 96, generator=g), B=torch.randn(80, 8, generator=g), scale=0.5)
+        )
+    slots = [1, 0, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]  # 17 adapter rows, 2 adapters
+    grouped = LoRABatch.build(slots, [], CPU)
+    assert grouped.decode_groups is not None and [s for s, _ in grouped.decode_groups] == [1, 2]
+    gathered = LoRABatch.build(slots[:9], [], CPU)  # 8 adapter rows, 2 adapters: gathered
+    assert gathered.decode_groups is None
+    only = LoRABatch.build([2, 2, 2], [], CPU)
+    assert only.decode_groups is not None and only.decode_groups[0][1] is None  # all rows: a slice
+    x = torch.randn(1, len(slots), 96, generator=g)
+    with torch.no_grad():
+        ctx.batch = grouped
+        y_grouped = layer(x)
+        ctx.batch = gathered
+        y_gathered = layer(x[:, :9])
+        ctx.batch = only
+        y_only = layer(x[:, :3])
+    assert torch.equal(y_grouped[0, :9], y_gathered[0])
+    ctx.batch = LoRABatch.build([2], [], CPU)
+    with torch.no_grad():
+        assert torch.equal(layer(x[:, 4:5])[0, 0], y_grouped[0, 4])
+    assert y_only.shape == (1, 3, 80)
