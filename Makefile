@@ -50,9 +50,10 @@ test-e2e: model chromium
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
-# Each script prints its table and writes bench/results/<name>.json (about 30-40 min in all on 2 CPU cores).
+# Each script prints its table and writes bench/results/<name>.json (about 40 min in all on 2 CPU cores).
 bench: model
 	$(PY) -m bench.step_overhead
+	$(PY) -m bench.single_stream
 	$(PY) -m bench.throughput
 	$(PY) -m bench.http_e2e
 	$(PY) -m bench.churn

@@ -423,13 +423,20 @@ def _vs_peft(
 
 # -------------------------------------------------------------------------------------- 3: throughput
 def _decode_rate(
-    c: Check, base: Any, registry: Any, records: list[Any], batch: int, adapters: int, attention: str
+    c: Check,
+    base: Any,
+    registry: Any,
+    records: list[Any],
+    batch: int,
+    adapters: int,
+    attention: str,
+    graphs: bool,
 ) -> float:
     from server.engine.sequence import SamplingParams, Sequence
 
     engine = _engine(
         base, registry, max_loras=16, max_num_seqs=batch, max_num_batched_tokens=max(2048, 40 * batch),
-        max_model_len=256, kv_cache_tokens=batch * 128 + 256, attention_backend=attention,
+        max_model_len=256, kv_cache_tokens=batch * 128 + 256, attention_backend=attention, cuda_graphs=graphs,
     )  # fmt: skip
     for rec, w in records:
         engine.cache.put(rec.version, w)
@@ -462,9 +469,10 @@ def throughput(c: Check) -> dict[str, Any]:
     sets: dict[str, dict[str, Any]] = {
         "torch": {},
         "triton_flex": {"lora_backend": "triton", "attention": "flex"},
+        "triton_flex_graphs": {"lora_backend": "triton", "attention": "flex", "graphs": True},
         "batch_invariant": {"base_gemm": BaseGemm.TILED},
     }
-    out: dict[str, Any] = {"graphs": "not built yet"}
+    out: dict[str, Any] = {}
     for shape, layers, batches in plans:
         ckpt = _model(c, f"{shape}-{layers}", shape, layers)
         for name, opts in sets.items():
@@ -473,6 +481,7 @@ def throughput(c: Check) -> dict[str, Any]:
                 continue
             opts = dict(opts)
             attention = opts.pop("attention", "torch")
+            graphs = opts.pop("graphs", False)
             try:
                 base = load_base(
                     ckpt, shape, quantization="nf4", device=c.dev.type, max_loras=16, max_lora_rank=16, **opts
@@ -488,8 +497,8 @@ def throughput(c: Check) -> dict[str, Any]:
                 for batch in batches:
                     if c.left() < 20:
                         break
-                    base_rate = _decode_rate(c, base, registry, records, batch, 0, attention)
-                    lora_rate = _decode_rate(c, base, registry, records, batch, 16, attention)
+                    base_rate = _decode_rate(c, base, registry, records, batch, 0, attention, graphs)
+                    lora_rate = _decode_rate(c, base, registry, records, batch, 16, attention, graphs)
                     row[str(batch)] = {
                         "base_tok_s": round(base_rate, 1),
                         "lora16_tok_s": round(lora_rate, 1),

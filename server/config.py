@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     batch_invariant: bool = Field(
         False, description="same bits alone or in any batch (16-row matmul tiles; slower alone)"
     )
+    cuda_graphs: bool = Field(
+        False, description="decode steps as CUDA graphs over batch-size buckets (triton + flex)"
+    )
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
     host: str = "127.0.0.1"
     port: int = 8000

@@ -62,6 +62,7 @@ def build_runtime(settings: Settings) -> Runtime:
         lora=settings.lora_backend,
         attention=settings.attention_backend,
         batch_invariant=settings.batch_invariant,
+        cuda_graphs=settings.cuda_graphs,
     )
     base = load_base(
         path,
@@ -83,6 +84,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         attention_backend=backends.attention,
+        cuda_graphs=backends.cuda_graphs,
         max_model_len=base.max_model_len,
         kv_cache_tokens=max(settings.kv_cache_tokens, base.max_model_len),
         block_size=settings.block_size,

@@ -114,6 +114,32 @@ class FlexAttention:
             made.append((row, n, mask, functools.partial(self.chunk.copy_, info)))
         return FlexStep(len(decode), dec_mask, tuple(made))
 
+    def static_decode(self, rows: int) -> FlexStep:
+        """A decode step of `rows` rows whose block tables live in tensors refilled in place
+        (fill_decode), so a captured CUDA graph sees each step's tables."""
+        mask = self._mask([[] for _ in range(rows)], 1, self.decode_mask)
+        return FlexStep(rows, mask, ())
+
+    def fill_decode(self, step: FlexStep, decode: list[tuple[list[int], int]]) -> None:
+        """Refill a static_decode step: (block table, query position) per row; [] for padding."""
+        assert step.decode is not None and len(decode) == step.num_decode
+        owner = np.full(self.num_blocks, -1, dtype=np.int32)
+        logical = np.zeros(self.num_blocks, dtype=np.int32)
+        num = np.zeros((len(decode), 1, 1), dtype=np.int32)
+        idx = np.zeros((len(decode), 1, 1, self.num_blocks), dtype=np.int32)
+        for row, (table, _) in enumerate(decode):
+            owner[table] = row
+            logical[table] = np.arange(len(table), dtype=np.int32)
+            num[row] = len(table)
+            idx[row, 0, 0, : len(table)] = table
+        self.owner.copy_(torch.from_numpy(owner))
+        self.logical.copy_(torch.from_numpy(logical))
+        d = len(decode)
+        self.dec_seq[:d].copy_(torch.arange(d, dtype=torch.int32))
+        self.dec_pos[:d].copy_(torch.tensor([p for _, p in decode], dtype=torch.int32))
+        step.decode.kv_num_blocks.copy_(torch.from_numpy(num))
+        step.decode.kv_indices.copy_(torch.from_numpy(idx))
+
     def run(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: FlexStep, scale: float | None
     ) -> torch.Tensor:

@@ -40,16 +40,22 @@ class Backends:
     attention: str
     base_gemm: BaseGemm
     batch_invariant: bool
+    cuda_graphs: bool = False
 
     def describe(self) -> str:
         return (
             f"device={self.device.type} lora={self.lora} attention={self.attention} "
-            f"base_gemm={self.base_gemm.value} batch_invariant={self.batch_invariant}"
+            f"base_gemm={self.base_gemm.value} batch_invariant={self.batch_invariant} "
+            f"cuda_graphs={self.cuda_graphs}"
         )
 
 
 def select_backends(
-    device: torch.device, lora: str = "auto", attention: str = "auto", batch_invariant: bool = False
+    device: torch.device,
+    lora: str = "auto",
+    attention: str = "auto",
+    batch_invariant: bool = False,
+    cuda_graphs: bool = False,
 ) -> Backends:
     """Resolve `auto` for this device and refuse what cannot run, naming the combination."""
     if lora not in LORA_BACKENDS:
@@ -73,12 +79,18 @@ def select_backends(
                 "--batch-invariant with --attention-backend flex on CUDA: the compiled decode kernel may "
                 "split the key sequence by batch size; use --attention-backend torch"
             )
+    if cuda_graphs and not (cuda and lora == "triton" and attention == "flex"):
+        raise BackendError(
+            f"--cuda-graphs needs a CUDA device with --lora-backend triton and --attention-backend flex "
+            f"(static shapes end to end); got device={device.type} lora={lora} attention={attention}"
+        )
     chosen = Backends(
         device=device,
         lora="triton" if lora == "triton" else "torch",
         attention="flex" if attention == "flex" else "torch",
         base_gemm=base_gemm,
         batch_invariant=batch_invariant,
+        cuda_graphs=cuda_graphs,
     )
     log.info("backends: %s", chosen.describe())
     return chosen

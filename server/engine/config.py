@@ -22,6 +22,8 @@ class EngineConfig:
     block_size: int = 16
     max_queue: int = 256
     attention_backend: str = "torch"  # "torch" or "flex" (chosen by select_backends)
+    # Decode-only steps padded to batch-size buckets; captured as CUDA graphs on a GPU.
+    cuda_graphs: bool = False
     # Steps a request blocked by the adapter budget waits before newer requests stop overtaking it.
     max_adapter_wait_steps: int = 16
 

@@ -7,6 +7,7 @@ import torch
 from server.engine.attention import AttentionMetadata, FlexPlan, KVCache, PrefillChunk
 from server.engine.attn_flex import FlexAttention
 from server.engine.config import EngineConfig
+from server.engine.graphs import DecodeGraphs, PaddedDecode
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.step_inputs import StepInputBuilder, StepInputs, to_device
@@ -21,9 +22,10 @@ class ModelRunner:
         self.config = config
         cfg = base.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # one block past the allocator's: the scratch slots that padded decode rows write into
         self.kv = KVCache(
             cfg.num_hidden_layers,
-            config.num_kv_blocks * config.block_size,
+            (config.num_kv_blocks + 1) * config.block_size,
             cfg.num_key_value_heads,
             head_dim,
             base.dtype,
@@ -33,12 +35,15 @@ class ModelRunner:
         self.flex: FlexAttention | None = None
         if config.attention_backend == "flex":
             self.flex = FlexAttention(
-                config.num_kv_blocks,
+                config.num_kv_blocks + 1,
                 config.block_size,
                 config.max_num_seqs,
                 base.device,
                 compiled=base.device.type == "cuda",
             )
+        self.graphs: DecodeGraphs | None = None
+        if config.cuda_graphs:
+            self.graphs = DecodeGraphs(self, capture=base.device.type == "cuda")
 
     @torch.inference_mode()
     def run(self, step: SchedulerOutput, slot_of: dict[str, int]) -> tuple[list[Sequence], torch.Tensor]:
@@ -46,6 +51,10 @@ class ModelRunner:
         computed) and their next-token logits [N, V]."""
         dev = self.base.device
         inputs = self.inputs.build(step, slot_of)
+        if self.graphs is not None and step.decode and not step.prefill:
+            logits = self.graphs.run(inputs, self._decode_tables(step))
+            if logits is not None:
+                return inputs.sampling, logits
         meta = self._attention(inputs, step)
         ctx = self.base.lora_context
         ctx.batch = LoRABatch.build(
@@ -66,6 +75,48 @@ class ModelRunner:
         picked = hidden.index_select(0, torch.tensor(inputs.sample_rows, device=dev))  # [N, hidden]
         logits = base_linear(picked, self.base.model.lm_head, self.base.lora_context.base_gemm)
         return inputs.sampling, logits
+
+    def _decode_tables(self, step: SchedulerOutput) -> list[tuple[list[int], int]]:
+        """(block table of the context so far, query position) of each decode row."""
+        bs = self.config.block_size
+        return [
+            (s.block_table[: s.num_computed_tokens // bs + 1], s.num_computed_tokens) for s in step.decode
+        ]
+
+    def forward_static(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, batch: LoRABatch
+    ) -> torch.Tensor:
+        """The model and lm_head over every row of a decode step: [1, B] ids -> [B, V] logits."""
+        ctx = self.base.lora_context
+        ctx.batch = batch
+        try:
+            hidden = self.base.model.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                use_cache=False,
+                loraplex_attention=meta,
+                loraplex_kv_cache=self.kv,
+            ).last_hidden_state[0]
+        finally:
+            ctx.batch = None
+        return base_linear(hidden, self.base.model.lm_head, ctx.base_gemm)
+
+    def forward_padded(self, p: PaddedDecode) -> torch.Tensor:
+        """A padded decode step run eagerly (what a captured graph replays): [B, V] logits."""
+        dev = self.base.device
+        slot_mapping = to_device(p.slot_mapping, dev)
+        if self.flex is not None:
+            meta = AttentionMetadata(
+                slot_mapping, p.bucket, flex=FlexPlan(self.flex, self.flex.prepare(p.tables, []))
+            )
+        else:
+            meta = AttentionMetadata(
+                slot_mapping, p.bucket, decode_kv=tuple(to_device(c, dev) for c in p.contexts)
+            )
+        ctx = self.base.lora_context
+        batch = LoRABatch.build(p.adapter_slots.tolist(), [], dev, sgmv=ctx.lora_backend == "triton")
+        ids = to_device(p.input_ids, dev).unsqueeze(0)
+        return self.forward_static(ids, to_device(p.positions, dev).unsqueeze(0), meta, batch)
 
     def _attention(self, inputs: StepInputs, step: SchedulerOutput) -> AttentionMetadata:
         dev = self.base.device

@@ -84,7 +84,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = base_linear(x, self.base, self.context.base_gemm)
         batch = self.context.batch
-        if batch is None or not (batch.active & self.loaded):
+        if batch is None or not (batch.always or batch.active & self.loaded):
             return y
         # x: [1, T, in] (packed batch) -> [T, in]. As PEFT does, the term is computed in the
         # factors' dtype (fp32) and cast before it is added, in place into y's rows (y is this

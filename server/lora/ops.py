@@ -44,6 +44,8 @@ class LoRABatch:
     # When few adapters serve many decode rows: (slot, its rows; None = all decode rows) per slot,
     # computed with broadcast factors instead of one gathered copy per row (the same bits).
     decode_groups: tuple[tuple[int, torch.Tensor | None], ...] | None = None
+    # A captured graph's batch: every layer launches its kernels whatever is loaded at capture time.
+    always: bool = False
 
     @staticmethod
     def build(

@@ -25,6 +25,8 @@ def test_cpu_defaults_and_invariant_mode(caplog: pytest.LogCaptureFixture) -> No
         False,
     )
     assert "backends: device=cpu lora=torch attention=torch base_gemm=plain" in caplog.text
+    with pytest.raises(BackendError, match="--cuda-graphs needs a CUDA device"):
+        select_backends(CPU, cuda_graphs=True)
     assert select_backends(CPU, batch_invariant=True).base_gemm is BaseGemm.TILED
     assert select_backends(torch.device("cuda"), batch_invariant=False).base_gemm is BaseGemm.BNB
     assert select_backends(torch.device("cuda"), batch_invariant=True).base_gemm is BaseGemm.TILED

@@ -332,3 +332,70 @@ def test_triton_and_flex_backends_give_the_torch_tokens(
     for combo, tokens in results.items():
         assert tokens == reference, f"lora={combo[0]} attention={combo[1]} differs from the torch backends"
     assert reference["qv/0"] != reference["None/0"]
+
+
+def test_decode_buckets() -> None:
+    from server.engine.graphs import bucket_for, decode_buckets
+
+    assert decode_buckets(32) == (1, 2, 4, 8, 16, 24, 32)
+    assert decode_buckets(20) == (1, 2, 4, 8, 16, 20)
+    assert decode_buckets(3) == (1, 2, 3)
+    assert decode_buckets(1) == (1,)
+    assert [bucket_for(n, decode_buckets(32)) for n in (1, 3, 5, 9, 17, 32, 33)] == [
+        1,
+        4,
+        8,
+        16,
+        24,
+        32,
+        None,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lora", "attention"), [("torch", "torch"), pytest.param("triton", "flex", marks=pytest.mark.slow)]
+)
+def test_padded_decode_steps_give_the_unpadded_logits(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, lora: str, attention: str
+) -> None:
+    """Decode steps padded to batch-size buckets (what a CUDA graph replays: padding rows on slot 0,
+    no KV blocks, K/V into the scratch slot) give every real row the same logits, bitwise, as the
+    unpadded step, in the batch-invariant mode."""
+    if lora == "triton":
+        pytest.importorskip("triton")
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    base = load_base(
+        path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, base_gemm=TILED,
+        lora_backend=lora,
+    )  # fmt: skip
+    registry = AdapterRegistry(base.linear_shapes, 8)
+    for i, (name, cfg) in enumerate(LORAS.items()):
+        make_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), tmp_path / name, seed=i, **cfg)
+        registry.add_dir(name, tmp_path / name)
+    jobs = [
+        (f"{name}/{p}", registry.resolve(name) if name else None, prompt_ids(base, text))
+        for name in (None, *LORAS)
+        for p, text in enumerate(PROMPTS)
+    ]  # 9 sequences: buckets of 16 (then fewer as none finish early: ignore_eos)
+    logits: dict[bool, dict[str, list[torch.Tensor]]] = {}
+    for padded in (False, True):
+        engine = engine_for(base, registry, max_num_seqs=16, attention_backend=attention, cuda_graphs=padded)
+        rows: dict[str, list[torch.Tensor]] = {}
+        run = engine.runner.run
+
+        def recording(step: Any, slot_of: dict[str, int], rows: Any = rows, run: Any = run) -> Any:
+            sampling, out = run(step, slot_of)
+            for seq, row in zip(sampling, out, strict=True):
+                rows.setdefault(seq.request_id, []).append(row.clone())
+            return sampling, out
+
+        engine.runner.run = recording  # type: ignore[method-assign]
+        greedy(engine, jobs, max_tokens=6)
+        logits[padded] = rows
+        if padded:
+            assert engine.runner.graphs is not None and engine.runner.graphs.steps >= 5
+    for rid, unpadded in logits[False].items():
+        for i, (a, b) in enumerate(zip(unpadded, logits[True][rid], strict=True)):
+            assert torch.equal(a, b), f"{rid} token {i}: padded decode step differs"

@@ -151,7 +151,6 @@ def test_decode_groups_give_the_gathered_bits() -> None:
 
     from server.lora.adapter import ModuleLoRA
     from server.lora.layer import LoRAContext, LoRALinear
-
     from server.model.base_gemm import BaseGemm
 
     ctx = LoRAContext(BaseGemm.TILED)  # the base rows must not differ either
