@@ -49,6 +49,47 @@ def prompt_ids(base: BaseModel, text: str) -> list[int]:
     return base.chat_ids([{"role": "user", "content": text}])
 
 
+Job = tuple[str, AdapterRecord | None, list[int]]
+
+
+def tiny_nf4_setup(
+    path: Path, adapter_dir: Path, texts: list[str], **load: Any
+) -> tuple[BaseModel, AdapterRegistry, list[Job]]:
+    """The tiny Llama in NF4 with the LORAS adapters (made by PEFT under adapter_dir once), and a job
+    for the base and for each adapter on every text."""
+    from transformers import AutoModelForCausalLM
+
+    base = load_base(path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, **load)
+    registry = AdapterRegistry(base.linear_shapes, 8)
+    for i, (name, cfg) in enumerate(LORAS.items()):
+        if not (adapter_dir / name / "adapter_config.json").is_file():
+            make_adapter(
+                lambda: AutoModelForCausalLM.from_pretrained(path), adapter_dir / name, seed=i, **cfg
+            )
+        registry.add_dir(name, adapter_dir / name)
+    jobs = [
+        (f"{name}/{p}", registry.resolve(name) if name else None, prompt_ids(base, text))
+        for name in (None, *LORAS)
+        for p, text in enumerate(texts)
+    ]
+    return base, registry, jobs
+
+
+def record_logits(engine: LLMEngine) -> dict[str, list[torch.Tensor]]:
+    """Every logit row the engine samples from, per request, in order (filled as the engine runs)."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    run = engine.runner.run
+
+    def recording(step: Any, slot_of: dict[str, int]) -> Any:
+        sampling, logits = run(step, slot_of)
+        for seq, row in zip(sampling, logits, strict=True):
+            rows.setdefault(seq.request_id, []).append(row.clone())
+        return sampling, logits
+
+    engine.runner.run = recording  # type: ignore[method-assign]
+    return rows
+
+
 def hf_model(path: Path, quantization: str) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -252,44 +293,16 @@ def test_mixed_batch_logits_are_bitwise_solo(tiny_checkpoint: Callable[[str], Pa
     """Every logit row of every request is the same bits alone and inside a mixed batch: two
     adapters and the base, a tighter token budget (chunks wait for room), decode rows beside
     prefill chunks of other sequences."""
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint("llama")
-    base = load_base(
-        path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, base_gemm=TILED
-    )
-    registry = AdapterRegistry(base.linear_shapes, 8)
-    for i, (name, cfg) in enumerate(LORAS.items()):
-        make_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), tmp_path / name, seed=i, **cfg)
-        registry.add_dir(name, tmp_path / name)
     texts = [*PROMPTS, "a longer prompt that takes several chunks of the token budget to prefill"]
-    jobs = [
-        (f"{name}/{p}", registry.resolve(name) if name else None, prompt_ids(base, text))
-        for name in (None, *LORAS)
-        for p, text in enumerate(texts)
-    ]
-
-    def logits_of(engine: LLMEngine) -> dict[str, list[torch.Tensor]]:
-        rows: dict[str, list[torch.Tensor]] = {}
-        run = engine.runner.run
-
-        def recording(step: Any, slot_of: dict[str, int]) -> Any:
-            sampling, logits = run(step, slot_of)
-            for seq, row in zip(sampling, logits, strict=True):
-                rows.setdefault(seq.request_id, []).append(row.clone())
-            return sampling, logits
-
-        engine.runner.run = recording  # type: ignore[method-assign]
-        return rows
-
+    base, registry, jobs = tiny_nf4_setup(tiny_checkpoint("llama"), tmp_path, texts, base_gemm=TILED)
     solo: dict[str, list[torch.Tensor]] = {}
     for job in jobs:
         engine = engine_for(base, registry, max_num_batched_tokens=64, prefill_chunk_tokens=16)
-        rows = logits_of(engine)
+        rows = record_logits(engine)
         greedy(engine, [job], max_tokens=8)
         solo.update(rows)
     engine = engine_for(base, registry, max_num_seqs=16, max_num_batched_tokens=40, prefill_chunk_tokens=16)
-    mixed = logits_of(engine)
+    mixed = record_logits(engine)
     greedy(engine, jobs, max_tokens=8)
     assert any(len(r.prefilled) > 1 and r.decoded for r in engine.records), "no step mixed decode and prefill"
     assert max(len(r.adapters) for r in engine.records) == 2
@@ -307,23 +320,10 @@ def test_triton_and_flex_backends_give_the_torch_tokens(
     backend (eager), alone and together, against the torch backends: the same greedy tokens for
     base and adapter requests in one mixed batch, prompts prefilled in several chunks."""
     pytest.importorskip("triton")
-    from transformers import AutoModelForCausalLM
-
     path = tiny_checkpoint("llama")
     results = {}
     for lora, attention in (("torch", "torch"), ("triton", "torch"), ("torch", "flex"), ("triton", "flex")):
-        base = load_base(
-            path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, lora_backend=lora
-        )
-        registry = AdapterRegistry(base.linear_shapes, 8)
-        for i, (name, cfg) in enumerate(LORAS.items()):
-            make_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), tmp_path / name, seed=i, **cfg)
-            registry.add_dir(name, tmp_path / name)
-        jobs = [
-            (f"{name}/{p}", registry.resolve(name) if name else None, prompt_ids(base, text))
-            for name in (None, *LORAS)
-            for p, text in enumerate(PROMPTS[:2])
-        ]
+        base, registry, jobs = tiny_nf4_setup(path, tmp_path, PROMPTS[:2], lora_backend=lora)
         engine = engine_for(
             base, registry, max_num_seqs=8, prefill_chunk_tokens=8, attention_backend=attention
         )
@@ -363,37 +363,15 @@ def test_padded_decode_steps_give_the_unpadded_logits(
     unpadded step, in the batch-invariant mode."""
     if lora == "triton":
         pytest.importorskip("triton")
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint("llama")
-    base = load_base(
-        path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, base_gemm=TILED,
-        lora_backend=lora,
-    )  # fmt: skip
-    registry = AdapterRegistry(base.linear_shapes, 8)
-    for i, (name, cfg) in enumerate(LORAS.items()):
-        make_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), tmp_path / name, seed=i, **cfg)
-        registry.add_dir(name, tmp_path / name)
-    jobs = [
-        (f"{name}/{p}", registry.resolve(name) if name else None, prompt_ids(base, text))
-        for name in (None, *LORAS)
-        for p, text in enumerate(PROMPTS)
-    ]  # 9 sequences: buckets of 16 (then fewer as none finish early: ignore_eos)
+    # 9 sequences: decode steps padded to the bucket of 16
+    base, registry, jobs = tiny_nf4_setup(
+        tiny_checkpoint("llama"), tmp_path, PROMPTS, base_gemm=TILED, lora_backend=lora
+    )
     logits: dict[bool, dict[str, list[torch.Tensor]]] = {}
     for padded in (False, True):
         engine = engine_for(base, registry, max_num_seqs=16, attention_backend=attention, cuda_graphs=padded)
-        rows: dict[str, list[torch.Tensor]] = {}
-        run = engine.runner.run
-
-        def recording(step: Any, slot_of: dict[str, int], rows: Any = rows, run: Any = run) -> Any:
-            sampling, out = run(step, slot_of)
-            for seq, row in zip(sampling, out, strict=True):
-                rows.setdefault(seq.request_id, []).append(row.clone())
-            return sampling, out
-
-        engine.runner.run = recording  # type: ignore[method-assign]
+        logits[padded] = record_logits(engine)
         greedy(engine, jobs, max_tokens=6)
-        logits[padded] = rows
         if padded:
             assert engine.runner.graphs is not None and engine.runner.graphs.steps >= 5
     for rid, unpadded in logits[False].items():
