@@ -3,7 +3,6 @@ character-level tokenizer and a chat template, so the engine runs in seconds wit
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,10 +10,6 @@ from typing import Any
 import pytest
 import torch
 
-# The Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen before triton is
-# first imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
