@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 
-
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
