@@ -27,6 +27,20 @@ from server.lora.segments import SEGMENT, Segments
 
 
 @triton.jit
+def _segment(
+    rows_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, g, slot, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr
+):
+    """Segment g's rows (int64, masked past its length), their positions in sorted order, the row
+    mask, and the rank mask of its slot."""
+    start = tl.load(seg_start_ptr + g)
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < tl.load(seg_len_ptr + g)
+    rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
+    r_ok = tl.arange(0, BLOCK_R) < tl.load(rank_ptr + slot)
+    return rows, (start + m).to(tl.int64), m_ok, r_ok
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, t_ptr, rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, rank_ptr,
     K, stride_xm, stride_as, stride_ar, stride_tm,
@@ -36,14 +50,10 @@ def _shrink_kernel(
     slot = tl.load(seg_slot_ptr + g)
     if slot <= 0:
         return
-    start = tl.load(seg_start_ptr + g)
-    n = tl.load(seg_len_ptr + g)
-    rank = tl.load(rank_ptr + slot)
-    m = tl.arange(0, BLOCK_M)
-    m_ok = m < n
-    rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
+    rows, t_rows, m_ok, r_ok = _segment(
+        rows_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, g, slot, BLOCK_M, BLOCK_R
+    )
     r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -61,7 +71,6 @@ def _shrink_kernel(
             acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x.to(a.dtype), a, acc)
-    t_rows = (start + m).to(tl.int64)
     tl.store(t_ptr + t_rows[:, None] * stride_tm + r[None, :], acc, mask=m_ok[:, None])
 
 
@@ -75,17 +84,12 @@ def _expand_kernel(
     slot = tl.load(seg_slot_ptr + g)
     if slot <= 0:
         return
-    start = tl.load(seg_start_ptr + g)
-    n_rows = tl.load(seg_len_ptr + g)
-    rank = tl.load(rank_ptr + slot)
-    m = tl.arange(0, BLOCK_M)
-    m_ok = m < n_rows
-    rows = tl.load(rows_ptr + start + m, mask=m_ok, other=0).to(tl.int64)
+    rows, t_rows, m_ok, r_ok = _segment(
+        rows_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, g, slot, BLOCK_M, BLOCK_R
+    )
     r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = cols < N
-    t_rows = (start + m).to(tl.int64)
     t = tl.load(
         t_ptr + t_rows[:, None] * stride_tm + r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
     )
