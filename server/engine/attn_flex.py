@@ -52,28 +52,32 @@ class FlexAttention:
         self.chunk = torch.zeros(2, dtype=torch.int32, device=device)
         self.compiled = compiled
         self.attend: Any = torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
-        bs, owner, logical = block_size, self.owner, self.logical
+        self.decode_mask = self._mask_mod(self.dec_seq, self.dec_pos)
+        # a chunk call has one query batch (b = 0): one-element views of `chunk`
+        self.chunk_mask = self._mask_mod(self.chunk[0:1], self.chunk[1:2])
 
-        def decode_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+    def _mask_mod(self, seq_of: torch.Tensor, pos_of: torch.Tensor) -> Any:
+        """Keep key kv_idx for query (b, q_idx) when its block belongs to sequence seq_of[b] and its
+        position there is not after the query's, pos_of[b] + q_idx."""
+        bs, owner, logical = self.block_size, self.owner, self.logical
+
+        def mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
             blk = kv_idx // bs
-            mine = owner[blk] == self.dec_seq[b]
-            return mine & (logical[blk] * bs + kv_idx % bs <= self.dec_pos[b] + q_idx)
+            return (owner[blk] == seq_of[b]) & (logical[blk] * bs + kv_idx % bs <= pos_of[b] + q_idx)
 
-        def chunk_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-            blk = kv_idx // bs
-            mine = owner[blk] == self.chunk[0]
-            return mine & (logical[blk] * bs + kv_idx % bs <= self.chunk[1] + q_idx)
+        return mask
 
-        self.decode_mask = decode_mask
-        self.chunk_mask = chunk_mask
-
-    def _mask(self, tables: list[list[int]], q_len: int, mask_mod: Any) -> BlockMask:
-        rows, q_blocks = len(tables), -(-q_len // Q_BLOCK)
-        num = np.zeros((rows, 1, q_blocks), dtype=np.int32)
-        idx = np.zeros((rows, 1, q_blocks, self.num_blocks), dtype=np.int32)
+    def _block_arrays(self, tables: list[list[int]], q_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+        """kv_num_blocks [rows, 1, q_blocks] and kv_indices [rows, 1, q_blocks, num_blocks]."""
+        num = np.zeros((len(tables), 1, q_blocks), dtype=np.int32)
+        idx = np.zeros((len(tables), 1, q_blocks, self.num_blocks), dtype=np.int32)
         for b, table in enumerate(tables):
             num[b] = len(table)
             idx[b, 0, :, : len(table)] = table
+        return num, idx
+
+    def _mask(self, tables: list[list[int]], q_len: int, mask_mod: Any) -> BlockMask:
+        num, idx = self._block_arrays(tables, -(-q_len // Q_BLOCK))
         return BlockMask.from_kv_blocks(
             torch.from_numpy(num).to(self.device),
             torch.from_numpy(idx).to(self.device),
@@ -82,6 +86,21 @@ class FlexAttention:
             seq_lengths=(q_len, self.num_blocks * self.block_size),
             compute_q_blocks=False,
         )
+
+    def _own(self, tables: list[list[int]], decode: list[tuple[list[int], int]]) -> None:
+        """Record which sequence (its index in `tables`) owns each block and the block's index in
+        that sequence; and the decode rows' sequence ids and query positions."""
+        owner = np.full(self.num_blocks, -1, dtype=np.int32)
+        logical = np.zeros(self.num_blocks, dtype=np.int32)
+        for seq_id, table in enumerate(tables):
+            owner[table] = seq_id
+            logical[table] = np.arange(len(table), dtype=np.int32)
+        self.owner.copy_(torch.from_numpy(owner))
+        self.logical.copy_(torch.from_numpy(logical))
+        if decode:
+            d = len(decode)
+            self.dec_seq[:d].copy_(torch.arange(d, dtype=torch.int32))
+            self.dec_pos[:d].copy_(torch.tensor([p for _, p in decode], dtype=torch.int32))
 
     def prepare(
         self,
@@ -94,19 +113,8 @@ class FlexAttention:
         if not self.compiled:
             chunks = [(t, p, 1, row) for row, (t, p) in enumerate(decode)] + chunks
             decode = []
-        owner = np.full(self.num_blocks, -1, dtype=np.int32)
-        logical = np.zeros(self.num_blocks, dtype=np.int32)
-        for seq_id, table in enumerate([t for t, _ in decode] + [t for t, _, _, _ in chunks]):
-            owner[table] = seq_id
-            logical[table] = np.arange(len(table), dtype=np.int32)
-        self.owner.copy_(torch.from_numpy(owner))
-        self.logical.copy_(torch.from_numpy(logical))
-        dec_mask = None
-        if decode:
-            d = len(decode)
-            self.dec_seq[:d].copy_(torch.arange(d, dtype=torch.int32))
-            self.dec_pos[:d].copy_(torch.tensor([p for _, p in decode], dtype=torch.int32))
-            dec_mask = self._mask([t for t, _ in decode], 1, self.decode_mask)
+        self._own([t for t, _ in decode] + [t for t, _, _, _ in chunks], decode)
+        dec_mask = self._mask([t for t, _ in decode], 1, self.decode_mask) if decode else None
         made: list[tuple[int, int, BlockMask, Callable[[], object]]] = []
         for c, (table, pos, n, row) in enumerate(chunks):
             mask = self._mask([table], n, self.chunk_mask)
@@ -123,20 +131,9 @@ class FlexAttention:
     def fill_decode(self, step: FlexStep, decode: list[tuple[list[int], int]]) -> None:
         """Refill a static_decode step: (block table, query position) per row; [] for padding."""
         assert step.decode is not None and len(decode) == step.num_decode
-        owner = np.full(self.num_blocks, -1, dtype=np.int32)
-        logical = np.zeros(self.num_blocks, dtype=np.int32)
-        num = np.zeros((len(decode), 1, 1), dtype=np.int32)
-        idx = np.zeros((len(decode), 1, 1, self.num_blocks), dtype=np.int32)
-        for row, (table, _) in enumerate(decode):
-            owner[table] = row
-            logical[table] = np.arange(len(table), dtype=np.int32)
-            num[row] = len(table)
-            idx[row, 0, 0, : len(table)] = table
-        self.owner.copy_(torch.from_numpy(owner))
-        self.logical.copy_(torch.from_numpy(logical))
-        d = len(decode)
-        self.dec_seq[:d].copy_(torch.arange(d, dtype=torch.int32))
-        self.dec_pos[:d].copy_(torch.tensor([p for _, p in decode], dtype=torch.int32))
+        tables = [t for t, _ in decode]
+        self._own(tables, decode)
+        num, idx = self._block_arrays(tables, 1)
         step.decode.kv_num_blocks.copy_(torch.from_numpy(num))
         step.decode.kv_indices.copy_(torch.from_numpy(idx))
 

@@ -57,24 +57,15 @@ class ModelRunner:
                 return inputs.sampling, logits
         meta = self._attention(inputs, step)
         ctx = self.base.lora_context
-        ctx.batch = LoRABatch.build(
+        batch = LoRABatch.build(
             inputs.decode_adapter_slots, inputs.segments, dev, sgmv=ctx.lora_backend == "triton"
         )
-        try:
-            hidden = self.base.model.model(
-                input_ids=to_device(inputs.input_ids, dev).unsqueeze(0),
-                position_ids=to_device(inputs.positions, dev).unsqueeze(0),
-                use_cache=False,
-                loraplex_attention=meta,
-                loraplex_kv_cache=self.kv,
-            ).last_hidden_state[0]  # [T, hidden]
-        finally:
-            self.base.lora_context.batch = None
+        ids = to_device(inputs.input_ids, dev).unsqueeze(0)
+        hidden = self._hidden(ids, to_device(inputs.positions, dev).unsqueeze(0), meta, batch)
         if not inputs.sample_rows:
             return inputs.sampling, hidden[:0]
         picked = hidden.index_select(0, torch.tensor(inputs.sample_rows, device=dev))  # [N, hidden]
-        logits = base_linear(picked, self.base.model.lm_head, self.base.lora_context.base_gemm)
-        return inputs.sampling, logits
+        return inputs.sampling, base_linear(picked, self.base.model.lm_head, ctx.base_gemm)
 
     def _decode_tables(self, step: SchedulerOutput) -> list[tuple[list[int], int]]:
         """(block table of the context so far, query position) of each decode row."""
@@ -83,14 +74,14 @@ class ModelRunner:
             (s.block_table[: s.num_computed_tokens // bs + 1], s.num_computed_tokens) for s in step.decode
         ]
 
-    def forward_static(
+    def _hidden(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, batch: LoRABatch
     ) -> torch.Tensor:
-        """The model and lm_head over every row of a decode step: [1, B] ids -> [B, V] logits."""
+        """The decoder over the packed rows: [1, T] ids -> [T, hidden]."""
         ctx = self.base.lora_context
         ctx.batch = batch
         try:
-            hidden = self.base.model.model(
+            return self.base.model.model(
                 input_ids=input_ids,
                 position_ids=positions,
                 use_cache=False,
@@ -99,7 +90,13 @@ class ModelRunner:
             ).last_hidden_state[0]
         finally:
             ctx.batch = None
-        return base_linear(hidden, self.base.model.lm_head, ctx.base_gemm)
+
+    def forward_static(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, batch: LoRABatch
+    ) -> torch.Tensor:
+        """The model and lm_head over every row of a decode step: [1, B] ids -> [B, V] logits."""
+        hidden = self._hidden(input_ids, positions, meta, batch)
+        return base_linear(hidden, self.base.model.lm_head, self.base.lora_context.base_gemm)
 
     def forward_padded(self, p: PaddedDecode) -> torch.Tensor:
         """A padded decode step run eagerly (what a captured graph replays): [B, V] logits."""
@@ -123,9 +120,6 @@ class ModelRunner:
         slot_mapping = to_device(inputs.slot_mapping, dev)
         if self.flex is not None:
             bs = self.config.block_size
-            decode = [
-                (s.block_table[: s.num_computed_tokens // bs + 1], s.num_computed_tokens) for s in step.decode
-            ]
             chunks = [
                 (
                     p.seq.block_table[: -(-(p.seq.num_computed_tokens + p.length) // bs)],
@@ -135,7 +129,7 @@ class ModelRunner:
                 )
                 for p in inputs.prefills
             ]
-            plan = FlexPlan(self.flex, self.flex.prepare(decode, chunks))
+            plan = FlexPlan(self.flex, self.flex.prepare(self._decode_tables(step), chunks))
             return AttentionMetadata(slot_mapping, len(step.decode), flex=plan)
         chunks_ref = []
         for p in inputs.prefills:

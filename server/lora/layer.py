@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -58,7 +61,6 @@ class LoRALinear(nn.Module):
         self.register_buffer(
             "lora_rank", torch.zeros(num_slots + 1, dtype=torch.int32, device=device), persistent=False
         )
-        self.ranks = [0] * (num_slots + 1)
         self.loaded: set[int] = set()
 
     def set_slot(self, slot: int, weights: ModuleLoRA | None) -> None:
@@ -68,7 +70,6 @@ class LoRALinear(nn.Module):
         self.lora_B[slot].zero_()
         self.lora_scale[slot] = 0.0
         self.lora_rank[slot] = 0
-        self.ranks[slot] = 0
         self.loaded.discard(slot)
         if weights is None:
             return
@@ -78,7 +79,6 @@ class LoRALinear(nn.Module):
         self.lora_B[slot, :r].copy_(weights.B.T, non_blocking=True)
         self.lora_scale[slot] = weights.scale
         self.lora_rank[slot] = r
-        self.ranks[slot] = r
         self.loaded.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,25 +97,31 @@ class LoRALinear(nn.Module):
             lora_sgmv(x.reshape(-1, self.in_features), y2, A, B, scale, self.lora_rank, batch.sgmv)
             return y
         x2 = x.reshape(-1, self.in_features).to(A.dtype)
+        d = batch.num_decode
         if batch.decode_groups is not None:
             for slot, rows in batch.decode_groups:
                 if slot not in self.loaded:
                     continue  # its factors are zero in this projection: the term adds exact zeros
-                if rows is None:
-                    d = batch.num_decode
-                    y2[:d] += lora_shared(x2[:d], A, B, scale, slot).to(y2.dtype)
-                else:
-                    delta = lora_shared(x2.index_select(0, rows), A, B, scale, slot)
-                    y2.index_add_(0, rows, delta.to(y2.dtype))
+                _add_rows(y2, x2, rows, d, partial(lora_shared, A=A, B=B, scale=scale, slot=slot))
         elif self.loaded & batch.decode_active:
-            rows = batch.decode_rows
-            if rows is None:
-                d = batch.num_decode
-                y2[:d] += lora_rows(x2[:d], A, B, scale, batch.decode_slots).to(y2.dtype)
-            else:
-                delta = lora_rows(x2.index_select(0, rows), A, B, scale, batch.decode_slots)
-                y2.index_add_(0, rows, delta.to(y2.dtype))
+            term = partial(lora_rows, A=A, B=B, scale=scale, slots=batch.decode_slots)
+            _add_rows(y2, x2, batch.decode_rows, d, term)
         for start, end, slot in batch.segments:
             if slot in self.loaded:
                 y2[start:end] += lora_shared(x2[start:end], A, B, scale, slot).to(y2.dtype)
         return y
+
+
+def _add_rows(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    rows: torch.Tensor | None,
+    n: int,
+    term: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """y[rows] += term(x[rows]).to(y.dtype) in place; rows None means the first n rows (a slice:
+    no gather or scatter)."""
+    if rows is None:
+        y[:n] += term(x[:n]).to(y.dtype)
+    else:
+        y.index_add_(0, rows, term(x.index_select(0, rows)).to(y.dtype))

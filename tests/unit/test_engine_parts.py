@@ -60,7 +60,7 @@ def test_layer_applies_slot_and_clears() -> None:
     mod = _module(3, 32, 48, 0.75, seed=2)
     layer.set_slot(1, mod)
     assert layer.loaded == {1}
-    assert layer.ranks[1] == 3
+    assert layer.lora_rank[1] == 3
     x = torch.randn(1, 6, 32)
     # rows 0,1 decode (slot 1, slot 0); rows 2..5 a prefill segment on slot 1
     ctx.batch = LoRABatch.build([1, 0], [(2, 6, 1)], CPU)
@@ -76,7 +76,7 @@ def test_layer_applies_slot_and_clears() -> None:
 
     layer.set_slot(1, None)
     assert layer.loaded == set()
-    assert layer.ranks[1] == 0
+    assert layer.lora_rank[1] == 0
     assert torch.count_nonzero(layer.lora_A[1]) == 0
     assert torch.count_nonzero(layer.lora_B[1]) == 0
     with torch.no_grad():
