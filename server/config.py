@@ -42,10 +42,17 @@ class Settings(BaseSettings):
     )
     api_keys: str = Field("", description="comma-separated inference keys (env only)")
     admin_keys: str = Field("", description="comma-separated admin keys, imply inference (env only)")
+    allowed_origins: str = Field(
+        "", description='comma-separated origins allowed by CORS ("*" for any); empty: CORS off'
+    )
     max_upload_bytes: int = Field(256 << 20, ge=1024, description="largest adapter upload")
     max_request_bytes: int = Field(8 << 20, ge=1024, description="largest JSON request body")
     max_tokens_limit: int = Field(4096, ge=1, description="upper bound on max_tokens")
     max_n: int = Field(8, ge=1, description="upper bound on n")
+    max_stop: int = Field(16, ge=1, description="upper bound on the number of stop strings")
+    logprobs_mode: Literal["processed", "raw"] = Field(
+        "processed", description="logprobs of the distribution sampled from, or of the raw model"
+    )
     lora_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="LoRA term: torch (reference) or triton (SGMV kernels); auto picks torch"
     )

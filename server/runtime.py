@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 from server.config import EngineConfig, Settings
 from server.engine.async_engine import AsyncEngine
 from server.engine.backends import select_backends
 from server.engine.engine import LLMEngine
+from server.engine.grammar import GrammarCompiler
 from server.engine.sequence import SamplingParams, Sequence
 from server.errors import RequestError
 from server.lora.registry import AdapterRecord, AdapterRegistry
@@ -26,6 +28,13 @@ class Runtime:
     registry: AdapterRegistry
     engine: LLMEngine
     async_engine: AsyncEngine
+
+    @cached_property
+    def grammar(self) -> GrammarCompiler:
+        """Structured output's compiler (it indexes the vocabulary once: built at warm-up)."""
+        return GrammarCompiler(
+            self.base.tokenizer, self.base.model.config.vocab_size, eos_token_ids=self.base.eos_token_ids
+        )
 
     @property
     def model_id(self) -> str:

@@ -3,6 +3,7 @@ starts the engine thread and warms it up before /ready says yes."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -10,9 +11,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from server import __version__
-from server.api import adapter_routes, errors, openai_routes, ops_routes, web_routes
+from server.api import adapter_routes, errors, openai_routes, ops_routes, tokenize_routes, web_routes
 from server.api.auth import KeyRing
 from server.api.edge import EdgeMiddleware
 from server.api.metrics import Metrics
@@ -28,6 +30,8 @@ async def _warm_up(runtime: Runtime) -> None:
     )
     async for _ in runtime.async_engine.generate(seq):
         pass
+    # indexing the vocabulary for structured output takes a moment: not on a request's time
+    await asyncio.to_thread(lambda: runtime.grammar)
 
 
 def _is_loopback(host: str) -> bool:
@@ -68,12 +72,27 @@ def create_app(runtime: Runtime) -> FastAPI:
     errors.install(app)
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(tokenize_routes.router)
     app.include_router(adapter_routes.router)
     app.include_router(web_routes.router)
     app.mount("/static", web_routes.static_files(), name="static")
+    # The last added is the outermost: CORS answers preflights (and marks every answer, errors
+    # included) before the edge checks media types; the edge gives each request its id before
+    # an unhandled exception becomes a 500 envelope that names it.
+    app.add_middleware(errors.UnhandledErrorMiddleware)
     app.add_middleware(
         EdgeMiddleware,
         max_request_bytes=settings.max_request_bytes,
         max_upload_bytes=settings.max_upload_bytes,
     )
+    origins = settings.split(settings.allowed_origins)
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials="*" not in origins,
+            expose_headers=["x-request-id", "retry-after"],
+        )
     return app

@@ -14,17 +14,19 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api import prompting
 from server.api.auth import require
+from server.api.choices import Choice
 from server.api.metrics import Metrics
+from server.api.prompting import Prompt
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import RequestOutput
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.sequence import Sequence
 from server.errors import RequestError
 from server.lora.registry import AdapterRecord
 from server.runtime import Runtime
 
 router = APIRouter(dependencies=[Depends(require("inference"))])
-DEFAULT_MAX_TOKENS = 256
 
 
 def _rt(request: Request) -> Runtime:
@@ -63,13 +65,15 @@ async def models(request: Request) -> dict[str, Any]:
 
 @dataclass
 class _Job:
-    """One HTTP request: its n engine sequences and what the response needs to say."""
+    """One HTTP request: its engine sequences (one per choice) and what the response needs to say."""
 
     id: str
     chat: bool
     model: str
     adapter: AdapterRecord | None
     seqs: list[Sequence]
+    choices: list[Choice]
+    n: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
     start: float = field(default_factory=time.perf_counter)
 
@@ -81,47 +85,78 @@ class _Job:
 def _job(
     rt: Runtime,
     body: ChatCompletionRequest | CompletionRequest,
-    prompt: list[int],
-    chat: bool,
+    prompts: list[Prompt],
     max_tokens: int | None,
 ) -> _Job:
-    s = rt.settings
-    if max_tokens is not None and max_tokens > s.max_tokens_limit:
-        raise RequestError(
-            f"max_tokens {max_tokens} is above this server's limit of {s.max_tokens_limit}", "max_tokens"
-        )
-    if body.n > s.max_n:
-        raise RequestError(f"n {body.n} is above this server's limit of {s.max_n}", "n")
+    chat = isinstance(body, ChatCompletionRequest)
+    prompting.check_limits(rt, body, max_tokens)
     adapter = rt.resolve(body.model)
+    spec, param = prompting.constraint_spec(body)
+    echo = isinstance(body, CompletionRequest) and body.echo
+    if max_tokens == 0 and not echo:
+        raise RequestError("max_tokens 0 is only meaningful with echo", "max_tokens")
+    if isinstance(body, CompletionRequest) and body.suffix:
+        raise RequestError("suffix is not supported", "suffix")
+    k = _logprobs_k(body)
     job_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    seqs = []
-    for i in range(body.n):
-        params = SamplingParams(
-            # no max_tokens: as much as fits, bounded; a prompt that fills the context fails its length check
-            max_tokens=max_tokens or max(1, min(DEFAULT_MAX_TOKENS, rt.base.max_model_len - len(prompt))),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            # n seeded choices must differ from each other and still be reproducible
-            seed=None if body.seed is None else (body.seed + i) % 2**63,
-            stop=body.stop_strings(),
+    seqs, choices = [], []
+    for p_index, prompt in enumerate(prompts):
+        # max_tokens 0 with echo: one token is computed (the engine always samples) and not shown
+        limit = (
+            max(1, max_tokens)
+            if max_tokens is not None
+            else prompting.default_max_tokens(rt, len(prompt.ids), chat)
         )
-        seqs.append(rt.sequence(f"{job_id}-{i}", prompt, params, adapter))
-    return _Job(job_id, chat, body.model, adapter, seqs)
+        for j in range(body.n):
+            i = p_index * body.n + j
+            params = prompting.sampling_params(
+                rt,
+                body,
+                len(prompt.ids),
+                j,
+                max_tokens=limit,
+                logprobs=k,
+                prompt_logprobs=k if echo and k is not None else None,
+            )
+            seq = rt.sequence(f"{job_id}-{i}", prompt.ids, params, adapter)
+            if spec is not None:
+                seq.constraint = rt.grammar.compile(spec, param)
+            seqs.append(seq)
+            choices.append(
+                Choice(
+                    i,
+                    chat,
+                    rt.base.tokenizer,
+                    prompt,
+                    stream=body.stream,
+                    want_logprobs=k is not None,
+                    echo=echo,
+                    drop_generated=max_tokens == 0,
+                    tools=body.tools if isinstance(body, ChatCompletionRequest) else None,
+                    choice=body.tool_choice if isinstance(body, ChatCompletionRequest) else None,
+                )
+            )
+    return _Job(job_id, chat, body.model, adapter, seqs, choices, body.n)
+
+
+def _logprobs_k(body: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many alternatives per token the request wants; None: no logprobs at all."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     rt = _rt(request)
-    prompt = rt.base.chat_ids([m.model_dump(include={"role", "content"}) for m in body.messages])
-    job = _job(rt, body, prompt, True, body.max_completion_tokens or body.max_tokens)
+    job = _job(rt, body, [prompting.chat_prompt(rt, body)], body.max_completion_tokens or body.max_tokens)
     return await _respond(rt, request, job, body)
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     rt = _rt(request)
-    job = _job(rt, body, rt.text_prompt(body.prompt), False, body.max_tokens)
+    job = _job(rt, body, prompting.completion_prompts(rt, body), body.max_tokens)
     return await _respond(rt, request, job, body)
 
 
@@ -172,7 +207,8 @@ class _Observer:
         self.rt, self.m, self.job = rt, metrics, job
         self.first: float | None = None
         self.last: float | None = None
-        self.prompt = 0
+        # each prompt counts once, whatever its n (OpenAI's usage)
+        self.prompt = sum(len(c.prompt.ids) for c in job.choices[:: job.n])
         self.completion: dict[int, int] = {}
 
     def output(self, i: int, out: RequestOutput) -> None:
@@ -184,7 +220,6 @@ class _Observer:
             elif self.last is not None:
                 self.m.itl.labels(self.rt.model_id).observe(now - self.last)
             self.last = now
-        self.prompt = out.prompt_tokens
         self.completion[i] = out.completion_tokens
         if out.finished and out.finish_reason:
             self.m.success.labels(self.rt.model_id, out.finish_reason).inc()
@@ -193,14 +228,15 @@ class _Observer:
         name = self.job.adapter.name if self.job.adapter else self.rt.model_id
         completion = sum(self.completion.values())
         self.m.e2e.labels(self.rt.model_id).observe(time.perf_counter() - self.job.start)
-        self.m.prompt_tokens.labels(self.rt.model_id).inc(self.prompt * len(self.job.seqs))
+        self.m.prompt_tokens.labels(self.rt.model_id).inc(self.prompt * self.job.n)
         self.m.generation_tokens.labels(self.rt.model_id).inc(completion)
         self.m.requests.labels(name, outcome).inc()
         if self.job.adapter is not None:
-            self.rt.registry.record_usage(name, self.prompt * len(self.job.seqs), completion)
+            self.rt.registry.record_usage(name, self.prompt * self.job.n, completion)
 
     def usage(self) -> dict[str, int]:
-        prompt, completion = self.prompt, sum(self.completion.values())
+        prompt = self.prompt
+        completion = sum(c.completion_tokens for c in self.job.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -228,14 +264,6 @@ async def _respond(
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
 
-    def choice(i: int, text: str, reason: str | None, first: bool = False) -> dict[str, Any]:
-        if job.chat:
-            delta: dict[str, Any] = (
-                {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            )
-            return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
-        return {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-
     # Submit now, so queue-full and engine errors become HTTP statuses rather than broken streams.
     outputs = _merged(rt, job.seqs)
     try:
@@ -248,8 +276,8 @@ async def _respond(
         outcome = "aborted"
         try:
             if job.chat:
-                for i in range(len(job.seqs)):
-                    yield chunk([choice(i, "", None, first=True)])
+                for c in job.choices:
+                    yield chunk([c.role_chunk()])
             pending: list[tuple[int, RequestOutput]] = [head]
             while pending:
                 for i, out in pending:
@@ -258,8 +286,9 @@ async def _respond(
                         outcome = "error"
                         yield f"data: {json.dumps(_failure(out.error))}\n\n"
                         return
-                    if out.text or out.finished:
-                        yield chunk([choice(i, out.text, out.finish_reason)])
+                    delta = job.choices[i].add(out)
+                    if delta is not None:
+                        yield chunk([delta])
                 nxt = await anext(outputs, None)
                 pending = [nxt] if nxt is not None else []
             outcome = "ok"
@@ -274,8 +303,6 @@ async def _respond(
 
 
 async def _gather(request: Request, job: _Job, obs: _Observer, rt: Runtime) -> JSONResponse:
-    texts = [""] * len(job.seqs)
-    reasons: list[str | None] = [None] * len(job.seqs)
     outcome = "aborted"
     outputs = _merged(rt, job.seqs)
     try:
@@ -284,26 +311,20 @@ async def _gather(request: Request, job: _Job, obs: _Observer, rt: Runtime) -> J
             if out.error:
                 outcome = "error"
                 return JSONResponse(_failure(out.error), status_code=500)
-            texts[i] += out.text
-            reasons[i] = out.finish_reason
+            job.choices[i].add(out)
             if await request.is_disconnected():
                 return JSONResponse(_failure("client disconnected"), status_code=499)
         outcome = "ok"
     finally:
         await outputs.aclose()
         obs.done(outcome)
-    choices = []
-    for i, (text, reason) in enumerate(zip(texts, reasons, strict=True)):
-        c: dict[str, Any] = {"index": i, "finish_reason": reason, "logprobs": None}
-        c.update({"message": {"role": "assistant", "content": text}} if job.chat else {"text": text})
-        choices.append(c)
     return JSONResponse(
         {
             "id": job.id,
             "object": job.kind,
             "created": job.created,
             "model": job.model,
-            "choices": choices,
+            "choices": [c.final() for c in job.choices],
             "usage": obs.usage(),
         }
     )

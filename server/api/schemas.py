@@ -1,45 +1,171 @@
-"""Request and response bodies (OpenAI shapes). Unknown fields are ignored, as OpenAI clients expect."""
+"""Request bodies: OpenAI's fields plus vLLM's extras. Unknown fields are ignored, as OpenAI clients
+expect; an explicit null means the field's default (the openai SDK sends null for an explicit None).
+Bounds that depend on the server's settings (stop strings, n, max_tokens) are checked by the route."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.api.structured import ResponseFormat, StructuredOutputs
+from server.api.tools import NamedToolChoice, Tool, ToolCall
+from server.errors import RequestError
+
+MAX_TEXT = 200_000  # characters of one prompt or message
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's own bound
 
 
-class ChatMessage(BaseModel):
+class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str = Field(max_length=200_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
-class StreamOptions(BaseModel):
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = Field(None, max_length=MAX_TEXT)
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise ValueError(
+                f"content parts of type '{self.type}' are not supported: this model reads text only"
+            )
+        if self.text is None:
+            raise ValueError("a text content part needs 'text'")
+        return self
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = Field(None, max_length=MAX_TEXT)
+    name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a '{self.role}' message needs content")
+        return self
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines, as vLLM joins them."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text or "" for p in self.content)
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Sampling(_Body):
     model: str = Field(max_length=256)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="extension: 0 disables")
+    top_k: int = Field(0, ge=-1, description="vLLM's: -1 or 0 disables")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
     n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, v: int) -> int:
+        return max(v, 0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_lengths(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for s in [v] if isinstance(v, str) else v or []:
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop string is at most {MAX_STOP_CHARS} characters, got {len(s)}")
+        return v
 
     def stop_strings(self) -> tuple[str, ...]:
+        """Empty strings are dropped (they would match everywhere)."""
         if self.stop is None:
             return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s)
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        out = []
+        for k, v in (self.logit_bias or {}).items():
+            if not k.lstrip("-").isdigit():
+                raise RequestError(f"logit_bias keys are token ids, got '{k}'", "logit_bias")
+            out.append((int(k), v))
+        return tuple(out)
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=32)
+    chat_template: str | None = None  # refused: only the model's own template is rendered
+
+    @model_validator(mode="after")
+    def _continue_needs_assistant(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs an assistant message last")
+        return self
 
 
 class CompletionRequest(_Sampling):
-    prompt: str = Field(max_length=200_000)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(max_length=MAX_TEXT)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(
+        cls, v: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: one string, one token list, or several of either."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [[x for x in p if isinstance(x, int)]]
+        return [x for x in p if not isinstance(x, int)]

@@ -40,12 +40,14 @@ class Detokenizer:
         elif final:
             self.read = len(output_ids)
 
-    def update(self, output_ids: list[int], final: bool) -> tuple[str, bool]:
-        """Returns (new text to emit, whether a stop string was hit)."""
+    def update(self, output_ids: list[int], final: bool, check_stop: bool = True) -> tuple[str, bool]:
+        """Returns (new text to emit, whether a stop string was hit). Before `min_tokens` the caller
+        passes check_stop=False: the text is released as it comes and no stop string can end it
+        (vLLM's rule); a later match is searched only in text not yet released."""
         self._advance(output_ids, final)
         text = self.decoded
         hit = False
-        for s in self.stop:
+        for s in self.stop if check_stop else ():
             # search only where a new match can start, so a stop string is found exactly once
             i = text.find(s, max(0, self.sent - len(s) + 1))
             if i != -1:
@@ -53,7 +55,7 @@ class Detokenizer:
         self.text = text
         end = len(text)
         if not (hit or final):
-            for s in self.stop:
+            for s in self.stop if check_stop else ():
                 for k in range(min(len(s) - 1, len(text)), 0, -1):
                     if text.endswith(s[:k]):
                         end = min(end, len(text) - k)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import Detokenizer
+from server.engine.logprobs import TokenLogprob
 from server.engine.model_runner import ModelRunner
-from server.engine.sampler import sample
+from server.engine.sampler import Sampled, sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishReason, Sequence
 from server.errors import AdapterError
@@ -35,6 +36,9 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of `token_ids`, when the request asked for them
+    # every prompt position's, in the request's first output, when it asked for them
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,28 +133,45 @@ class LLMEngine:
             seq.num_computed_tokens += n
         for seq in sched.decode:
             seq.num_computed_tokens += 1
-        tokens = sample(logits, sampling)
-        for seq, token in zip(sampling, tokens, strict=True):
-            outputs.append(self._append(seq, token))
+        for seq, choice in zip(sampling, sample(logits, sampling), strict=True):
+            outputs.append(self._append(seq, choice))
         self._record(sched.decode, sched.prefill, needed)
         self.in_use = {k: v for k, v in self.in_use.items() if v[1] > 0}
         return outputs
 
-    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+    def _append(self, seq: Sequence, choice: Sampled) -> RequestOutput:
+        token, p = choice.token, seq.params
+        first = not seq.output_token_ids
         seq.output_token_ids.append(token)
+        if choice.logprob is not None:
+            seq.output_logprobs.append(choice.logprob)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         reason: FinishReason | None = None
-        if token in seq.eos_token_ids and not seq.params.ignore_eos:
+        may_stop = len(seq.output_token_ids) > p.min_tokens  # the sampler held EOS back until then
+        if may_stop and ((token in seq.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids):
             reason = FinishReason.STOP
-        elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.base.max_model_len:
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.base.max_model_len:
             reason = FinishReason.LENGTH
         text, hit_stop = self.detokenizers[seq.request_id].update(
-            seq.output_token_ids, final=reason is not None
+            seq.output_token_ids,
+            final=reason is not None,
+            check_stop=len(seq.output_token_ids) >= p.min_tokens,
         )
         if hit_stop:
             reason = FinishReason.STOP
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        return self._output(seq, (token,), text)
+        out = self._output(seq, (token,), text)
+        if choice.logprob is not None or (first and seq.prompt_logprobs is not None):
+            out = replace(
+                out,
+                logprobs=(choice.logprob,) if choice.logprob is not None else (),
+                prompt_logprobs=tuple(seq.prompt_logprobs)
+                if first and seq.prompt_logprobs is not None
+                else None,
+            )
+        return out
 
     def _output(
         self, seq: Sequence, tokens: tuple[int, ...], text: str, error: str | None = None

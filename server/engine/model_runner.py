@@ -8,6 +8,7 @@ from server.engine.attention import AttentionMetadata, FlexPlan, KVCache, Prefil
 from server.engine.attn_flex import FlexAttention
 from server.engine.config import EngineConfig
 from server.engine.graphs import DecodeGraphs, PaddedDecode
+from server.engine.logprobs import prompt_logprobs
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.step_inputs import StepInputBuilder, StepInputs, to_device
@@ -62,10 +63,30 @@ class ModelRunner:
         )
         ids = to_device(inputs.input_ids, dev).unsqueeze(0)
         hidden = self._hidden(ids, to_device(inputs.positions, dev).unsqueeze(0), meta, batch)
+        self._prompt_logprobs(inputs, hidden)
         if not inputs.sample_rows:
             return inputs.sampling, hidden[:0]
         picked = hidden.index_select(0, torch.tensor(inputs.sample_rows, device=dev))  # [N, hidden]
         return inputs.sampling, base_linear(picked, self.base.model.lm_head, ctx.base_gemm)
+
+    def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor) -> None:
+        """For requests that asked (`echo` + `logprobs`): what each prefilled prompt position says
+        about the next prompt token, written into the sequence by position (a recompute after
+        preemption rewrites the same entries). Its own lm_head call, so the sampled rows' logits
+        are the same product with or without it."""
+        for p in inputs.prefills:
+            seq = p.seq
+            if seq.prompt_logprobs is None or seq.params.prompt_logprobs is None:
+                continue
+            first = seq.num_computed_tokens
+            last = min(first + p.length, len(seq.prompt_token_ids) - 1)  # the final position samples
+            if last <= first:
+                continue
+            rows = hidden[p.start : p.start + last - first]
+            logits = base_linear(rows, self.base.model.lm_head, self.base.lora_context.base_gemm)
+            targets = torch.tensor(seq.prompt_token_ids[first + 1 : last + 1], device=rows.device)
+            for j, entry in enumerate(prompt_logprobs(logits, targets, seq.params.prompt_logprobs)):
+                seq.prompt_logprobs[first + 1 + j] = entry
 
     def _decode_tables(self, step: SchedulerOutput) -> list[tuple[list[int], int]]:
         """(block table of the context so far, query position) of each decode row."""

@@ -53,10 +53,29 @@ class BaseModel:
     lora_layers: dict[str, LoRALinear]
     lora_context: LoRAContext
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation as prompt token ids, through the model's chat template (assistant turn open)."""
+    def chat_ids(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """A conversation as prompt token ids, through the model's chat template.
+
+        Semantics: by default the assistant turn is opened after the last message. With
+        `continue_final_message` the last (assistant) message is left open instead, so the model
+        continues it (a frontend's "continue" or a prefill); the two cannot be combined, as in
+        transformers and vLLM. `template_kwargs` reach the template as variables (tools, flags)."""
+        if continue_final_message and add_generation_prompt:
+            add_generation_prompt = False  # vLLM's rule: continuing a message opens no new turn
         ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=True,
+            return_dict=False,
+            **(template_kwargs or {}),
         )
         return [int(i) for i in ids]
 

@@ -14,7 +14,7 @@ from bench import report
 from bench.adapters import write_adapter
 from server.lora.weights import linear_modules, load_adapter
 
-SCRIPTS = ("step_overhead", "throughput", "http_e2e", "churn", "scaling")
+SCRIPTS = ("step_overhead", "throughput", "http_e2e", "churn", "scaling", "structured")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -341,7 +341,7 @@ def test_sampler_greedy_topk1_topp_tiny() -> None:
         _sseq(temperature=1.0, top_p=1e-6),
         _sseq(temperature=2.0, top_k=1, top_p=0.5),
     ]
-    assert sample(logits, seqs) == logits.argmax(dim=-1).tolist()
+    assert [c.token for c in sample(logits, seqs)] == logits.argmax(dim=-1).tolist()
 
 
 def test_sampler_seeded_reproducible_and_batch_independent() -> None:
@@ -356,7 +356,7 @@ def test_sampler_seeded_reproducible_and_batch_independent() -> None:
         for row in rows:
             noise = torch.randn(extra, 30)
             logits = torch.cat([noise, row.unsqueeze(0)])
-            got.append(sample(logits, [*others, seq])[-1])
+            got.append(sample(logits, [*others, seq])[-1].token)
         return got
 
     first, second, crowded = run(0), run(0), run(3)
@@ -462,7 +462,7 @@ def test_sampler_draws_follow_the_filtered_distribution() -> None:
     seq = _sseq(temperature=1.0, top_k=3, seed=5)  # top-k keeps 0.5/0.25/0.15, renormalized
     counts = torch.zeros(5)
     for _ in range(3000):
-        counts[sample(logits, [seq])[0]] += 1
+        counts[sample(logits, [seq])[0].token] += 1
     freq = counts / counts.sum()
     expected = torch.tensor([0.5, 0.25, 0.15, 0.0, 0.0]) / 0.9
     assert torch.allclose(freq, expected, atol=0.03), freq

@@ -1,0 +1,194 @@
+"""From a validated request to what the engine runs: the prompt token ids of each choice, the
+sampling parameters, and the grammar a constrained choice follows. Every bound that depends on the
+server's settings or on the model (vocabulary, context) is checked here, with a 400 naming the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.api import tools as tool_calls
+from server.api.schemas import ChatCompletionRequest, CompletionRequest
+from server.api.structured import grammar_source
+from server.engine.grammar import GrammarSpec
+from server.engine.sequence import SamplingParams
+from server.errors import RequestError
+from server.runtime import Runtime
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+# apply_chat_template's own parameters: not template variables, so chat_template_kwargs cannot set them
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "sanitize_control_tokens",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+
+
+def template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's `chat_template_kwargs`: template variables, never apply_chat_template's own switches."""
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & (kwargs or {}).keys())
+    if reserved:
+        raise RequestError(f"chat_template_kwargs cannot set {', '.join(reserved)}", "chat_template_kwargs")
+    return dict(kwargs or {})
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request: its ids and its text (what `echo` repeats)."""
+
+    ids: list[int]
+    text: str
+
+
+def chat_prompt(rt: Runtime, body: ChatCompletionRequest) -> Prompt:
+    """The conversation through the model's chat template. `developer` is the system role (OpenAI
+    renamed it; templates know `system`); `name` reaches the template; tool history and tool
+    definitions go through the template when it supports tools, else as Hermes-style text."""
+    messages: list[dict[str, Any]] = []
+    for m in body.messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        messages.append(msg)
+    choice = body.tool_choice if body.tools else "none"
+    tools = body.tools if body.tools and choice != "none" else None
+    messages, kwargs = tool_calls.render_messages(
+        messages, tools, choice, tool_calls.template_supports_tools(rt.base.tokenizer)
+    )
+    if body.chat_template is not None:
+        raise RequestError(
+            "a per-request chat_template is not supported: the model's own is used", "chat_template"
+        )
+    try:
+        ids = rt.base.chat_ids(
+            messages,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            template_kwargs={**template_kwargs(body.chat_template_kwargs), **kwargs},
+        )
+    except ValueError as e:  # transformers' own checks, e.g. continue_final_message with nothing to continue
+        raise RequestError(str(e), "messages") from e
+    return Prompt(ids, "")
+
+
+def completion_prompts(rt: Runtime, body: CompletionRequest) -> list[Prompt]:
+    """Each prompt of /v1/completions: text is tokenized; token ids are checked against the vocabulary."""
+    vocab = len(rt.base.tokenizer)
+    out = []
+    for p in body.prompts():
+        if isinstance(p, str):
+            out.append(Prompt(rt.text_prompt(p), p))
+            continue
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+        out.append(Prompt(list(p), rt.base.tokenizer.decode(p)))
+    return out
+
+
+def constraint_spec(body: ChatCompletionRequest | CompletionRequest) -> tuple[GrammarSpec | None, str]:
+    """The grammar the output must follow, and the request field it came from."""
+    source = grammar_source(
+        body.response_format,
+        body.structured_outputs,
+        body.guided_json,
+        body.guided_regex,
+        body.guided_choice,
+        body.guided_grammar,
+    )
+    if (
+        isinstance(body, ChatCompletionRequest)
+        and body.tools
+        and body.tool_choice not in (None, "none", "auto")
+    ):
+        schema = tool_calls.forced_schema(body.tools, body.tool_choice)
+        if schema is not None:
+            if body.tool_choice == "required" and not body.parallel_tool_calls:
+                schema["maxItems"] = 1
+            if source is not None:
+                raise RequestError(
+                    "tool_choice forces a tool call; it cannot be combined with a response_format",
+                    "tool_choice",
+                )
+            return GrammarSpec.for_schema(schema), "tool_choice"
+    return (None, "response_format") if source is None else (source[1], source[0])
+
+
+def sampling_params(
+    rt: Runtime,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt_len: int,
+    index: int,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None,
+) -> SamplingParams:
+    """The engine's parameters for choice `index` (a seeded request's n choices differ and repeat)."""
+    vocab = rt.base.model.config.vocab_size
+    bias = body.bias()
+    for t in [t for t, _ in bias] + list(body.stop_token_ids or []):
+        if not 0 <= t < vocab:
+            raise RequestError(f"token id {t} is outside the vocabulary [0, {vocab})", "logit_bias")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=None if body.seed is None else (body.seed + index) % 2**63,
+        stop=body.stop_strings(),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        min_tokens=min(body.min_tokens, max_tokens),
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=bias,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        raw_logprobs=rt.settings.logprobs_mode == "raw",
+    )
+
+
+def check_limits(
+    rt: Runtime, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+) -> None:
+    s = rt.settings
+    if max_tokens is not None and max_tokens > s.max_tokens_limit:
+        raise RequestError(
+            f"max_tokens {max_tokens} is above this server's limit of {s.max_tokens_limit}", "max_tokens"
+        )
+    if body.n > s.max_n:
+        raise RequestError(f"n {body.n} is above this server's limit of {s.max_n}", "n")
+    if body.best_of is not None and body.best_of != body.n:
+        raise RequestError("best_of other than n is not supported (each choice is returned)", "best_of")
+    if len(body.stop_strings()) > s.max_stop:
+        raise RequestError(
+            f"at most {s.max_stop} stop strings are accepted, got {len(body.stop_strings())}", "stop"
+        )
+    if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
+        raise RequestError(f"min_tokens {body.min_tokens} is above max_tokens {max_tokens}", "min_tokens")
+
+
+def default_max_tokens(rt: Runtime, prompt_len: int, chat: bool) -> int:
+    """Chat: the rest of the context, bounded by the server's limit (vLLM's default; frontends send
+    none and expect a whole reply). Completions: 16, as OpenAI and vLLM."""
+    room = max(1, rt.base.max_model_len - prompt_len)
+    return min(rt.settings.max_tokens_limit, room) if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)

@@ -1,0 +1,182 @@
+"""vLLM's tokenizer endpoints: `POST /tokenize` (a prompt, or messages through the model's chat
+template), `POST /detokenize` and `GET /tokenizer_info`, in vLLM's shapes. Every adapter shares the
+base model's tokenizer; `model` is optional, as in vLLM, and when given must name the base model
+or a registered adapter (else the 404 of any other request)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+from server.api.auth import require
+from server.api.prompting import template_kwargs
+from server.errors import RequestError
+from server.runtime import Runtime
+
+router = APIRouter(dependencies=[Depends(require("inference"))])
+MAX_PROMPT_CHARS = 200_000
+MAX_TOKEN_IDS = 200_000
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class TokenizeCompletionRequest(_Body):
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(max_length=64)
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart] | None = None
+
+    def for_template(self) -> dict[str, str]:
+        """As the chat route renders it: text parts joined by newlines (as vLLM joins them), no
+        content as "", and `developer` as `system` (OpenAI's new name; templates know `system`)."""
+        if self.content is None:
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            text = "\n".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class TokenizeChatRequest(_Body):
+    messages: list[Message]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # the chat template adds its own
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM fields that loraplex refuses rather than ignores
+    chat_template: str | None = None
+    tools: list[Any] | None = None
+
+
+def _kind(body: Any) -> str:
+    return (
+        "TokenizeChatRequest"
+        if isinstance(body, dict) and "messages" in body
+        else "TokenizeCompletionRequest"
+    )
+
+
+TokenizeRequest = Annotated[
+    Annotated[TokenizeCompletionRequest, Tag("TokenizeCompletionRequest")]
+    | Annotated[TokenizeChatRequest, Tag("TokenizeChatRequest")],
+    Discriminator(_kind),
+]
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int] = Field(max_length=MAX_TOKEN_IDS)
+
+
+def _runtime(request: Request, model: str | None) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    if model is not None:
+        rt.resolve(model)  # unknown -> AdapterNotFoundError (404); the tokenizer is the base's either way
+    return rt
+
+
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """What `add_special_tokens` puts before and after a text (e.g. [BOS], []): found around a
+    one-character probe, since tokenizers add them in their post-processor, not by a method."""
+    bare = [int(i) for i in tokenizer.encode("a", add_special_tokens=False)]
+    full = [int(i) for i in tokenizer.encode("a", add_special_tokens=True)]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i], full[i + len(bare) :]
+    return [], []
+
+
+def _chat_ids(rt: Runtime, body: TokenizeChatRequest) -> list[int]:
+    if body.chat_template is not None:
+        raise RequestError(
+            "a per-request chat_template is not supported: the model's own is used", "chat_template"
+        )
+    if body.tools:
+        raise RequestError("tools are not supported by /tokenize", "tools")
+    kwargs = template_kwargs(body.chat_template_kwargs)
+    try:
+        ids = rt.base.chat_ids(
+            [m.for_template() for m in body.messages],
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            template_kwargs=kwargs or None,
+        )
+    except ValueError as e:  # transformers' own checks, e.g. continue_final_message with nothing to continue
+        raise RequestError(str(e), "messages") from e
+    if body.add_special_tokens:
+        before, after = _special_tokens(rt.base.tokenizer)
+        ids = before + ids + after
+    return ids
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    rt = _runtime(request, body.model)
+    tokenizer = rt.base.tokenizer
+    if isinstance(body, TokenizeChatRequest):
+        ids = _chat_ids(rt, body)
+    else:
+        ids = [int(i) for i in tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)]
+    return {
+        "count": len(ids),
+        "max_model_len": rt.base.max_model_len,
+        "tokens": ids,
+        "token_strs": list(tokenizer.convert_ids_to_tokens(ids)) if body.return_token_strs else None,
+    }
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, str]:
+    rt = _runtime(request, body.model)
+    tokenizer = rt.base.tokenizer
+    vocab = len(tokenizer)
+    for i, t in enumerate(body.tokens):
+        if not 0 <= t < vocab:
+            raise RequestError(f"tokens[{i}] = {t} is outside the vocabulary [0, {vocab})", "tokens")
+    return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> dict[str, Any]:
+    """The base tokenizer's special tokens and chat template (lm-evaluation-harness's remote
+    tokenizer reads `eos_token` and `chat_template`). `model_max_length` is the served context."""
+    rt: Runtime = request.app.state.runtime
+    tokenizer = rt.base.tokenizer
+
+    def token(name: str) -> str | None:
+        value = getattr(tokenizer, name, None)
+        return None if value is None else str(value)
+
+    return {
+        "tokenizer_class": type(tokenizer).__name__,
+        "bos_token": token("bos_token"),
+        "eos_token": token("eos_token"),
+        "pad_token": token("pad_token"),
+        "unk_token": token("unk_token"),
+        "model_max_length": rt.base.max_model_len,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
