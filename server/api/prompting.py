@@ -171,6 +171,10 @@ def check_limits(
     rt: Runtime, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
 ) -> None:
     s = rt.settings
+    refused = body.refused()
+    if refused is not None:
+        hint = " (use tools)" if refused.startswith("function") else ""
+        raise RequestError(f"{refused} is not supported by this server{hint}", refused)
     if max_tokens is not None and max_tokens > s.max_tokens_limit:
         raise RequestError(
             f"max_tokens {max_tokens} is above this server's limit of {s.max_tokens_limit}", "max_tokens"

@@ -97,6 +97,38 @@ class _Sampling(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM extras that change the output and are not implemented: refused when set to a non-default
+    # value (see `refused`), so no client gets a silently different answer
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    use_beam_search: bool = False
+    prompt_logprobs: int | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    def refused(self) -> str | None:
+        """The first field set to something this server does not do, if any."""
+        for name in (
+            "bad_words",
+            "allowed_token_ids",
+            "truncate_prompt_tokens",
+            "prompt_logprobs",
+            "functions",
+            "function_call",
+        ):
+            if getattr(self, name):
+                return name
+        if self.include_stop_str_in_output:
+            return "include_stop_str_in_output"
+        if not self.skip_special_tokens:
+            return "skip_special_tokens"
+        if not self.spaces_between_special_tokens:
+            return "spaces_between_special_tokens"
+        return "use_beam_search" if self.use_beam_search else None
 
     @field_validator("top_k")
     @classmethod

@@ -168,3 +168,62 @@ def test_incremental_detokenizer_matches_full_decode(base: BaseModel) -> None:
     streamed = "".join(det.update(ids[: i + 1], final=False)[0] for i in range(len(ids)))
     streamed += det.update(ids, final=True)[0]
     assert streamed == tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.invariance
+def test_constrained_and_penalised_requests_leave_neighbours_alone(
+    make_engine: EngineFactory,
+    base: BaseModel,
+    registry: AdapterRegistry,
+    prompt_ids: list[list[int]],
+    solo: dict[str, list[int]],
+) -> None:
+    """Grammar masks, penalties, biases and logprobs act on their own rows only: the greedy tokens
+    of the plain requests beside them are the ones they get alone."""
+    import json
+
+    from server.engine.grammar import GrammarCompiler, GrammarSpec
+
+    grammar = GrammarCompiler(base.tokenizer, base.model.config.vocab_size, eos_token_ids=base.eos_token_ids)
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}, "ok": {"type": "boolean"}},
+        "required": ["city", "ok"],
+        "additionalProperties": False,
+    }
+    plain = [("base/0", None, prompt_ids[0]), ("qv-r4/1", registry.resolve("qv-r4"), prompt_ids[1])]
+    engine = make_engine()
+    eos = engine.base.eos_token_ids
+    for rid, adapter, ids in plain:
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+        engine.add_request(Sequence(rid, list(ids), params, adapter=adapter, eos_token_ids=eos))
+    shaped = Sequence(
+        "json",
+        list(prompt_ids[0]),
+        SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=3),
+        adapter=registry.resolve("patterns"),
+        eos_token_ids=eos,
+    )
+    shaped.constraint = grammar.compile(GrammarSpec.for_schema(schema))
+    loud = SamplingParams(
+        max_tokens=NEW_TOKENS,
+        temperature=0.0,
+        repetition_penalty=1.4,
+        presence_penalty=1.0,
+        logit_bias=((42, 4.0),),
+        min_tokens=8,
+    )
+    engine.add_request(shaped)
+    engine.add_request(
+        Sequence("loud", list(prompt_ids[2]), loud, adapter=registry.resolve("qv-r4"), eos_token_ids=eos)
+    )
+    tokens: dict[str, list[int]] = {"base/0": [], "qv-r4/1": [], "json": [], "loud": []}
+    while engine.has_work():
+        for o in engine.step():
+            tokens[o.request_id].extend(o.token_ids)
+    assert any({"base/0", "json", "loud"} <= set(r.decoded) for r in engine.records)
+    for rid, _, _ in plain:
+        assert tokens[rid] == solo[rid], f"{rid} changed beside the constrained and penalised requests"
+    text = base.tokenizer.decode(tokens["json"], skip_special_tokens=True)
+    assert json.loads(text)["city"] in ("Paris", "Rome")
+    assert tokens["loud"] != solo["qv-r4/2"]

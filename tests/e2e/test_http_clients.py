@@ -324,7 +324,8 @@ def test_langchain_invoke_stream_and_structured_output(server: ServerProc) -> No
     whole = llm.invoke("Name three colours.")
     streamed = "".join(str(c.content) for c in llm.stream("Name three colours."))
     assert whole.content == streamed and streamed
-    structured = llm.with_structured_output(City).invoke("Which city is the capital of Italy?")
+    roomy = ChatOpenAI(model=ADAPTER, temperature=0, max_retries=0, **{**settings, "max_tokens": 60})
+    structured = roomy.with_structured_output(City).invoke("Which city is the capital of Italy?")
     assert isinstance(structured, City)
 
 
@@ -358,3 +359,92 @@ def test_chat_logprobs_and_continue(server: ServerProc) -> None:
     dev = tokenize_chat(server, [{"role": "developer", "content": "Be brief."}, messages[0]])
     sys_ = tokenize_chat(server, [{"role": "system", "content": "Be brief."}, messages[0]])
     assert dev == sys_
+
+
+def test_streamed_tool_call_logprobs_and_vllm_guided_fields(client: openai.OpenAI) -> None:
+    tool: Any = {
+        "type": "function",
+        "function": {
+            "name": "pick",
+            "parameters": {
+                "type": "object",
+                "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+                "required": ["colour"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    stream = client.chat.completions.create(
+        model=ADAPTER,
+        messages=[{"role": "user", "content": "Pick a colour."}],
+        tools=[tool],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=40,
+        stream=True,
+    )
+    calls: dict[int, dict[str, str]] = {}
+    reasons, content = [], ""
+    for chunk in stream:
+        for c in chunk.choices:
+            reasons.append(c.finish_reason)
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["name"] += (d.function.name or "") if d.function else ""
+                entry["arguments"] += (d.function.arguments or "") if d.function else ""
+    assert list(calls) == [0], (content, reasons)  # parallel_tool_calls=False: one call
+    assert calls[0]["name"] == "pick"
+    assert json.loads(calls[0]["arguments"])["colour"] in ("red", "green", "blue")
+    assert reasons[-1] == "tool_calls"
+
+    streamed = client.chat.completions.create(
+        model=ADAPTER,
+        messages=[{"role": "user", "content": "Say hi."}],
+        logprobs=True,
+        top_logprobs=2,
+        temperature=0,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    entries, usage = [], None
+    for chunk in streamed:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            entries += c.logprobs.content or [] if c.logprobs else []
+    assert usage is not None and len(entries) == usage.completion_tokens == 6
+
+    choice = client.chat.completions.create(
+        model=ADAPTER,
+        messages=[{"role": "user", "content": "Is the sky blue?"}],
+        extra_body={"guided_choice": ["yes", "no"]},
+        temperature=0,
+        max_tokens=5,
+    )
+    assert choice.choices[0].message.content in ("yes", "no")
+    regex = client.completions.create(
+        model=ADAPTER,
+        prompt="The year is",
+        extra_body={"structured_outputs": {"regex": " [0-9]{4}"}},
+        temperature=0,
+        max_tokens=8,
+    )
+    assert regex.choices[0].text[1:].isdigit() and len(regex.choices[0].text) == 5
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=ADAPTER,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_object"},
+            extra_body={"guided_regex": "a+"},
+        )
+    assert refused.value.status_code == 400
+    bad_schema = {"type": "array", "contains": {"type": "integer"}, "minContains": 2}
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        client.chat.completions.create(
+            model=ADAPTER,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": bad_schema}},
+        )
+    assert "minContains" in str(unsupported.value) and "response_format" in str(unsupported.value)

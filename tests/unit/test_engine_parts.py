@@ -392,6 +392,14 @@ def test_detokenizer_stop_split_across_steps() -> None:
     assert det.text == "ab"
 
 
+def test_detokenizer_stop_strings_wait_for_min_tokens() -> None:
+    det = Detokenizer(FakeTokenizer(["ab", "STOP", "cd", "STOP"]), ("STOP",))
+    assert det.update([0], final=False, check_stop=False) == ("ab", False)
+    assert det.update([0, 1], final=False, check_stop=False) == ("STOP", False)  # before min_tokens
+    assert det.update([0, 1, 2], final=False) == ("cd", False)  # an earlier match is not found again
+    assert det.update([0, 1, 2, 3], final=False) == ("", True)
+
+
 def test_detokenizer_false_stop_prefix_released() -> None:
     det = Detokenizer(FakeTokenizer(["ab", "ST", "cd"]), ("STOP",))
     assert det.update([0, 1], final=False) == ("ab", False)
