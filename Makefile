@@ -58,6 +58,7 @@ bench: model
 	$(PY) -m bench.http_e2e
 	$(PY) -m bench.churn
 	$(PY) -m bench.scaling
+	$(PY) -m bench.structured
 
 # Persona adapters (adapters/<persona>/): build the data, QLoRA-train each persona, evaluate.
 .PHONY: personas

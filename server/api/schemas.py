@@ -17,7 +17,9 @@ MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's own bound
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
+    """A request body: unknown fields ignored, an explicit null the field's default."""
+
     model_config = ConfigDict(extra="ignore")
 
     @model_validator(mode="before")
@@ -44,7 +46,7 @@ class ContentPart(BaseModel):
         return self
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = Field(None, max_length=MAX_TEXT)
     name: str | None = Field(None, max_length=256)
@@ -66,12 +68,12 @@ class ChatMessage(_Body):
         return "\n".join(p.text or "" for p in self.content)
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _Sampling(_Body):
+class _Sampling(Body):
     model: str = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)

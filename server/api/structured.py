@@ -47,26 +47,6 @@ class StructuredOutputs(BaseModel):
     json_object: bool | None = None
 
 
-def grammar_spec(
-    response_format: ResponseFormat | None,
-    structured_outputs: StructuredOutputs | None,
-    guided_json: dict[str, Any] | str | None,
-    guided_regex: str | None,
-    guided_choice: list[str] | None,
-    guided_grammar: str | None,
-) -> GrammarSpec | None:
-    """The one constraint a request asks for, or None.
-
-    Semantics: at most one source among the arguments (and one field of `structured_outputs`), else
-    RequestError naming them. `response_format` text -> None; json_object, or json_schema with an
-    empty or missing schema -> any JSON object. Sizes are bounded (MAX_*), RequestError otherwise.
-    """
-    source = grammar_source(
-        response_format, structured_outputs, guided_json, guided_regex, guided_choice, guided_grammar
-    )
-    return source[1] if source else None
-
-
 def grammar_source(
     response_format: ResponseFormat | None,
     structured_outputs: StructuredOutputs | None,
@@ -75,7 +55,13 @@ def grammar_source(
     guided_choice: list[str] | None,
     guided_grammar: str | None,
 ) -> tuple[str, GrammarSpec] | None:
-    """`grammar_spec`, with the request field it came from (the `param` of a compile error)."""
+    """The one constraint a request asks for, with the request field it came from (the `param` of a
+    compile error), or None.
+
+    Semantics: at most one source among the arguments (and one field of `structured_outputs`), else
+    RequestError naming them. `response_format` text -> None; json_object, or json_schema with an
+    empty or missing schema -> any JSON object. Sizes are bounded (MAX_*), RequestError otherwise.
+    """
     found: list[tuple[str, Any]] = []  # (param, raw value), every constraint the request names
     if response_format is not None and response_format.type != "text":
         found.append(("response_format", response_format))

@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from server.api.auth import require
 from server.api.prompting import template_kwargs
+from server.api.schemas import Body
 from server.errors import RequestError
 from server.runtime import Runtime
 
@@ -20,16 +21,8 @@ MAX_PROMPT_CHARS = 200_000
 MAX_TOKEN_IDS = 200_000
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Body(Body):
     model: str | None = Field(None, max_length=256)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
 
 
 class TokenizeCompletionRequest(_Body):

@@ -18,7 +18,6 @@ from server.api.structured import (
     ResponseFormat,
     StructuredOutputs,
     grammar_source,
-    grammar_spec,
 )
 from server.engine.grammar import Constraint, GrammarCompiler, GrammarSpec, apply_masks
 from server.errors import ModelNotFoundError, RequestError
@@ -38,6 +37,11 @@ SCHEMA = {
 DEEP: dict[str, Any] = {"type": "integer"}
 for _ in range(100):
     DEEP = {"type": "object", "properties": {"a": DEEP}, "required": ["a"]}
+
+
+def grammar_spec(*args: Any, **kwargs: Any) -> GrammarSpec | None:
+    source = grammar_source(*args, **kwargs)
+    return source[1] if source else None
 
 
 @pytest.fixture(scope="session")
