@@ -34,33 +34,44 @@ def _rt(request: Request) -> Runtime:
     return rt
 
 
-@router.get("/v1/models")
-async def models(request: Request) -> dict[str, Any]:
+def _base_entry(request: Request) -> dict[str, Any]:
     rt = _rt(request)
-    created = int(request.app.state.started)
-    base = {
+    return {
         "id": rt.model_id,
         "object": "model",
-        "created": created,
+        "created": int(request.app.state.started),
         "owned_by": "loraplex",
         "root": rt.model_id,
         "parent": None,
         "max_model_len": rt.base.max_model_len,
     }
-    data = [base]
-    for r in rt.registry.records():
-        data.append(
-            {
-                "id": r.name,
-                "object": "model",
-                "created": int(r.created),
-                "owned_by": "loraplex",
-                "root": r.name,
-                "parent": rt.model_id,
-                "version": r.version,
-            }
-        )
+
+
+def _adapter_entry(rt: Runtime, r: AdapterRecord) -> dict[str, Any]:
+    return {
+        "id": r.name,
+        "object": "model",
+        "created": int(r.created),
+        "owned_by": "loraplex",
+        "root": r.name,
+        "parent": rt.model_id,
+        "version": r.version,
+    }
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    rt = _rt(request)
+    data = [_base_entry(request)] + [_adapter_entry(rt, r) for r in rt.registry.records()]
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> dict[str, Any]:
+    """OpenAI's retrieve: one entry of the list; an unknown id is 404 `model_not_found`."""
+    rt = _rt(request)
+    adapter = rt.resolve(model_id)
+    return _base_entry(request) if adapter is None else _adapter_entry(rt, adapter)
 
 
 @dataclass
@@ -251,6 +262,8 @@ async def _respond(
     if not body.stream:
         return await _gather(request, job, obs, rt)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # vLLM's: the usage so far in every chunk, not only in the last one
+    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         payload: dict[str, Any] = {
@@ -261,7 +274,7 @@ async def _respond(
             "choices": choices,
         }
         if include_usage:
-            payload["usage"] = usage
+            payload["usage"] = obs.usage() if usage is None and continuous else usage
         return f"data: {json.dumps(payload)}\n\n"
 
     # Submit now, so queue-full and engine errors become HTTP statuses rather than broken streams.

@@ -448,3 +448,22 @@ def test_streamed_tool_call_logprobs_and_vllm_guided_fields(client: openai.OpenA
             response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": bad_schema}},
         )
     assert "minContains" in str(unsupported.value) and "response_format" in str(unsupported.value)
+
+
+def test_models_retrieve_and_continuous_usage(server: ServerProc, client: openai.OpenAI) -> None:
+    assert client.models.retrieve(ADAPTER).model_dump()["parent"] == BASE_ID
+    assert client.models.retrieve(BASE_ID).id == BASE_ID
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-adapter")
+    body = {
+        "model": ADAPTER,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    completions = [e["usage"]["completion_tokens"] for e in events]
+    assert completions == sorted(completions) and completions[-1] == 4
+    assert all(e["usage"]["prompt_tokens"] > 0 for e in events)
