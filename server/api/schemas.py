@@ -55,7 +55,7 @@ class ChatMessage(Body):
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+        if self.content is None and self.role != "assistant":  # an assistant turn may be only tool calls
             raise ValueError(f"a '{self.role}' message needs content")
         return self
 

@@ -5,14 +5,15 @@ or a registered adapter (else the 404 of any other request)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import Discriminator, Field, Tag
 
 from server.api.auth import require
-from server.api.prompting import template_kwargs
-from server.api.schemas import Body
+from server.api.prompting import render_chat
+from server.api.schemas import Body, ChatMessage
+from server.api.tools import Tool, ToolChoice
 from server.errors import RequestError
 from server.runtime import Runtime
 
@@ -31,39 +32,18 @@ class TokenizeCompletionRequest(_Body):
     return_token_strs: bool = False
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str = Field(max_length=MAX_PROMPT_CHARS)
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str = Field(max_length=64)
-    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart] | None = None
-
-    def for_template(self) -> dict[str, str]:
-        """As the chat route renders it: text parts joined by newlines (as vLLM joins them), no
-        content as "", and `developer` as `system` (OpenAI's new name; templates know `system`)."""
-        if self.content is None:
-            text = ""
-        elif isinstance(self.content, str):
-            text = self.content
-        else:
-            text = "\n".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
 class TokenizeChatRequest(_Body):
-    messages: list[Message]
+    """The chat route's own messages, tools and template controls: the same prompt, counted."""
+
+    messages: list[ChatMessage] = Field(max_length=1024)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False  # the chat template adds its own
     return_token_strs: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    # vLLM fields that loraplex refuses rather than ignores
-    chat_template: str | None = None
-    tools: list[Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=32)
+    chat_template: str | None = None  # refused, as in the chat route
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
 
 
 def _kind(body: Any) -> str:
@@ -104,22 +84,16 @@ def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 def _chat_ids(rt: Runtime, body: TokenizeChatRequest) -> list[int]:
-    if body.chat_template is not None:
-        raise RequestError(
-            "a per-request chat_template is not supported: the model's own is used", "chat_template"
-        )
-    if body.tools:
-        raise RequestError("tools are not supported by /tokenize", "tools")
-    kwargs = template_kwargs(body.chat_template_kwargs)
-    try:
-        ids = rt.base.chat_ids(
-            [m.for_template() for m in body.messages],
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            template_kwargs=kwargs or None,
-        )
-    except ValueError as e:  # transformers' own checks, e.g. continue_final_message with nothing to continue
-        raise RequestError(str(e), "messages") from e
+    ids = render_chat(
+        rt,
+        body.messages,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        chat_template_kwargs=body.chat_template_kwargs,
+        chat_template=body.chat_template,
+    )
     if body.add_special_tokens:
         before, after = _special_tokens(rt.base.tokenizer)
         ids = before + ids + after

@@ -179,9 +179,19 @@ def test_tokenize_messages_refusals(client: TestClient) -> None:
     err = assert_envelope(r, 400, "chat_template_kwargs")
     assert "tokenize" in err["message"]
     r = client.post("/tokenize", json={"messages": messages, "tools": [{"type": "function"}]})
-    assert_envelope(r, 400, "tools")
+    assert_envelope(r, 400, "tools.0.function")
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-    assert_envelope(client.post("/tokenize", json={"messages": image}), 400, "messages.0.content.0.type")
+    err = assert_envelope(client.post("/tokenize", json={"messages": image}), 400, "messages.0.content.0")
+    assert "image_url" in err["message"]
+
+
+def test_tokenize_counts_the_tools_the_chat_route_renders(client: TestClient) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    plain = client.post("/tokenize", json={"messages": messages}).json()["count"]
+    offered = client.post("/tokenize", json={"messages": messages, "tools": [tool]}).json()["count"]
+    declined = client.post("/tokenize", json={"messages": messages, "tools": [tool], "tool_choice": "none"})
+    assert offered > plain == declined.json()["count"]
 
 
 def test_detokenize_round_trip_and_bounds(client: TestClient, tokenizer: Any) -> None:
@@ -249,9 +259,9 @@ def test_tokenizer_routes_need_an_inference_key(tokenizer: Any, tmp_path: Path) 
         (
             "/tokenize",
             {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
-            "messages.0.content.0.text",
-            "missing_required_parameter",
-            "Field required",
+            "messages.0.content.0",
+            "invalid_value",
+            "needs 'text'",
         ),
         ("/tokenize", {"model": 5, "messages": [{"content": "x"}]}, "model", "invalid_type", "string"),
         ("/detokenize", {"tokens": [1, "x"]}, "tokens.1", "invalid_type", "integer"),
