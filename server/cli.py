@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     prep = sub.add_parser("prepare-model", help="convert the default GGUF model once (cached)")
     _add_settings_flags(prep)
+    _add_ray_serve_command(sub)
     _add_training_commands(sub)
     ns = parser.parse_args(argv)
     settings = _settings(ns)
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command in TRAINING_COMMANDS:
             return _training(ns, settings)
+        if ns.command == "ray-serve":
+            return _ray_serve(ns, settings)
         if ns.command == "prepare-model":
             from server.model.source import resolve_model
 
@@ -144,6 +147,59 @@ def _training(ns: argparse.Namespace, settings: Settings) -> int:
     from server.training.evaluate import run
 
     return run(settings, ns.persona_dir, ns.out)
+
+
+def _add_ray_serve_command(sub: argparse._SubParsersAction) -> None:
+    ray = sub.add_parser("ray-serve", help="N replicas behind Ray Serve on this machine (loraplex[ray])")
+    _add_settings_flags(ray)  # --host/--port: Serve's HTTP proxy; the rest: each replica's child
+    ray.add_argument("--replicas", type=int, default=2)
+    ray.add_argument("--num-gpus", type=float, default=None, help="per replica (default: 1 with CUDA)")
+    ray.add_argument("--ray-num-cpus", type=int, default=None, help="local Ray's CPUs (default: all)")
+    ray.add_argument("--log-level", default="info")
+
+
+# build_app takes these as args of their own (they size Serve's options too)
+_RAY_OWN = ("host", "port", "adapters_dir", "max_loras", "max_num_seqs", "max_queue")
+
+
+def _ray_serve(ns: argparse.Namespace, settings: Settings) -> int:
+    """A one-machine try of server/integrations/ray_serve.py: a local Ray instance, the app on
+    --host/--port, until Ctrl-C or SIGTERM."""
+    import os
+
+    try:
+        from server.integrations.ray_serve import run_local
+    except ImportError as e:
+        logging.getLogger("loraplex").error("ray-serve needs Ray: pip install 'loraplex[ray]' (%s)", e)
+        return 2
+    child: list[str] = []
+    for name, value in vars(ns).items():
+        if name not in Settings.model_fields or name in _RAY_OWN or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            child.append(flag if value else "--no-" + flag[2:])
+        else:
+            child += [flag, str(value)]
+    gpus = ns.num_gpus
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if settings.device != "cpu" and torch.cuda.is_available() else 0.0
+    cores = os.cpu_count() or 1
+    args = {
+        "replicas": ns.replicas,
+        "adapters_dir": str(settings.store_dir),
+        "serve_args": [*child, "--log-level", ns.log_level],
+        # CPU children share this machine's cores (Ray would give each one OpenMP thread)
+        "env": {} if gpus else {"OMP_NUM_THREADS": str(max(1, cores // ns.replicas))},
+        "num_gpus": gpus,
+        "num_cpus": 0,  # the children's cores are not Ray's to schedule
+        "max_loras": settings.max_loras,
+        "max_num_seqs": settings.max_num_seqs,
+        "max_queue": settings.max_queue,
+    }
+    return run_local(args, settings.host, settings.port, ns.ray_num_cpus)
 
 
 def _serve(settings: Settings, log_level: str) -> int:

@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models live here")
     adapters_dir: Path | None = Field(None, description="the adapter store (default: CACHE_DIR/adapters)")
+    store_rescan_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=60,  # other hosts take a process whose heartbeat is PROCESS_TTL_SECONDS (300) old for dead
+        description="seconds between rescans of a store shared with other processes (their uploads "
+        "and deletes, heartbeats, garbage collection); 0: off, for a store no other process uses",
+    )
     import_adapters: Path | None = Field(
         None, description="PEFT adapter dirs under this dir are imported at start"
     )

@@ -4,6 +4,7 @@ starts the engine thread and warms it up before /ready says yes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -34,6 +35,16 @@ async def _warm_up(runtime: Runtime) -> None:
     await asyncio.to_thread(lambda: runtime.grammar)
 
 
+async def _rescan_store(runtime: Runtime, interval: float) -> None:
+    """Converge with the other processes sharing the adapter store (registry.sync), until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(runtime.registry.sync)
+        except Exception:  # a flaky network volume must not end the loop: the next pass retries
+            log.exception("adapter store rescan failed")
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -49,13 +60,22 @@ def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.async_engine.start()  # a no-op when `loraplex serve` runs the loop on the main thread
+        rescan: asyncio.Task[None] | None = None
         try:
             await _warm_up(runtime)
+            if settings.store_rescan_seconds > 0:
+                rescan = asyncio.create_task(_rescan_store(runtime, settings.store_rescan_seconds))
             app.state.ready = True
             yield
         finally:
             app.state.ready = False
+            if rescan is not None:
+                rescan.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await rescan
             runtime.async_engine.shutdown()
+            # after the engine: its last sequences unpin as they finish
+            await asyncio.to_thread(runtime.registry.close)
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
     app.state.runtime = runtime

@@ -40,6 +40,17 @@ class _EngineCollector(Collector):
         )
         g.add_metric(model, 1.0 - blocks.num_free / blocks.num_blocks)
         yield g
+        # vLLM's info gauge: value 1, the configuration in its labels. An endpoint picker reads
+        # block_size and num_gpu_blocks (the KV blocks, on whatever device) to size its prefix index;
+        # the KV cache holds the model's compute dtype; there is no prefix caching.
+        cache = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the KV cache configuration.",
+            labels=["block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"],
+        )
+        kv_dtype = str(self.rt.base.dtype).removeprefix("torch.")
+        cache.add_metric([str(blocks.block_size), str(blocks.num_blocks), kv_dtype, "False"], 1.0)
+        yield cache
 
         def names(seqs: list[Sequence]) -> str:
             return ",".join(sorted({s.adapter.name for s in seqs if s.adapter is not None}))

@@ -112,11 +112,13 @@ class LLMEngine:
         if seq.adapter is not None:
             weights, refs = self.in_use[seq.adapter.version]
             self.in_use[seq.adapter.version] = (weights, refs + 1)
+            self.registry.pin(seq.adapter.version)  # other processes sharing the store keep its blob
 
     def release(self, seq: Sequence) -> None:
         if seq.adapter is not None and seq.adapter.version in self.in_use:
             weights, refs = self.in_use[seq.adapter.version]
             self.in_use[seq.adapter.version] = (weights, refs - 1)
+            self.registry.unpin(seq.adapter.version)
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

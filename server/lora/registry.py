@@ -1,5 +1,11 @@
 """Adapter names -> versions -> files. A version is the sha256 of the adapter's two files, so the
-same bytes are the same version and a request pinned to a version never sees other weights."""
+same bytes are the same version and a request pinned to a version never sees other weights.
+
+Semantics with a store shared by several processes (store.py has the layout): this process's view
+of the names converges to the store's by `sync()` (run every `store_rescan_seconds`) and, for a
+name it does not know yet, by looking it up on disk before answering 404 (vLLM's resolver). A
+request keeps the AdapterRecord it resolved, so a replacement or a deletion seen by a rescan never
+changes what a running request uses; `pin()`/`unpin()` tell every process's collector about it."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from pathlib import Path
 
 from server.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError
 from server.lora.adapter import AdapterWeights, ConfigReport, LinearShape
-from server.lora.store import FILES, AdapterStore
+from server.lora.store import FILES, GC_INTERVAL_SECONDS, AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,24 @@ class AdapterRecord:
             "report": asdict(self.report),
         }
 
+    @classmethod
+    def from_json(cls, name: str, version: str, path: Path, data: dict[str, object]) -> AdapterRecord:
+        """The inverse of to_json (the record.json a store keeps beside each blob)."""
+        report = data.get("report") or {}
+        targets = data["target_modules"]
+        if not isinstance(report, dict) or not isinstance(targets, list):
+            raise ValueError("report or target_modules is malformed")
+        return cls(
+            name=name,
+            version=version,
+            path=path,
+            rank=int(str(data["rank"])),
+            target_modules=tuple(str(t) for t in targets),
+            size_bytes=int(str(data["size_bytes"])),
+            report=ConfigReport(**report),
+            created=float(str(data.get("created", 0))),
+        )
+
 
 @dataclass(slots=True)
 class AdapterUsage:
@@ -93,6 +117,13 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = {}
         self._usage = _Usage()
         self._lock = threading.Lock()
+        # A logical clock of this process's own adds and removes, per name: a rescan or a lookup that
+        # read the disk before one of them must not overwrite it with what it read.
+        self._tick = 0
+        self._touched: dict[str, int] = {}
+        self._unreadable: set[tuple[str, str]] = set()  # logged once each
+        self._sync_lock = threading.Lock()  # one sync pass at a time; close() waits for it
+        self._next_gc = 0.0
 
     def load(self, record: AdapterRecord) -> AdapterWeights:
         """Parse an adapter from disk (called by the CPU cache's loader thread)."""
@@ -135,39 +166,92 @@ class AdapterRegistry:
             record = replace(record, path=path)
         with self._lock:
             self._records[name] = record
+            self._stamp(name)
         log.info("adapter %s registered (version %s, rank %d)", name, version[:12], record.rank)
         return record, weights
 
     def restore(self) -> list[AdapterRecord]:
-        """Re-register everything the store knows (after a restart), from the records written at
-        import time, without parsing the weights again."""
+        """Register everything the store names (after a restart), from the records written at
+        import time, without parsing the weights again; then collect garbage: at once when no other
+        process uses the store (as a lone process always did), else after the grace period."""
         if self.store is None:
             return []
-        restored = []
-        for name, version in self.store.names().items():
-            try:
-                data = self.store.record(version)
-                report = data.get("report") or {}
-                targets = data["target_modules"]
-                assert isinstance(report, dict) and isinstance(targets, list)
-                record = AdapterRecord(
-                    name=name,
-                    version=version,
-                    path=self.store.blob(version),
-                    rank=int(str(data["rank"])),
-                    target_modules=tuple(str(t) for t in targets),
-                    size_bytes=int(str(data["size_bytes"])),
-                    report=ConfigReport(**report),
-                    created=float(str(data.get("created", 0))),
-                )
-            except (OSError, KeyError, ValueError, AssertionError, TypeError) as e:
+        self._rescan()
+        self.store.collect_garbage(grace=0.0 if self.store.alone() else None)
+        self._next_gc = time.monotonic() + GC_INTERVAL_SECONDS
+        return self.records()
+
+    def sync(self) -> list[str]:
+        """One pass of the shared-store loop: heartbeat, rescan the names (returns those that
+        changed here), and every GC_INTERVAL_SECONDS a garbage collection with the grace period."""
+        if self.store is None:
+            return []
+        with self._sync_lock:
+            self.store.heartbeat()
+            changed = self._rescan()
+            if time.monotonic() >= self._next_gc:
+                self._next_gc = time.monotonic() + GC_INTERVAL_SECONDS
+                self.store.collect_garbage()
+        return changed
+
+    def _rescan(self) -> list[str]:
+        assert self.store is not None
+        with self._lock:
+            start = self._tick
+            current = {name: r.version for name, r in self._records.items()}
+        on_disk = self.store.names()
+        fresh = {}
+        for name, version in on_disk.items():
+            if current.get(name) != version and (record := self._from_store(name, version)) is not None:
+                fresh[name] = record
+        changed = []
+        with self._lock:
+            for name in (current.keys() - on_disk.keys()) | fresh.keys():
+                if self._touched.get(name, 0) > start:
+                    continue  # added or removed here during this pass: newer than what we read
+                if name in fresh:
+                    self._records[name] = fresh[name]
+                else:
+                    self._records.pop(name, None)
+                changed.append(name)
+        if changed:
+            log.info("store rescan: %s changed", ", ".join(sorted(changed)))
+        return sorted(changed)
+
+    def _from_store(self, name: str, version: str) -> AdapterRecord | None:
+        assert self.store is not None
+        if not NAME_RE.match(name):
+            return None
+        try:
+            return AdapterRecord.from_json(
+                name, version, self.store.blob(version), self.store.record(version)
+            )
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            if (name, version) not in self._unreadable:
+                self._unreadable.add((name, version))
                 log.error("adapter %s in the store is unreadable, skipped: %s", name, e)
-                continue
-            with self._lock:
-                self._records[name] = record
-            restored.append(record)
-        self.store.collect_garbage()
-        return restored
+            return None
+
+    def _stamp(self, name: str) -> None:
+        """Record a local add or remove of `name` (the caller holds self._lock)."""
+        self._tick += 1
+        self._touched[name] = self._tick
+
+    def pin(self, version: str) -> None:
+        """A sequence on `version` was admitted here: no collector may remove its blob meanwhile."""
+        if self.store is not None:
+            self.store.pins.pin(version)
+
+    def unpin(self, version: str) -> None:
+        """A sequence on `version` left the engine (the pin goes with the last one)."""
+        if self.store is not None:
+            self.store.pins.unpin(version)
+
+    def close(self) -> None:
+        """Remove this process's pins and staging dir from the store (at shutdown)."""
+        with self._sync_lock:
+            if self.store is not None:
+                self.store.close()
 
     def record_usage(self, name: str, prompt_tokens: int, completion_tokens: int) -> None:
         with self._lock:
@@ -196,20 +280,37 @@ class AdapterRegistry:
         return records
 
     def resolve(self, name: str) -> AdapterRecord:
+        """The current record of `name`. A name unknown here is looked up in the store first: another
+        process may have added it since the last rescan."""
         with self._lock:
             record = self._records.get(name)
+            start = self._tick
+        if record is None and self.store is not None and NAME_RE.match(name):
+            version = self.store.pointer(name)
+            found = self._from_store(name, version) if version is not None else None
+            if found is not None:
+                with self._lock:
+                    if self._touched.get(name, 0) <= start:  # not removed here since we read it
+                        self._records.setdefault(name, found)
+                    record = self._records.get(name)
         if record is None:
             raise AdapterNotFoundError(name)
         return record
 
     def remove(self, name: str) -> AdapterRecord:
-        """Forget the name. Requests already running keep their version's files until restart."""
+        """Forget the name, here and in the store. Requests already running keep their version:
+        its blob is only collected once unpinned and past the grace period."""
+        record = self.get(name)
+        if self.store is not None:
+            # the pointer goes first: a lookup that reads the disk after our stamp finds nothing
+            version = self.store.remove(name)
+            if record is None and version is not None:
+                record = self._from_store(name, version)
         with self._lock:
-            record = self._records.pop(name, None)
+            record = self._records.pop(name, None) or record
+            self._stamp(name)
         if record is None:
             raise AdapterNotFoundError(name)
-        if self.store is not None:
-            self.store.remove(name)
         return record
 
     def get(self, name: str) -> AdapterRecord | None:

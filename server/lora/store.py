@@ -1,27 +1,50 @@
-"""The adapter store on disk: content-addressed blobs and a name -> version index.
+"""The adapter store on disk: content-addressed blobs and per-name pointers, shareable by several
+processes (in production an RWX volume such as NFS mounted by every replica).
 
-    root/blobs/<sha256>/adapter_config.json, adapter_model.safetensors, record.json
-    root/names.json        {"name": "<sha256>", ...}
-    root/staging/          uploads being written; never read as adapters
+    root/blobs/<sha256>/          adapter_config.json, adapter_model.safetensors, record.json;
+                                  the dir's mtime: when it was committed or last unreferenced
+    root/names/<name>             a pointer: the version (sha256 hex) that <name> serves
+    root/pins/<sha256>/<proc>     process <proc> runs requests on that version (see pins.py)
+    root/staging/<proc>/          <proc>'s uploads being written, never read as adapters; also
+                                  where its collector moves a blob to before deleting it
+    root/names.json.migrated      the one index of older stores, once copied into names/
 
-Every write goes to a temporary name, is fsynced, then renamed, so a crash leaves either the old
-state or the new one, never half an adapter. Blobs no name points to are removed at start-up
-(not at delete time: requests still running on an old version keep reading it).
+<proc> = `<host>-<pid>-<nonce>`, one per process. Semantics:
+- Every file is written under a temporary name, fsynced, then renamed into place, so a crash or a
+  concurrent writer leaves the old state or the new one, never half of it. Two processes writing
+  one name: the last rename wins. Nothing is read-modify-written, so no update is lost.
+- A blob is in place before a pointer names it. Replacing or deleting a name touches the blob it
+  named, which starts that blob's grace period.
+- A blob is collected only when no pointer names it, no live process pins it, and it has been
+  unreferenced for `grace` (default GC_GRACE_SECONDS): that covers a request between resolving a
+  name and being admitted (when it pins), and a commit between its blob and its pointer. Deleting a
+  name never deletes its blob (requests still running on it keep reading it).
+- A process removes only its own staging dir, and those of dead processes untouched for
+  PROCESS_TTL_SECONDS (another host's process counts as dead only by that age).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
+
+from server.lora.pins import PROCESS_TTL_SECONDS, VERSION_RE, Pins, ProcessId, alive
 
 log = logging.getLogger(__name__)
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
+GC_GRACE_SECONDS = 600.0
+GC_INTERVAL_SECONDS = 60.0  # periodic collections, run by the registry's sync
+# A pointer is a file name: nothing that could leave names/ (the registry checks names further).
+_POINTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,68 +69,224 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _touch(path: Path) -> bool:
+    """Set the mtime to now; False when the path is gone."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 class AdapterStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, me: ProcessId | None = None) -> None:
         self.root = root
+        self.me = me or ProcessId.this()
         self.blobs = root / "blobs"
-        self.staging = root / "staging"
-        self._index = root / "names.json"
+        self.pointers = root / "names"
+        self.staging_root = root / "staging"
+        self.staging = self.staging_root / self.me.token
+        self.pins = Pins(root / "pins", self.me)
+        # This process's commits, removals and collections, one at a time (other processes are
+        # handled by the protocol above, not by locks: NFS locking is unreliable).
         self._lock = threading.Lock()
-        for d in (self.blobs, self.staging):
+        for d in (self.blobs, self.pointers, self.staging):
             d.mkdir(parents=True, exist_ok=True)
-        # Leftovers of uploads interrupted by a crash.
-        for leftover in self.staging.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
+        self._migrate()
 
-    def new_staging_dir(self) -> Path:
-        return Path(tempfile.mkdtemp(dir=self.staging))
-
+    # -- reading -------------------------------------------------------------------------------
     def names(self) -> dict[str, str]:
-        with self._lock:
-            return self._read_index()
+        """Every name -> version pointer on disk now."""
+        found = {}
+        for entry in list(os.scandir(self.pointers)):
+            if not entry.name.startswith("."):  # dot files are pointers being written
+                version = self._read_pointer(Path(entry.path))
+                if version is not None:
+                    found[entry.name] = version
+        return found
+
+    def pointer(self, name: str) -> str | None:
+        """The version `name` points to on disk now, if any."""
+        return self._read_pointer(self.pointers / name) if _POINTER_NAME.match(name) else None
 
     def blob(self, version: str) -> Path:
         return self.blobs / version
-
-    def commit(self, name: str, version: str, staged: Path, record: dict[str, object]) -> Path:
-        """Move a validated staging dir into the blob store (unless that version is already there)
-        and point `name` at it. Identical bytes are stored once."""
-        target = self.blob(version)
-        with self._lock:
-            if not target.is_dir():
-                for fname in FILES:
-                    with open(staged / fname, "rb") as f:
-                        os.fsync(f.fileno())
-                write_atomic(staged / "record.json", json.dumps(record, indent=1).encode())
-                _fsync_dir(staged)
-                os.replace(staged, target)
-                _fsync_dir(self.blobs)
-            else:
-                shutil.rmtree(staged, ignore_errors=True)
-            index = self._read_index()
-            index[name] = version
-            write_atomic(self._index, json.dumps(index, indent=1, sort_keys=True).encode())
-        return target
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            index = self._read_index()
-            if index.pop(name, None) is not None:
-                write_atomic(self._index, json.dumps(index, indent=1, sort_keys=True).encode())
 
     def record(self, version: str) -> dict[str, object]:
         data: dict[str, object] = json.loads((self.blob(version) / "record.json").read_text())
         return data
 
-    def collect_garbage(self) -> None:
-        live = set(self.names().values())
-        for blob in self.blobs.iterdir():
-            if blob.name not in live:
-                log.info("removing unreferenced adapter blob %s", blob.name[:12])
-                shutil.rmtree(blob, ignore_errors=True)
+    # -- writing -------------------------------------------------------------------------------
+    def new_staging_dir(self) -> Path:
+        self.staging.mkdir(parents=True, exist_ok=True)  # again, after close()
+        return Path(tempfile.mkdtemp(dir=self.staging))
 
-    def _read_index(self) -> dict[str, str]:
-        if not self._index.is_file():
-            return {}
-        data = json.loads(self._index.read_text())
-        return {str(k): str(v) for k, v in data.items()}
+    def commit(self, name: str, version: str, staged: Path, record: dict[str, object]) -> Path:
+        """Move a validated staging dir into the blob store (unless that version is already there)
+        and point `name` at it. Identical bytes are stored once."""
+        if not _POINTER_NAME.match(name):
+            raise ValueError(f"invalid pointer name {name!r}")
+        target = self.blob(version)
+        with self._lock:
+            previous = self.pointer(name)
+            for _ in range(3):
+                # Touching a blob that is there re-references it before our pointer exists, so
+                # that a collector racing us sees it changed (see collect_garbage).
+                if not _touch(target):
+                    if not staged.is_dir():
+                        raise OSError(f"adapter blob {version[:12]} was collected while committing it")
+                    self._move_in(staged, target, record)
+                if previous is not None and previous != version:
+                    _touch(self.blob(previous))  # the replaced version's grace period starts now
+                write_atomic(self.pointers / name, f"{version}\n".encode())
+                if (target / "record.json").is_file():
+                    break
+                # a collector took the blob between our touch and our pointer: put ours back
+            else:
+                raise OSError(f"adapter blob {version[:12]} keeps disappearing from the store")
+            shutil.rmtree(staged, ignore_errors=True)
+        return target
+
+    def _move_in(self, staged: Path, target: Path, record: dict[str, object]) -> None:
+        for fname in FILES:
+            with open(staged / fname, "rb") as f:
+                os.fsync(f.fileno())
+        write_atomic(staged / "record.json", json.dumps(record, indent=1).encode())
+        _fsync_dir(staged)
+        try:
+            os.replace(staged, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # another process committed the same bytes a moment ago: theirs serves
+        _fsync_dir(self.blobs)
+
+    def remove(self, name: str) -> str | None:
+        """Delete `name`'s pointer; the version it named (None when there was none)."""
+        with self._lock:
+            version = self.pointer(name)
+            if version is None:
+                return None
+            _touch(self.blob(version))  # its grace period starts now, before the pointer goes
+            (self.pointers / name).unlink(missing_ok=True)
+            _fsync_dir(self.pointers)
+            return version
+
+    # -- sharing -------------------------------------------------------------------------------
+    def heartbeat(self) -> None:
+        """Tell other hosts this process is alive: touch its staging dir and its pins."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        _touch(self.staging)
+        self.pins.refresh()
+
+    def alone(self) -> bool:
+        """No other live process has a staging dir here (so none is mid-upload or mid-request)."""
+        now = time.time()
+        for entry in list(os.scandir(self.staging_root)):
+            if entry.name != self.me.token and alive(entry.name, _mtime(entry.path, now), now):
+                return False
+        return True
+
+    def close(self) -> None:
+        """Remove what this process keeps in the store: its pins and staging dir (at shutdown)."""
+        self.pins.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    # -- collecting ----------------------------------------------------------------------------
+    def collect_garbage(self, grace: float | None = None) -> list[str]:
+        """Remove unreferenced blobs and dead processes' staging dirs (Semantics: module doc).
+        Returns the versions removed."""
+        grace = GC_GRACE_SECONDS if grace is None else grace
+        removed = []
+        with self._lock:
+            start = time.time()
+            self._collect_staging(start)
+            named = set(self.names().values())
+            pinned = self.pins.live()
+            for blob in list(self.blobs.iterdir()):
+                version = blob.name
+                if not VERSION_RE.match(version) or version in named or version in pinned:
+                    continue
+                try:
+                    mtime_ns = blob.stat().st_mtime_ns
+                except FileNotFoundError:
+                    continue
+                # even with no grace, a blob touched since this pass began is someone's new commit
+                if mtime_ns / 1e9 >= start - grace:
+                    continue
+                if self._discard(blob, mtime_ns):
+                    removed.append(version)
+        return removed
+
+    def _discard(self, blob: Path, mtime_ns: int) -> bool:
+        """Take the blob out of reach with one rename, check again that nobody re-referenced it
+        meanwhile (a commit touches it before writing its pointer), then delete or put it back."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        trash = Path(tempfile.mkdtemp(dir=self.staging, prefix=f".gc-{blob.name[:12]}-")) / "blob"
+        try:
+            os.rename(blob, trash)
+        except FileNotFoundError:  # another collector was first
+            shutil.rmtree(trash.parent, ignore_errors=True)
+            return False
+        wanted = (
+            trash.stat().st_mtime_ns != mtime_ns
+            or blob.name in self.names().values()
+            or bool(self.pins.live(blob.name))
+        )
+        if wanted:
+            # fails when it was committed again meanwhile: the same bytes, so ours is not needed
+            with contextlib.suppress(OSError):
+                os.rename(trash, blob)
+        else:
+            log.info("removed unreferenced adapter blob %s", blob.name[:12])
+        shutil.rmtree(trash.parent, ignore_errors=True)
+        return not wanted
+
+    def _collect_staging(self, now: float) -> None:
+        for entry in list(os.scandir(self.staging_root)):
+            mtime = _mtime(entry.path, now)
+            if entry.name == self.me.token or now - mtime < PROCESS_TTL_SECONDS:
+                continue
+            if not alive(entry.name, mtime, now):
+                log.info("removing the staging dir of dead process %s", entry.name)
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    # -- older stores --------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        """Stores written before pointer files kept one names.json: copy it into names/ once, then
+        set it aside (reading it at every start would bring deleted names back)."""
+        legacy = self.root / "names.json"
+        try:
+            index = json.loads(legacy.read_text())
+        except FileNotFoundError:
+            return
+        except ValueError as e:
+            log.error("%s is unreadable, not migrated: %s", legacy, e)
+            return
+        for name, version in index.items():
+            path = self.pointers / str(name)
+            if _POINTER_NAME.match(str(name)) and VERSION_RE.match(str(version)) and not path.exists():
+                write_atomic(path, f"{version}\n".encode())
+        try:
+            os.replace(legacy, self.root / "names.json.migrated")
+            log.info("migrated %d names from %s to %s/", len(index), legacy, self.pointers)
+        except FileNotFoundError:
+            pass  # another process migrated it at the same moment
+
+    @staticmethod
+    def _read_pointer(path: Path) -> str | None:
+        try:
+            version = path.read_text().strip()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        if not VERSION_RE.match(version):
+            log.warning("ignoring pointer %s: %r is not a version", path, version[:80])
+            return None
+        return version
+
+
+def _mtime(path: str, default: float) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return default
