@@ -12,6 +12,8 @@ from server.config import Settings
 
 # Keys on a command line are visible to every user of the machine (ps); env only.
 SECRET_FIELDS = ("api_keys", "admin_keys")
+# uvicorn's bound on connections still open once the graceful drain is over
+GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -203,8 +205,16 @@ def _ray_serve(ns: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(settings: Settings, log_level: str) -> int:
-    """HTTP on a thread, the engine loop on the main thread (where torch's CPU kernels run fastest);
-    SIGINT/SIGTERM reach the main thread and stop uvicorn, whose shutdown stops the engine loop."""
+    """HTTP on a thread, the engine loop on the main thread (where torch's CPU kernels run fastest).
+
+    Shutdown: SIGINT/SIGTERM reach the main thread (uvicorn, on a thread, installs no handlers of
+    its own). The first starts the app's graceful drain (server/api/app.py, Drain), which ends by
+    setting uvicorn's should_exit; uvicorn's shutdown then closes the listener, waits for the
+    connections to close, and runs the lifespan's end, which stops the engine loop; exit 0. A
+    second signal exits at once with 128 + its number (130 for SIGINT, 143 for SIGTERM), as the
+    shell reports a death by signal. An engine fault exits with EXIT_ENGINE_FAULT (3) once the
+    requests in flight have their error (see server/engine/async_engine.py)."""
+    import os
     import signal
     import threading
 
@@ -212,17 +222,23 @@ def _serve(settings: Settings, log_level: str) -> int:
     import uvicorn
 
     from server.api.app import create_app
+    from server.engine.async_engine import EXIT_ENGINE_FAULT
     from server.runtime import build_runtime
 
+    log = logging.getLogger("loraplex")
     runtime = build_runtime(settings)
+    app = create_app(runtime)
     # our edge middleware logs each request with its id; uvicorn's access log would repeat it
     config = uvicorn.Config(
-        create_app(runtime),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=log_level.lower(),
         access_log=False,
         log_config=None,
+        # The drain has already ended every inference request when uvicorn starts its shutdown;
+        # this bounds the wait for the others (an upload, a slow client) so exit never hangs.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     server = uvicorn.Server(config)
 
@@ -233,10 +249,22 @@ def _serve(settings: Settings, log_level: str) -> int:
         finally:
             runtime.async_engine.shutdown()  # start-up failed or uvicorn stopped: end the loop too
 
-    def on_signal(signum: int, frame: object) -> None:
-        if server.should_exit:
-            server.force_exit = True
+    def stop_http() -> None:
         server.should_exit = True
+
+    signalled: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if signalled:
+            log.warning("second signal (%s) during shutdown: exiting now, status %d", name, 128 + signum)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(128 + signum)  # nothing more to wait for: the caller asked twice
+        signalled.append(signum)
+        log.info("%s: draining (up to %gs; again to exit at once)", name, settings.drain_timeout)
+        if not app.state.drain.begin(stop_http):
+            stop_http()  # not serving yet (loading, warming up): nothing to drain
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
@@ -244,7 +272,15 @@ def _serve(settings: Settings, log_level: str) -> int:
     thread = threading.Thread(target=http, name="http")
     thread.start()
     runtime.async_engine.run()
+    fault = runtime.async_engine.error
+    if fault is not None:
+        # The loop has sent every request in flight its error; new ones get 503 and /health 503.
+        # A dead engine serves nothing: exit for the supervisor to start a fresh process.
+        log.error("engine fault (%s): exiting with status %d", fault, EXIT_ENGINE_FAULT)
+        stop_http()
     thread.join()
+    if fault is not None:
+        return EXIT_ENGINE_FAULT
     return 0 if server.started else 1
 
 

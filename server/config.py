@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(32768, ge=256, description="KV cache capacity in tokens")
     block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM/SIGINT, seconds requests in flight have to finish before they are "
+        "aborted (0: abort at once); a second signal exits without waiting",
+    )
 
     @property
     def store_dir(self) -> Path:

@@ -53,3 +53,12 @@ class QueueFullError(LoraplexError):
 
 class EngineDeadError(LoraplexError):
     """The engine thread stopped; no request can be served."""
+
+
+class DrainingError(LoraplexError):
+    """The server is shutting down: `code` "draining" refuses a new request (it may be retried on
+    another replica), "drain_timeout" ends one still running when the drain timeout expired."""
+
+    def __init__(self, message: str, code: str = "draining") -> None:
+        super().__init__(message)
+        self.code = code

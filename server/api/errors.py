@@ -22,6 +22,7 @@ from server.api.edge import PayloadTooLargeError
 from server.errors import (
     AdapterError,
     AdapterNotFoundError,
+    DrainingError,
     EngineDeadError,
     LoraplexError,
     QueueFullError,
@@ -64,7 +65,16 @@ def from_exception(e: LoraplexError) -> JSONResponse:
         return envelope(429, str(e), "rate_limit_error", "queue_full")
     if isinstance(e, EngineDeadError):
         return envelope(503, str(e), "server_error", "engine_unavailable")
+    if isinstance(e, DrainingError):
+        return envelope(503, str(e), "server_error", e.code)
     return envelope(500, str(e), "server_error", "internal_error")
+
+
+def error_event(e: LoraplexError) -> str:
+    """`e` as a server-sent event, for a stream whose 200 is already sent: the same envelope its
+    status would have carried, so a client parses one shape whether the error came early or late."""
+    body = from_exception(e).body
+    return f"data: {bytes(body).decode()}\n\n"
 
 
 def _body_path(loc: tuple[Any, ...], body: Any, missing: bool) -> list[Any]:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.api import prompting
+from server.api import errors, prompting
 from server.api.auth import require
 from server.api.choices import Choice
 from server.api.metrics import Metrics
@@ -22,7 +22,7 @@ from server.api.prompting import Prompt
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import RequestOutput
 from server.engine.sequence import Sequence
-from server.errors import RequestError
+from server.errors import LoraplexError, RequestError
 from server.lora.registry import AdapterRecord
 from server.runtime import Runtime
 
@@ -302,7 +302,12 @@ async def _respond(
                     delta = job.choices[i].add(out)
                     if delta is not None:
                         yield chunk([delta])
-                nxt = await anext(outputs, None)
+                try:
+                    nxt = await anext(outputs, None)
+                except LoraplexError as e:  # e.g. the drain timed out: a terminal event, not a cut
+                    outcome = "error"
+                    yield errors.error_event(e)
+                    return
                 pending = [nxt] if nxt is not None else []
             outcome = "ok"
             if include_usage:

@@ -30,6 +30,8 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
+    if request.app.state.drain.draining:  # out of the load balancer's rotation while in flight ones end
+        return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "1"})
     if request.app.state.ready and request.app.state.runtime.async_engine.alive:
         return JSONResponse({"status": "ready"})
     return JSONResponse({"status": "not ready"}, status_code=503, headers={"Retry-After": "1"})

@@ -1,19 +1,49 @@
-"""The engine thread and one asyncio stream per request: the only bridge between HTTP and the model."""
+"""The engine thread and one asyncio stream per request: the only bridge between HTTP and the model.
+
+Engine faults: an exception inside a step kills the engine, it does not skip the step. A step
+that raised may leave the scheduler, the KV block tables and the adapter slots half-updated, and
+carrying on from there could serve wrong tokens; a restart is the only state known to be good. So
+every request in flight gets a terminal error (`RequestOutput.error`), `alive` turns False
+(/health and /ready answer 503, new requests 503 `engine_unavailable`), and `loraplex serve`
+exits with status 3 (EXIT_ENGINE_FAULT) once those errors are sent, for its supervisor (Docker's
+restart policy, Kubernetes, systemd) to start a fresh process. An embedding that runs the loop
+with start() keeps the dead engine and must watch `alive` itself.
+
+Test-only: LORAPLEX_TEST_FAULT=step:N, read once when the AsyncEngine is built, makes the N-th
+step (1-based, counted from start, the warm-up's steps included) raise instead of running.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from server.engine.engine import LLMEngine, RequestOutput
 from server.engine.sequence import Sequence
 from server.errors import EngineDeadError, QueueFullError
 
 log = logging.getLogger(__name__)
+
+FAULT_ENV = "LORAPLEX_TEST_FAULT"
+_Item = RequestOutput | Exception  # what a request's stream carries
+# `loraplex serve`'s status after an engine fault: not 1 (start-up failed) nor 2 (no model)
+EXIT_ENGINE_FAULT = 3
+
+
+def fault_step(value: str | None) -> int | None:
+    """The step LORAPLEX_TEST_FAULT ("step:N") makes raise; a malformed value is refused loudly,
+    since a fault test that silently injects nothing would pass for the wrong reason."""
+    if not value:
+        return None
+    kind, _, n = value.partition(":")
+    if kind != "step" or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"{FAULT_ENV}={value!r}: expected step:N with N >= 1")
+    return int(n)
 
 
 class AsyncEngine:
@@ -30,7 +60,8 @@ class AsyncEngine:
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        # a queued exception ends that stream by being raised from generate() (see fail_all)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Item]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
@@ -38,6 +69,11 @@ class AsyncEngine:
         self._external = False  # the loop runs on a thread the caller owns (see hold())
         self.error: BaseException | None = None
         self.last_progress = time.monotonic()  # /health: the loop is alive and not stuck
+        self._closed: Callable[[], Exception] | None = None  # set by fail_all: refuse new requests
+        self._fault_step = fault_step(os.environ.get(FAULT_ENV))
+        self._steps = 0
+        if self._fault_step is not None:
+            log.warning("test-only fault injection: step %d will raise (%s)", self._fault_step, FAULT_ENV)
         engine.cache.on_loaded = self._wake.set
 
     def start(self) -> None:
@@ -80,7 +116,9 @@ class AsyncEngine:
         """Submit `seq` and yield its outputs until it finishes. Leaving early (client gone) aborts it."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
-        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        if self._closed is not None:
+            raise self._closed()
+        q: asyncio.Queue[_Item] = asyncio.Queue()
         with self._lock:
             if len(self._streams) >= self.max_queue:
                 raise QueueFullError(
@@ -92,6 +130,8 @@ class AsyncEngine:
         try:
             while not finished:
                 out = await q.get()
+                if not isinstance(out, RequestOutput):
+                    raise out  # the finally aborts the sequence in the engine
                 finished = out.finished
                 yield out
         finally:
@@ -103,6 +143,18 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    def fail_all(self, error: Callable[[], Exception]) -> int:
+        """End every request in flight by raising `error()` from its generate(), which also aborts
+        its sequence in the engine, and refuse later ones with it (a request that was past the
+        HTTP checks but not yet submitted must not slip in behind). The graceful drain's last
+        step when its timeout expires. Thread-safe; returns how many streams were ended."""
+        self._closed = error
+        with self._lock:
+            streams = list(self._streams.values())
+        for loop, q in streams:
+            loop.call_soon_threadsafe(q.put_nowait, error())  # one exception object per stream
+        return len(streams)
+
     def _send(self, kind: str, item: object) -> None:
         self._inbox.put((kind, item))
         self._wake.set()
@@ -111,7 +163,7 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
-                outputs = self.engine.step() if self.engine.has_work() else []
+                outputs = self._step() if self.engine.has_work() else []
                 self._deliver(outputs)
                 self.last_progress = time.monotonic()
                 if not outputs and (not self.engine.has_work() or self.engine.scheduler.running == []):
@@ -126,6 +178,12 @@ class AsyncEngine:
             for rid, (loop, q) in streams:
                 out = RequestOutput(rid, (), "", True, "abort", 0, 0, error=f"engine failure: {e}")
                 loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _step(self) -> list[RequestOutput]:
+        self._steps += 1
+        if self._steps == self._fault_step:
+            raise RuntimeError(f"injected fault in step {self._steps} ({FAULT_ENV}, test-only)")
+        return self.engine.step()
 
     def _drain_inbox(self) -> None:
         while True:
