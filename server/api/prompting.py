@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.api import tools as tool_calls
-from server.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from server.api.schemas import ChatCompletionRequest, ChatTemplateRequest, CompletionRequest
 from server.api.structured import grammar_source
-from server.api.tools import Tool, ToolChoice
 from server.engine.grammar import GrammarSpec
 from server.engine.sequence import SamplingParams
 from server.errors import RequestError
@@ -54,40 +53,20 @@ class Prompt:
 
 
 def chat_prompt(rt: Runtime, body: ChatCompletionRequest) -> Prompt:
-    ids = render_chat(
-        rt,
-        body.messages,
-        tools=body.tools,
-        tool_choice=body.tool_choice,
-        add_generation_prompt=body.add_generation_prompt,
-        continue_final_message=body.continue_final_message,
-        chat_template_kwargs=body.chat_template_kwargs,
-        chat_template=body.chat_template,
-    )
-    return Prompt(ids, "")
+    return Prompt(render_chat(rt, body), "")
 
 
-def render_chat(
-    rt: Runtime,
-    conversation: list[ChatMessage],
-    *,
-    tools: list[Tool] | None,
-    tool_choice: ToolChoice | None,
-    add_generation_prompt: bool,
-    continue_final_message: bool,
-    chat_template_kwargs: dict[str, Any] | None,
-    chat_template: str | None = None,
-) -> list[int]:
+def render_chat(rt: Runtime, body: ChatTemplateRequest) -> list[int]:
     """A conversation through the model's chat template (the chat route and /tokenize alike, so
     a client's token count is the prompt it gets). `developer` is the system role (OpenAI renamed
     it; templates know `system`); `name` reaches the template; tool history and tool definitions go
     through the template when it supports tools, else as Hermes-style text."""
-    if chat_template is not None:
+    if body.chat_template is not None:
         raise RequestError(
             "a per-request chat_template is not supported: the model's own is used", "chat_template"
         )
     messages: list[dict[str, Any]] = []
-    for m in conversation:
+    for m in body.messages:
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         if m.name is not None:
             msg["name"] = m.name
@@ -96,17 +75,15 @@ def render_chat(
         if m.tool_call_id is not None:
             msg["tool_call_id"] = m.tool_call_id
         messages.append(msg)
-    choice = tool_choice if tools else "none"
-    offered = tools if tools and choice != "none" else None
     messages, kwargs = tool_calls.render_messages(
-        messages, offered, choice, tool_calls.template_supports_tools(rt.base.tokenizer)
+        messages, body.tools, body.tool_choice, tool_calls.template_supports_tools(rt.base.tokenizer)
     )
     try:
         return rt.base.chat_ids(
             messages,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            template_kwargs={**template_kwargs(chat_template_kwargs), **kwargs},
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            template_kwargs={**template_kwargs(body.chat_template_kwargs), **kwargs},
         )
     except ValueError as e:  # transformers' own checks, e.g. continue_final_message with nothing to continue
         raise RequestError(str(e), "messages") from e

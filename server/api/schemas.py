@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.structured import ResponseFormat, StructuredOutputs
-from server.api.tools import NamedToolChoice, Tool, ToolCall
+from server.api.tools import Tool, ToolCall, ToolChoice
 from server.errors import RequestError
 
 MAX_TEXT = 200_000  # characters of one prompt or message
@@ -160,18 +160,25 @@ class _Sampling(Body):
         return tuple(out)
 
 
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+class ChatTemplateRequest(Body):
+    """What a chat is rendered from: the chat route and /tokenize take the same fields, so a
+    client's token count is the prompt its request gets."""
+
+    messages: list[ChatMessage] = Field(max_length=1024)
     tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    tool_choice: ToolChoice | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=32)
     chat_template: str | None = None  # refused: only the model's own template is rendered
+
+
+class ChatCompletionRequest(ChatTemplateRequest, _Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _continue_needs_assistant(self) -> ChatCompletionRequest:

@@ -12,8 +12,7 @@ from pydantic import Discriminator, Field, Tag
 
 from server.api.auth import require
 from server.api.prompting import render_chat
-from server.api.schemas import Body, ChatMessage
-from server.api.tools import Tool, ToolChoice
+from server.api.schemas import Body, ChatTemplateRequest
 from server.errors import RequestError
 from server.runtime import Runtime
 
@@ -32,18 +31,11 @@ class TokenizeCompletionRequest(_Body):
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(_Body):
+class TokenizeChatRequest(ChatTemplateRequest, _Body):
     """The chat route's own messages, tools and template controls: the same prompt, counted."""
 
-    messages: list[ChatMessage] = Field(max_length=1024)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
     add_special_tokens: bool = False  # the chat template adds its own
     return_token_strs: bool = False
-    chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=32)
-    chat_template: str | None = None  # refused, as in the chat route
-    tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: ToolChoice | None = None
 
 
 def _kind(body: Any) -> str:
@@ -84,16 +76,7 @@ def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 def _chat_ids(rt: Runtime, body: TokenizeChatRequest) -> list[int]:
-    ids = render_chat(
-        rt,
-        body.messages,
-        tools=body.tools,
-        tool_choice=body.tool_choice,
-        add_generation_prompt=body.add_generation_prompt,
-        continue_final_message=body.continue_final_message,
-        chat_template_kwargs=body.chat_template_kwargs,
-        chat_template=body.chat_template,
-    )
+    ids = render_chat(rt, body)
     if body.add_special_tokens:
         before, after = _special_tokens(rt.base.tokenizer)
         ids = before + ids + after
