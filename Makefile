@@ -8,7 +8,7 @@ PORT ?= 8000
 # Without CUDA, pin the CPU build of torch: an unpinned requirement pulls a multi-GB CUDA wheel.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install serve test test-unit test-e2e lint model bench clean chromium
+.PHONY: install serve test test-unit test-e2e lint model bench soak clean chromium
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ bench: model
 	$(PY) -m bench.churn
 	$(PY) -m bench.scaling
 	$(PY) -m bench.structured
+
+# 10 minutes of 64 streaming clients, disconnects and adapter churn against the real server; prints its
+# goals and writes bench/results/soak.json (make test runs a 2-minute version: tests/e2e/test_soak.py).
+soak: model
+	$(PY) -m bench.soak --minutes 10
 
 # Persona adapters (adapters/<persona>/): build the data, QLoRA-train each persona, evaluate.
 .PHONY: personas

@@ -51,6 +51,21 @@ def write_adapter(
     return out
 
 
+def default_shapes() -> dict[str, LinearShape]:
+    """The default model's LoRA target shapes without loading its weights (meta device), named as
+    the server's loader names them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from server.config import default_cache_dir
+    from server.model.loader import target_linears
+    from server.model.source import resolve_model
+
+    path, _ = resolve_model(None, default_cache_dir())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return {n: LinearShape(m.in_features, m.out_features) for n, m in target_linears(model).items()}
+
+
 def adapter_set(
     shapes: dict[str, LinearShape],
     count: int,

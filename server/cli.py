@@ -11,7 +11,7 @@ from pathlib import Path
 from server.config import Settings
 
 # Keys on a command line are visible to every user of the machine (ps); env only.
-SECRET_FIELDS = ("api_keys", "admin_keys")
+SECRET_FIELDS = ("api_keys", "admin_keys", "keys", "keys_file")
 # uvicorn's bound on connections still open once the graceful drain is over
 GRACEFUL_SHUTDOWN_SECONDS = 5
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(getattr(ns, "log_level", "info"), settings.log_format)
 
+    from server.api.auth import KeysFileError
     from server.errors import BackendError, ModelNotFoundError
 
     try:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("loraplex").info("model %s ready at %s", model_id, path)
             return 0
         return _serve(settings, ns.log_level)
-    except (ModelNotFoundError, BackendError) as e:
+    except (ModelNotFoundError, BackendError, KeysFileError) as e:
         logging.getLogger("loraplex").error("%s", e)
         return 2
 
@@ -222,12 +223,15 @@ def _serve(settings: Settings, log_level: str) -> int:
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.auth import KeyRing
+    from server.api.http_protocol import MAX_HEAD_BYTES, protocol_class
     from server.engine.async_engine import EXIT_ENGINE_FAULT
     from server.runtime import build_runtime
 
     log = logging.getLogger("loraplex")
+    keys = KeyRing.from_settings(settings)  # a bad keys document stops the start before the model loads
     runtime = build_runtime(settings)
-    app = create_app(runtime)
+    app = create_app(runtime, keys)
     # our edge middleware logs each request with its id; uvicorn's access log would repeat it
     config = uvicorn.Config(
         app,
@@ -239,6 +243,9 @@ def _serve(settings: Settings, log_level: str) -> int:
         # The drain has already ended every inference request when uvicorn starts its shutdown;
         # this bounds the wait for the others (an upload, a slow client) so exit never hangs.
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        # h11 with a deadline on each request head (slowloris) and a bound on its size
+        http=protocol_class(settings.header_timeout),
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     server = uvicorn.Server(config)
 

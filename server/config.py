@@ -49,11 +49,33 @@ class Settings(BaseSettings):
     )
     api_keys: str = Field("", description="comma-separated inference keys (env only)")
     admin_keys: str = Field("", description="comma-separated admin keys, imply inference (env only)")
+    keys: str = Field(
+        "", description="a keys document (JSON): keys scoped to adapter patterns (env only; see auth.py)"
+    )
+    keys_file: Path | None = Field(None, description="a file holding a keys document (env only)")
+    max_concurrent_per_key: int = Field(
+        0,
+        ge=0,
+        description="inference requests one key may have in flight (429 beyond; keyless servers count "
+        "per client address); 0: no limit",
+    )
     allowed_origins: str = Field(
         "", description='comma-separated origins allowed by CORS ("*" for any); empty: CORS off'
     )
     max_upload_bytes: int = Field(256 << 20, ge=1024, description="largest adapter upload")
     max_request_bytes: int = Field(8 << 20, ge=1024, description="largest JSON request body")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client has to send a request's line and headers (from its first byte, "
+        "or from opening the connection); slower clients (slowloris) get 408 and are disconnected",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a request body may pause between two chunks before the answer is 408 and "
+        "the connection closes",
+    )
     max_tokens_limit: int = Field(4096, ge=1, description="upper bound on max_tokens")
     max_n: int = Field(8, ge=1, description="upper bound on n")
     max_stop: int = Field(16, ge=1, description="upper bound on the number of stop strings")

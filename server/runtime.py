@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -12,7 +13,7 @@ from server.engine.backends import select_backends
 from server.engine.engine import LLMEngine
 from server.engine.grammar import GrammarCompiler
 from server.engine.sequence import SamplingParams, Sequence
-from server.errors import RequestError
+from server.errors import AdapterNotFoundError, RequestError
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
 from server.model.loader import BaseModel, load_base, resolve_device
@@ -40,10 +41,14 @@ class Runtime:
     def model_id(self) -> str:
         return self.base.model_id
 
-    def resolve(self, model: str) -> AdapterRecord | None:
-        """The `model` field of a request: the base id (None) or an adapter's current version."""
+    def resolve(self, model: str, may_use: Callable[[str], bool] = lambda _: True) -> AdapterRecord | None:
+        """The `model` field of a request: the base id (None) or an adapter's current version.
+        An adapter the caller's key may not use is unknown to it (the same 404, before any lookup:
+        the store is not searched for another tenant's name)."""
         if model == self.base.model_id:
             return None
+        if not may_use(model):
+            raise AdapterNotFoundError(model)
         return self.registry.resolve(model)
 
     def text_prompt(self, text: str) -> list[int]:

@@ -13,8 +13,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from server.api.auth import AuthError, require
-from server.errors import AdapterError, AdapterWeightsError
+from server.api import responses
+from server.api.auth import AuthError, check_manageable, grant, require
+from server.api.responses import ADMIN, JSON_BODY, answers
+from server.api.schemas import ADAPTER_NAME
+from server.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError
+from server.lora.killpoints import reached
 from server.lora.registry import AdapterRecord, check_name
 from server.lora.store import FILES, AdapterStore
 from server.lora.weights import PICKLE_SUFFIXES
@@ -53,10 +57,17 @@ def describe(rt: Runtime, record: AdapterRecord) -> dict[str, Any]:
     }
 
 
-def _check_new_name(rt: Runtime, name: str) -> None:
+def _check_new_name(request: Request, rt: Runtime, name: str) -> None:
     check_name(name)
+    check_manageable(request, name)
     if name == rt.model_id:
         raise AdapterError(f"{name!r} is the base model's id; choose another adapter name", "name")
+
+
+def _check_visible(request: Request, name: str) -> None:
+    """Another tenant's adapter is, to this key, an unknown name: the same 404, byte for byte."""
+    if not grant(request).may_use(name):
+        raise AdapterNotFoundError(name)
 
 
 def _role(field: str, upload: UploadFile) -> str:
@@ -77,7 +88,29 @@ def _role(field: str, upload: UploadFile) -> str:
     )
 
 
-@router.post("/v1/adapters", status_code=201, response_model=None)
+# The form upload() reads itself (streamed to disk), described for the document
+UPLOAD_FORM = {
+    "type": "object",
+    "required": ["name", *FILES],
+    "properties": {
+        "name": {"type": "string", ADAPTER_NAME: True},
+        **{f: {"type": "string", "format": "binary"} for f in FILES},
+    },
+}
+
+
+@router.post(
+    "/v1/adapters",
+    status_code=201,
+    response_model=None,
+    responses={
+        **answers(responses.Adapter, 400, 408, 413, 415, *ADMIN, status=201),
+        200: {"model": responses.Adapter, "description": "these bytes were already stored under this name"},
+    },
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": UPLOAD_FORM}}}
+    },
+)
 async def upload(request: Request) -> JSONResponse:
     rt = _rt(request)
     store = _store(rt)
@@ -85,7 +118,7 @@ async def upload(request: Request) -> JSONResponse:
         name = form.get("name")
         if not isinstance(name, str):
             raise AdapterError("the form field 'name' is required", "name")
-        _check_new_name(rt, name)
+        _check_new_name(request, rt, name)
         parts: dict[str, UploadFile] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
@@ -102,37 +135,51 @@ async def upload(request: Request) -> JSONResponse:
                 with open(staged / role, "wb") as out:
                     while chunk := await part.read(1 << 20):
                         out.write(chunk)
+                        reached("upload-body")  # test-only kill point (killpoints.py)
             previous = rt.registry.get(name)
             record, _ = await run_in_threadpool(rt.registry.add_dir, name, staged, staged=True)
         finally:
             shutil.rmtree(staged, ignore_errors=True)  # gone already when committed
     unchanged = previous is not None and previous.version == record.version
+    reached("upload-done")  # test-only kill point (killpoints.py)
     return JSONResponse(describe(rt, record), status_code=200 if unchanged else 201)
 
 
-@router.get("/v1/adapters")
+@router.get("/v1/adapters", response_model=None, responses=answers(responses.AdapterList, *ADMIN))
 async def list_adapters(request: Request) -> dict[str, Any]:
     rt = _rt(request)
-    return {"object": "list", "data": [describe(rt, r) for r in rt.registry.records()]}
+    may_use = grant(request).may_use
+    return {"object": "list", "data": [describe(rt, r) for r in rt.registry.records() if may_use(r.name)]}
 
 
-@router.get("/v1/adapters/{name}")
+@router.get(
+    "/v1/adapters/{name:path}", response_model=None, responses=answers(responses.Adapter, *ADMIN, 404)
+)
 async def get_adapter(name: str, request: Request) -> dict[str, Any]:
     rt = _rt(request)
+    _check_visible(request, name)
     return describe(rt, rt.registry.resolve(name))
 
 
-@router.delete("/v1/adapters/{name}")
+@router.delete(
+    "/v1/adapters/{name:path}",
+    response_model=None,
+    responses=answers(responses.AdapterDeleted, *ADMIN, 404),
+)
 async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
     rt = _rt(request)
+    _check_visible(request, name)
     record = rt.registry.remove(name)
     return {"id": record.name, "object": "adapter", "version": record.version, "deleted": True}
 
 
 class LoadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    lora_name: str = Field(max_length=64)
-    lora_path: str = Field(max_length=4096)
+    lora_name: str = Field(max_length=64, json_schema_extra={ADAPTER_NAME: True})
+    # NUL: the OS refuses such a path (ValueError from Path.resolve), so the request is refused first
+    lora_path: str = Field(
+        max_length=4096, pattern=r"^[^\x00]*$", description="inside one of --adapter-import-dirs, else 403"
+    )
 
 
 class UnloadLoraRequest(BaseModel):
@@ -149,10 +196,15 @@ def _inside_import_dirs(rt: Runtime, path: Path) -> Path:
     return resolved
 
 
-@router.post("/v1/load_lora_adapter", response_model=None)
+@router.post(
+    "/v1/load_lora_adapter",
+    response_model=None,
+    response_class=PlainTextResponse,
+    responses=answers(None, *JSON_BODY, *ADMIN, text="Success: LoRA adapter 'NAME' added successfully."),
+)
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
     rt = _rt(request)
-    _check_new_name(rt, body.lora_name)
+    _check_new_name(request, rt, body.lora_name)
     source = _inside_import_dirs(rt, Path(body.lora_path))
     files = {f: _inside_import_dirs(rt, source / f) for f in FILES}  # a file may not link outside either
     staged = _store(rt).new_staging_dir()
@@ -167,7 +219,15 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", response_model=None)
+@router.post(
+    "/v1/unload_lora_adapter",
+    response_model=None,
+    response_class=PlainTextResponse,
+    responses=answers(
+        None, *JSON_BODY, *ADMIN, 404, text="Success: LoRA adapter 'NAME' removed successfully."
+    ),
+)
 async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> PlainTextResponse:
+    _check_visible(request, body.lora_name)
     _rt(request).registry.remove(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

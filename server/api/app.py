@@ -16,9 +16,18 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import __version__
-from server.api import adapter_routes, errors, openai_routes, ops_routes, tokenize_routes, web_routes
+from server.api import (
+    adapter_routes,
+    errors,
+    openai_routes,
+    openapi,
+    ops_routes,
+    tokenize_routes,
+    web_routes,
+)
 from server.api.auth import KeyRing
 from server.api.edge import EdgeMiddleware
+from server.api.fair_share import FairShareMiddleware
 from server.api.metrics import Metrics
 from server.engine.async_engine import AsyncEngine
 from server.engine.sequence import SamplingParams
@@ -155,7 +164,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(runtime: Runtime) -> FastAPI:
+def create_app(runtime: Runtime, keys: KeyRing | None = None) -> FastAPI:
     settings = runtime.settings
 
     @asynccontextmanager
@@ -183,7 +192,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     app.state.started = time.time()
     app.state.ready = False
-    app.state.keys = KeyRing(settings.split(settings.api_keys), settings.split(settings.admin_keys))
+    app.state.keys = keys if keys is not None else KeyRing.from_settings(settings)
     app.state.metrics = Metrics(runtime)
     app.state.drain = Drain(runtime.async_engine, settings.drain_timeout)
     if app.state.keys.open and not _is_loopback(settings.host):
@@ -193,6 +202,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             settings.host,
         )
     errors.install(app)
+    openapi.install(app, runtime)  # /openapi.json describes this server: its limits, its auth
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(tokenize_routes.router)
@@ -202,12 +212,15 @@ def create_app(runtime: Runtime) -> FastAPI:
     # The last added is the outermost: CORS answers preflights (and marks every answer, errors
     # included) before the edge checks media types; the edge gives each request its id before
     # an unhandled exception becomes a 500 envelope that names it.
+    if settings.max_concurrent_per_key:  # innermost: a draining server refuses before counting
+        app.add_middleware(FairShareMiddleware, limit=settings.max_concurrent_per_key, paths=INFERENCE_PATHS)
     app.add_middleware(DrainMiddleware, drain=app.state.drain)  # inside the edge: it logs the 503
     app.add_middleware(errors.UnhandledErrorMiddleware)
     app.add_middleware(
         EdgeMiddleware,
         max_request_bytes=settings.max_request_bytes,
         max_upload_bytes=settings.max_upload_bytes,
+        body_timeout=settings.body_timeout,
     )
     origins = settings.split(settings.allowed_origins)
     if origins:

@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.auth import AuthError
-from server.api.edge import PayloadTooLargeError
+from server.api.edge import BodyError, printable
+from server.api.routing import allowed_methods
 from server.errors import (
     AdapterError,
     AdapterNotFoundError,
@@ -33,11 +34,19 @@ log = logging.getLogger(__name__)
 
 
 def envelope(
-    status: int, message: str, type_: str, code: str, param: str | None = None, **extra: object
+    status: int,
+    message: str,
+    type_: str,
+    code: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: object,
 ) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = dict(headers or {})
+    if status in (429, 503):
+        headers["Retry-After"] = "1"
     if status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
         status_code=status,
         content={"error": {"message": message, "type": type_, "param": param, "code": code, **extra}},
@@ -59,8 +68,8 @@ def from_exception(e: LoraplexError) -> JSONResponse:
         return envelope(
             e.status, str(e), "authentication_error" if e.status == 401 else "permission_error", code
         )
-    if isinstance(e, PayloadTooLargeError):
-        return envelope(413, str(e), "invalid_request_error", "payload_too_large")
+    if isinstance(e, BodyError):  # too large (413), too slow (408), cut short (400)
+        return envelope(e.status, str(e), "invalid_request_error", e.code)
     if isinstance(e, QueueFullError):
         return envelope(429, str(e), "rate_limit_error", "queue_full")
     if isinstance(e, EngineDeadError):
@@ -140,7 +149,7 @@ def internal_error(scope: Scope, exc: BaseException) -> JSONResponse:
         "unhandled %s in %s %s (request id %s)",
         type(exc).__name__,
         scope.get("method"),
-        scope.get("path"),
+        printable(str(scope.get("path"))),  # the client's bytes: no forged log lines
         rid,
         exc_info=exc,
         extra={"request_id": rid},
@@ -194,14 +203,23 @@ def install(app: FastAPI) -> None:
         return envelope(400, message, "invalid_request_error", "chat_template_error", "messages")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {
             400: "invalid_request",
             404: "not_found",
             405: "method_not_allowed",
             413: "payload_too_large",
         }.get(e.status_code, "http_error")
-        return envelope(e.status_code, str(e.detail), "invalid_request_error", code)
+        headers = dict(e.headers or {})
+        if e.status_code == 405:
+            # RFC 9110: a 405 lists every method the path answers; Starlette's names only the first
+            # route's, and GET and POST of one path are two routes
+            methods = allowed_methods(request.app.router.routes, request.scope)
+            # None: a mount answered (the static files, which serve GET and HEAD)
+            headers["Allow"] = ", ".join(sorted(methods)) if methods else headers.get("Allow", "GET, HEAD")
+            message = f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+            return envelope(405, message, "invalid_request_error", code, headers=headers)
+        return envelope(e.status_code, str(e.detail), "invalid_request_error", code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, e: Exception) -> JSONResponse:

@@ -7,24 +7,28 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.api import errors, prompting
-from server.api.auth import require
+from server.api import errors, prompting, responses
+from server.api.auth import grant, require
 from server.api.choices import Choice
 from server.api.metrics import Metrics
 from server.api.prompting import Prompt
+from server.api.responses import INFERENCE, answers
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import RequestOutput
 from server.engine.sequence import Sequence
 from server.errors import LoraplexError, RequestError
 from server.lora.registry import AdapterRecord
 from server.runtime import Runtime
+
+# How often a request still waiting for its first output checks that its client is there
+DISCONNECT_POLL_SECONDS = 0.5
 
 router = APIRouter(dependencies=[Depends(require("inference"))])
 
@@ -59,18 +63,22 @@ def _adapter_entry(rt: Runtime, r: AdapterRecord) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=None, responses=answers(responses.ModelList, *INFERENCE))
 async def models(request: Request) -> dict[str, Any]:
-    rt = _rt(request)
-    data = [_base_entry(request)] + [_adapter_entry(rt, r) for r in rt.registry.records()]
+    rt, may_use = _rt(request), grant(request).may_use
+    data = [_base_entry(request)] + [_adapter_entry(rt, r) for r in rt.registry.records() if may_use(r.name)]
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get(
+    "/v1/models/{model_id:path}",
+    response_model=None,
+    responses=answers(responses.ModelCard, *INFERENCE, 404),
+)
 async def model(model_id: str, request: Request) -> dict[str, Any]:
     """OpenAI's retrieve: one entry of the list; an unknown id is 404 `model_not_found`."""
     rt = _rt(request)
-    adapter = rt.resolve(model_id)
+    adapter = rt.resolve(model_id, grant(request).may_use)
     return _base_entry(request) if adapter is None else _adapter_entry(rt, adapter)
 
 
@@ -98,10 +106,11 @@ def _job(
     body: ChatCompletionRequest | CompletionRequest,
     prompts: list[Prompt],
     max_tokens: int | None,
+    may_use: Callable[[str], bool],
 ) -> _Job:
     chat = isinstance(body, ChatCompletionRequest)
     prompting.check_limits(rt, body, max_tokens)
-    adapter = rt.resolve(body.model)
+    adapter = rt.resolve(body.model, may_use)
     spec, param = prompting.constraint_spec(body)
     echo = isinstance(body, CompletionRequest) and body.echo
     if max_tokens == 0 and not echo:
@@ -157,17 +166,26 @@ def _logprobs_k(body: ChatCompletionRequest | CompletionRequest) -> int | None:
     return body.logprobs
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses=answers(responses.ChatCompletion, *responses.GENERATION, events=responses.ChatCompletionChunk),
+)
 async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     rt = _rt(request)
-    job = _job(rt, body, [prompting.chat_prompt(rt, body)], body.max_completion_tokens or body.max_tokens)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    job = _job(rt, body, [prompting.chat_prompt(rt, body)], max_tokens, grant(request).may_use)
     return await _respond(rt, request, job, body)
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses=answers(responses.Completion, *responses.GENERATION, events=responses.Completion),
+)
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     rt = _rt(request)
-    job = _job(rt, body, prompting.completion_prompts(rt, body), body.max_tokens)
+    job = _job(rt, body, prompting.completion_prompts(rt, body), body.max_tokens, grant(request).may_use)
     return await _respond(rt, request, job, body)
 
 
@@ -251,6 +269,31 @@ class _Observer:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+class _ClientGone(Exception):
+    """The client closed the connection before its request produced anything."""
+
+
+async def _first(
+    outputs: AsyncGenerator[tuple[int, RequestOutput], None], request: Request
+) -> tuple[int, RequestOutput]:
+    """The first output, watching the connection meanwhile. A request waits here while it is queued
+    and prefilled, before any response exists to notice a disconnect; a client gone by then must
+    not keep its place and later take a slot for nothing (TGI drops a queued request whose receiver
+    closed). Raises _ClientGone; closing `outputs` then aborts the request in the engine."""
+    task = asyncio.ensure_future(anext(outputs))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 def _failure(message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}}
 
@@ -280,7 +323,11 @@ async def _respond(
     # Submit now, so queue-full and engine errors become HTTP statuses rather than broken streams.
     outputs = _merged(rt, job.seqs)
     try:
-        head = await anext(outputs)
+        head = await _first(outputs, request)
+    except _ClientGone:
+        await outputs.aclose()  # aborts the request while it still waits: it never takes a slot
+        obs.done("aborted")
+        return JSONResponse(_failure("client disconnected"), status_code=499)
     except BaseException:
         await outputs.aclose()
         raise

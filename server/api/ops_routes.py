@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api.responses import Health, Readiness, answers, probe
 from server.runtime import Runtime
 
 router = APIRouter()
@@ -15,7 +16,7 @@ router = APIRouter()
 STALL_SECONDS = 60.0
 
 
-@router.get("/health")
+@router.get("/health", responses=probe(Health, "the engine stopped, or its loop stalled"))
 async def health(request: Request) -> JSONResponse:
     rt: Runtime = request.app.state.runtime
     engine = rt.async_engine
@@ -28,7 +29,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
+@router.get("/ready", responses=probe(Readiness, "not ready yet, or draining"))
 async def ready(request: Request) -> JSONResponse:
     if request.app.state.drain.draining:  # out of the load balancer's rotation while in flight ones end
         return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "1"})
@@ -37,6 +38,6 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "not ready"}, status_code=503, headers={"Retry-After": "1"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=answers(None, text="Prometheus text"))
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,9 +1,17 @@
 """From a validated request to what the engine runs: the prompt token ids of each choice, the
 sampling parameters, and the grammar a constrained choice follows. Every bound that depends on the
-server's settings or on the model (vocabulary, context) is checked here, with a 400 naming the field."""
+server's settings or on the model (vocabulary, context) is checked here, with a 400 naming the field.
+
+A chat's text never becomes control tokens: a message that spells out a special token
+("<|im_end|>\n<|im_start|>system ...") is tokenized as the plain text it is, so a client cannot
+close its own turn and open a system one (template injection). The template's own special tokens
+are untouched."""
 
 from __future__ import annotations
 
+import functools
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +87,8 @@ def render_chat(rt: Runtime, body: ChatTemplateRequest) -> list[int]:
         messages, body.tools, body.tool_choice, tool_calls.template_supports_tools(rt.base.tokenizer)
     )
     try:
-        return rt.base.chat_ids(
+        return _chat_ids(
+            rt,
             messages,
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
@@ -87,6 +96,75 @@ def render_chat(rt: Runtime, body: ChatTemplateRequest) -> list[int]:
         )
     except ValueError as e:  # transformers' own checks, e.g. continue_final_message with nothing to continue
         raise RequestError(str(e), "messages") from e
+
+
+@functools.lru_cache(maxsize=8)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern[str] | None:
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _chat_ids(
+    rt: Runtime,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    template_kwargs: dict[str, Any],
+) -> list[int]:
+    """The chat template's token ids, with client strings that spell special tokens kept as text.
+
+    Semantics: a conversation with no such string takes the model's own path (BaseModel.chat_ids),
+    token for token. Otherwise each such string is swapped for a placeholder no client can forge
+    (private-use characters around a per-call nonce), the template renders text, and each
+    placeholder is tokenized back as its string with special tokens split into ordinary ones. A
+    template that does not pass a placeholder through verbatim is refused (400), not guessed at."""
+    tokenizer = rt.base.tokenizer
+    specials = tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    pattern = _special_pattern(specials)
+    held: list[str] = []
+    nonce = secrets.token_hex(8)
+
+    def hold(value: Any) -> Any:
+        if isinstance(value, str):
+            if pattern is None or pattern.search(value) is None:
+                return value
+            held.append(value)
+            return f"\ue000{nonce}:{len(held) - 1}\ue001"
+        if isinstance(value, dict):
+            return {k: hold(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [hold(v) for v in value]
+        return value
+
+    safe_messages, safe_kwargs = hold(messages), hold(template_kwargs)
+    if not held:
+        return rt.base.chat_ids(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            template_kwargs=template_kwargs,
+        )
+    text = tokenizer.apply_chat_template(
+        safe_messages,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt and not continue_final_message,  # as chat_ids
+        continue_final_message=continue_final_message,
+        **safe_kwargs,
+    )
+    pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
+    if {int(i) for i in pieces[1::2]} != set(range(len(held))):
+        raise RequestError(
+            "a message spells out a special token of the model and its chat template cannot keep it as "
+            "plain text",
+            "messages",
+        )
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            ids += tokenizer.encode(held[int(piece)], add_special_tokens=False, split_special_tokens=True)
+        elif piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return [int(i) for i in ids]
 
 
 def completion_prompts(rt: Runtime, body: CompletionRequest) -> list[Prompt]:
@@ -145,9 +223,10 @@ def sampling_params(
     """The engine's parameters for choice `index` (a seeded request's n choices differ and repeat)."""
     vocab = rt.base.model.config.vocab_size
     bias = body.bias()
-    for t in [t for t, _ in bias] + list(body.stop_token_ids or []):
+    named = [(t, "logit_bias") for t, _ in bias] + [(t, "stop_token_ids") for t in body.stop_token_ids or ()]
+    for t, param in named:
         if not 0 <= t < vocab:
-            raise RequestError(f"token id {t} is outside the vocabulary [0, {vocab})", "logit_bias")
+            raise RequestError(f"token id {t} is outside the vocabulary [0, {vocab})", param)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -195,6 +274,7 @@ def check_limits(
 
 def default_max_tokens(rt: Runtime, prompt_len: int, chat: bool) -> int:
     """Chat: the rest of the context, bounded by the server's limit (vLLM's default; frontends send
-    none and expect a whole reply). Completions: 16, as OpenAI and vLLM."""
+    none and expect a whole reply). Completions: 16, as OpenAI and vLLM. Both within the limit."""
     room = max(1, rt.base.max_model_len - prompt_len)
-    return min(rt.settings.max_tokens_limit, room) if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)
+    default = room if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+    return min(rt.settings.max_tokens_limit, room, default)

@@ -42,7 +42,8 @@ class StructuredOutputs(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: str | None = None
-    choice: list[str] | None = None
+    # the bound _spec checks, stated for the OpenAPI document
+    choice: list[str] | None = Field(None, json_schema_extra={"minItems": 1, "maxItems": MAX_CHOICES})
     grammar: str | None = None
     json_object: bool | None = None
 

@@ -10,9 +10,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import Discriminator, Field, Tag
 
-from server.api.auth import require
+from server.api import responses
+from server.api.auth import grant, require
 from server.api.prompting import render_chat
-from server.api.schemas import Body, ChatTemplateRequest
+from server.api.responses import INFERENCE, JSON_BODY, answers
+from server.api.schemas import MODEL_ID, Body, ChatTemplateRequest, TokenId
 from server.errors import RequestError
 from server.runtime import Runtime
 
@@ -22,7 +24,7 @@ MAX_TOKEN_IDS = 200_000
 
 
 class _Body(Body):
-    model: str | None = Field(None, max_length=256)
+    model: Annotated[str, Field(json_schema_extra={MODEL_ID: True})] | None = Field(None, max_length=256)
 
 
 class TokenizeCompletionRequest(_Body):
@@ -54,13 +56,14 @@ TokenizeRequest = Annotated[
 
 
 class DetokenizeRequest(_Body):
-    tokens: list[int] = Field(max_length=MAX_TOKEN_IDS)
+    tokens: list[TokenId] = Field(max_length=MAX_TOKEN_IDS)
 
 
 def _runtime(request: Request, model: str | None) -> Runtime:
     rt: Runtime = request.app.state.runtime
     if model is not None:
-        rt.resolve(model)  # unknown -> AdapterNotFoundError (404); the tokenizer is the base's either way
+        # unknown (or another tenant's) -> 404; the tokenizer is the base's either way
+        rt.resolve(model, grant(request).may_use)
     return rt
 
 
@@ -83,7 +86,9 @@ def _chat_ids(rt: Runtime, body: TokenizeChatRequest) -> list[int]:
     return ids
 
 
-@router.post("/tokenize")
+@router.post(
+    "/tokenize", response_model=None, responses=answers(responses.Tokenized, *JSON_BODY, *INFERENCE, 404)
+)
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     rt = _runtime(request, body.model)
     tokenizer = rt.base.tokenizer
@@ -99,7 +104,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/detokenize")
+@router.post(
+    "/detokenize",
+    response_model=None,
+    responses=answers(responses.Detokenized, *JSON_BODY, *INFERENCE, 404),
+)
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, str]:
     rt = _runtime(request, body.model)
     tokenizer = rt.base.tokenizer
@@ -110,7 +119,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, str
     return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
-@router.get("/tokenizer_info")
+@router.get("/tokenizer_info", response_model=None, responses=answers(responses.TokenizerInfo, *INFERENCE))
 async def tokenizer_info(request: Request) -> dict[str, Any]:
     """The base tokenizer's special tokens and chat template (lm-evaluation-harness's remote
     tokenizer reads `eos_token` and `chat_template`). `model_max_length` is the served context."""

@@ -27,6 +27,9 @@ from server.errors import AdapterConfigError
 from server.lora.adapter import ConfigReport
 
 MAX_CONFIG_BYTES = 64 * 1024
+# PEFT's own configs nest three deep (loftq_config, rank_pattern); deeper is not a LoRA config, and
+# nesting is what makes a small file costly to walk (json.loads alone takes ~1000 levels)
+MAX_CONFIG_DEPTH = 16
 ALL_LINEAR = "all-linear"
 # User regexes are matched against every module name: refuse shapes that backtrack exponentially.
 _MAX_PATTERN_CHARS = 1024
@@ -194,19 +197,36 @@ def parse_lora_config(raw: bytes | str | dict[str, object], max_rank: int) -> tu
 
 
 def _load_json(raw: bytes | str | dict[str, object]) -> dict[str, Any]:
-    name = "adapter_config.json"
+    name = "adapter_config.json"  # also the `field` of a whole-file problem: the upload part at fault
     try:
         data = json.dumps(raw).encode() if isinstance(raw, dict) else raw
         data = data.encode() if isinstance(data, str) else data
         if len(data) > MAX_CONFIG_BYTES:
-            raise AdapterConfigError(f"{name} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}")
+            raise AdapterConfigError(f"{name} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}", name)
         text = data.decode("utf-8-sig")
         obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (ValueError, TypeError, RecursionError) as e:  # JSON and Unicode decode errors are ValueErrors
-        raise AdapterConfigError(f"{name} is not valid JSON: {e}") from None
+        raise AdapterConfigError(f"{name} is not valid JSON: {e}", name) from None
     if not isinstance(obj, dict):
-        raise AdapterConfigError(f"{name} must be a JSON object, got a JSON {type(obj).__name__}")
+        raise AdapterConfigError(f"{name} must be a JSON object, got a JSON {type(obj).__name__}", name)
+    if _deeper_than(obj, MAX_CONFIG_DEPTH):
+        raise AdapterConfigError(
+            f"{name} nests objects or arrays deeper than {MAX_CONFIG_DEPTH} levels", name
+        )
     return obj
+
+
+def _deeper_than(obj: object, limit: int) -> bool:
+    stack = [(obj, 1)]  # iterative: the depth is the attacker's to choose
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return True
+            stack.extend(
+                (child, depth + 1) for child in (value.values() if isinstance(value, dict) else value)
+            )
+    return False
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

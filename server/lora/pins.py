@@ -28,6 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.lora.killpoints import reached
+
 log = logging.getLogger(__name__)
 
 # Longer than any sane rescan interval (the setting allows at most 60 s): a remote process that has
@@ -125,6 +127,7 @@ class Pins:
             self._refs[version] += 1
             if self._refs[version] == 1:
                 self._create(version)
+        reached("pinned")
 
     def unpin(self, version: str) -> None:
         with self._lock:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# An optional namespace ("team-a/support"), one level, so that tenant keys can be scoped by pattern
+NAME_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 def adapter_version(directory: Path) -> str:
@@ -46,7 +47,8 @@ def check_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise AdapterError(
             f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit",
+            "starting with a letter or digit, optionally after a namespace of the same form and a "
+            "'/' (team-a/support)",
             "name",
         )
 

@@ -97,18 +97,21 @@ def read_safetensors_strict(path: Path, max_bytes: int) -> dict[str, torch.Tenso
 
 def _check_header(data: bytes, file: str) -> dict[str, dict[str, object]]:
     if len(data) < 8:
-        raise AdapterWeightsError(f"{file} is truncated: {len(data)} bytes, not even a header length")
+        raise AdapterWeightsError(
+            f"{file} is truncated: {len(data)} bytes, not even a header length", field=file
+        )
     size = int.from_bytes(data[:8], "little")
     if size > min(MAX_HEADER_BYTES, len(data) - 8):
         raise AdapterWeightsError(
-            f"{file}: header length {size} exceeds the file size {len(data)} or the limit {MAX_HEADER_BYTES}"
+            f"{file}: header length {size} exceeds the file size {len(data)} or the limit {MAX_HEADER_BYTES}",
+            field=file,
         )
     try:
         header = json.loads(data[8 : 8 + size].decode("utf-8"), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as e:
-        raise AdapterWeightsError(f"{file}: header is not valid JSON: {e}") from None
+        raise AdapterWeightsError(f"{file}: header is not valid JSON: {e}", field=file) from None
     if not isinstance(header, dict):
-        raise AdapterWeightsError(f"{file}: header must be a JSON object")
+        raise AdapterWeightsError(f"{file}: header must be a JSON object", field=file)
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterWeightsError(f"{file}: __metadata__ must map strings to strings", field="__metadata__")
@@ -129,7 +132,9 @@ def _check_header(data: bytes, file: str) -> dict[str, dict[str, object]]:
             )
         cursor = end
     if cursor != data_len:
-        raise AdapterWeightsError(f"{file}: {data_len - cursor} trailing bytes after the last tensor")
+        raise AdapterWeightsError(
+            f"{file}: {data_len - cursor} trailing bytes after the last tensor", field=file
+        )
     return header
 
 
@@ -176,7 +181,7 @@ def _match_modules(
     tensors: dict[str, torch.Tensor], config: LoraConfig, base_modules: dict[str, LinearShape]
 ) -> dict[str, ModuleLoRA]:
     if not tensors:
-        raise AdapterWeightsError(f"{WEIGHTS_NAME} holds no tensors")
+        raise AdapterWeightsError(f"{WEIGHTS_NAME} holds no tensors", field=WEIGHTS_NAME)
     factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     adapter_names = set()
     for name, tensor in tensors.items():

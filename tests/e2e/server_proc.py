@@ -30,6 +30,7 @@ class ServerProc:
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None  # the server's stdout and stderr are appended here when set
 
     @property
     def url(self) -> str:
@@ -53,7 +54,11 @@ class ServerProc:
             "warning",
             *self.args,
         ]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env})
+        if self.log is None:
+            self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env})
+        else:
+            with open(self.log, "ab") as out:
+                self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=out, stderr=out)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "server exited during start-up"

@@ -64,7 +64,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "--max-queue",
             "1",
         ],
-        env={"LORAPLEX_API_KEYS": API_KEY, "LORAPLEX_ADMIN_KEYS": ADMIN_KEY},
+        env={
+            "LORAPLEX_API_KEYS": API_KEY,
+            "LORAPLEX_ADMIN_KEYS": ADMIN_KEY,
+            "LORAPLEX_KEYS": json.dumps({"keys": TENANT_KEYS}),
+        },
     )
     with proc:
         yield Server(proc, import_dir, outside_dir)
@@ -159,11 +163,20 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/load_lora_adapter", "admin", 400, json={}),  # lora_name, lora_path missing
     Endpoint("POST", "/v1/unload_lora_adapter", "admin", 404, json={"lora_name": "no-such-adapter"}),
 ]
+TENANT_APP_KEY = "tenant-inference-key-for-tests"
+TENANT_ADMIN_KEY = "tenant-admin-key-for-tests"
+# keys scoped to the adapters named tenant/* (README, "Tenants")
+TENANT_KEYS = [
+    {"name": "tenant-app", "key": TENANT_APP_KEY, "role": "inference", "adapters": ["tenant/*"]},
+    {"name": "tenant-admin", "key": TENANT_ADMIN_KEY, "role": "admin", "adapters": ["tenant/*"]},
+]
 KEYS: dict[str, str | None] = {
     "no-key": None,
     "wrong-key": "not-a-key",
     "inference-key": API_KEY,
     "admin-key": ADMIN_KEY,
+    "tenant-inference-key": TENANT_APP_KEY,
+    "tenant-admin-key": TENANT_ADMIN_KEY,
 }
 
 
@@ -187,9 +200,12 @@ def test_auth_matrix(server: Server, ep: Endpoint, key_name: str) -> None:
         assert set(err) == ENVELOPE_KEYS and err["param"] is None
         assert err["type"] == "authentication_error"
         assert r.headers.get("www-authenticate", "").lower().startswith("bearer")
-    elif ep.scope == "admin" and key_name == "inference-key":
+    elif ep.scope == "admin" and key_name in ("inference-key", "tenant-inference-key"):
         err = assert_envelope(r, 403, "insufficient_scope")
         assert err["type"] == "permission_error"
+    elif key_name == "tenant-admin-key" and ep.multipart:
+        # the upload's name ("matrix") is outside the key's patterns: refused before its files are read
+        assert_envelope(r, 403, "insufficient_scope")
     else:
         assert r.status_code not in (401, 403), r.text
         assert r.status_code == ep.authorized, r.text

@@ -191,9 +191,11 @@ def test_every_refusal_is_reported_at_once() -> None:
         (b"\xff\xfe{}", "not valid JSON"),
         (b"[" * 50_000, "not valid JSON"),
         (json.dumps(minimal(pad="x" * MAX_CONFIG_BYTES)).encode(), "the limit is 65536"),
+        (json.dumps(minimal(notes=json.loads("[" * 20 + "]" * 20))).encode(), "deeper than 16 levels"),
     ],
 )
 def test_malformed_json_is_refused(raw: bytes, message: str) -> None:
     with pytest.raises(AdapterConfigError) as info:
         parse_lora_config(raw, max_rank=16)
     assert message in str(info.value)
+    assert info.value.field == "adapter_config.json"  # the upload part at fault

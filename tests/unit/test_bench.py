@@ -14,7 +14,7 @@ from bench import report
 from bench.adapters import write_adapter
 from server.lora.weights import linear_modules, load_adapter
 
-SCRIPTS = ("step_overhead", "throughput", "http_e2e", "churn", "scaling", "structured")
+SCRIPTS = ("step_overhead", "throughput", "http_e2e", "churn", "scaling", "structured", "soak")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -51,6 +51,91 @@ def test_percentile_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     text = report.table("t", ["a", "ratio"], [["x", 1.234], ["longer", 10.0]])
     assert text.splitlines()[2].split() == ["x", "1.23"]
     assert "10.00" in capsys.readouterr().out
+
+
+METRICS = """# HELP vllm:num_requests_running Requests in the running batch.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="SmolLM2-135M-Instruct"} 3.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="SmolLM2-135M-Instruct"} 0.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="SmolLM2-135M-Instruct"} 0.125
+# TYPE loraplex:adapters_registered gauge
+loraplex:adapters_registered 16.0
+"""
+
+
+def test_soak_reads_the_engine_gauges_from_metrics() -> None:
+    from bench.sampler import engine_gauges
+
+    assert engine_gauges(METRICS) == {"running": 3.0, "waiting": 0.0, "kv_usage": 0.125}
+    without_kv = "\n".join(line for line in METRICS.splitlines() if "kv_cache" not in line)
+    with pytest.raises(ValueError, match="kv_cache_usage_perc"):
+        engine_gauges(without_kv)  # a renamed metric must fail the soak, not read as 0
+
+
+def test_soak_rss_drift_is_measured_after_warm_up() -> None:
+    from bench.sampler import rss_drift
+
+    mib = 2**20
+    samples = [
+        (0.0, 100 * mib),
+        (10.0, 900 * mib),
+        (30.0, 1000 * mib),
+        (45.0, 1100 * mib),
+        (60.0, 1040 * mib),
+    ]
+    samples.append((70.0, 5000 * mib))  # after the load ended: not part of the figure
+    drift = rss_drift(samples, warmup_s=30.0, end_s=60.0)
+    assert (drift["warm_mib"], drift["end_mib"], drift["peak_mib"]) == (1000.0, 1040.0, 1100.0)
+    assert drift["drift_pct"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        rss_drift(samples, warmup_s=50.0, end_s=60.0)
+
+
+def _soak_result(**changes: object) -> dict[str, object]:
+    result: dict[str, object] = {
+        "unexpected_errors": 0,
+        "health": {"failures": 0},
+        "rss": {"drift_pct": 1.0},
+        "final_metrics": {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0},
+        "requests": {"completed": 10, "disconnects": 1, "uploads": 2, "replaces": 2, "deletes": 2},
+        "server_exit": 0,
+    }
+    return {**result, **changes}
+
+
+def test_soak_goals() -> None:
+    from bench.soak import missed_goals
+
+    assert missed_goals(_soak_result()) == []
+    assert missed_goals(_soak_result(unexpected_errors=2)) == ["2 unexpected errors (goal 0)"]
+    assert missed_goals(_soak_result(health={"failures": 1})) == ["1 /health failures (goal 0)"]
+    assert "RSS drift 5.00%" in missed_goals(_soak_result(rss={"drift_pct": 5.0}))[0]
+    stuck = _soak_result(final_metrics={"running": 1.0, "waiting": 0.0, "kv_usage": 0.01})
+    assert missed_goals(stuck) == ["/metrics after the load: {'running': 1.0, 'kv_usage': 0.01} (goal all 0)"]
+    idle = _soak_result(
+        requests={"completed": 0, "disconnects": 0, "uploads": 1, "replaces": 1, "deletes": 1}
+    )
+    assert len(missed_goals(idle)) == 2  # a run that did nothing does not pass
+    assert "exited with 3" in missed_goals(_soak_result(server_exit=3))[0]
+
+
+def test_locust_report_is_read_by_name(tmp_path: Path) -> None:
+    from bench.loadgen import read_report
+
+    entry = {"method": "POST", "requests": 5, "failures": 1, "average_ms": 2.5, "max_ms": 9.0}
+    entry["percentiles_ms"] = {"p50": 2.0, "p95": 9.0, "p99": 9.0}
+    failure = {"name": "chat", "error": "HTTP 500", "occurrences": 1}
+    path = tmp_path / "locust.json"
+    path.write_text(json.dumps({"entries": {"chat": entry}, "failures": [failure], "samples": [{"ttft": 1}]}))
+    entries, failures, samples = read_report(path)
+    assert (entries["chat"].requests, entries["chat"].failures, entries["chat"].percentiles_ms["p95"]) == (
+        5,
+        1,
+        9.0,
+    )
+    assert failures == [failure] and samples == [{"ttft": 1}]
 
 
 GPU_MACHINE_LACKS = ("pydantic", "pydantic_settings", "fastapi", "uvicorn", "gguf", "multipart")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,10 +47,11 @@ def test_staging_dirs_are_per_process(tmp_path: Path) -> None:
     other = AdapterStore(tmp_path, process("other"))  # another process starts: ours is untouched
     other.collect_garbage(grace=0)
     assert upload.is_dir() and (upload / "adapter_model.safetensors").read_bytes() == b"half an upload"
-    assert dead_local.is_dir() and remote.is_dir() and legacy.is_dir(), "recent: kept for a grace period"
+    assert not dead_local.exists(), "a dead process of this host (its pid is gone): removed at once"
+    assert remote.is_dir() and legacy.is_dir(), "recent, liveness unknown: kept for a grace period"
     assert not other.alone(), "a live local process and a recently seen remote one"
 
-    for d in (dead_local, remote, legacy):
+    for d in (remote, legacy):
         age(d, 3600)
     # a live process's dir is kept however long ago it was touched, as long as that was after the
     # process started (before it, the dir would be a dead predecessor's whose pid was reused)
@@ -155,10 +157,10 @@ def test_a_collection_racing_a_commit_loses_nothing(tmp_path: Path, monkeypatch:
     write_atomic = store_module.write_atomic
     raced: list[bool] = []
 
-    def racing(path: Path, data: bytes) -> None:
+    def racing(path: Path, data: bytes, *args: Any, **kwargs: Any) -> None:
         if path.parent == store.pointers and not raced:
             raced.append(collector._discard(blob, blob.stat().st_mtime_ns))
-        write_atomic(path, data)
+        write_atomic(path, data, *args, **kwargs)
 
     monkeypatch.setattr(store_module, "write_atomic", racing)
     assert put(store, "x", b"x") == version

@@ -259,9 +259,9 @@ def test_tokenizer_routes_need_an_inference_key(tokenizer: Any, tmp_path: Path) 
         (
             "/tokenize",
             {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
-            "messages.0.content.0",
-            "invalid_value",
-            "needs 'text'",
+            "messages.0.content.0.text",
+            "missing_required_parameter",
+            "Field required",
         ),
         ("/tokenize", {"model": 5, "messages": [{"content": "x"}]}, "model", "invalid_type", "string"),
         ("/detokenize", {"tokens": [1, "x"]}, "tokens.1", "invalid_type", "integer"),
