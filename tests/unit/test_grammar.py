@@ -277,9 +277,12 @@ def test_grammar_spec_translation() -> None:
         "structured_outputs.json",
         schema_spec(SCHEMA),
     )
-    so = StructuredOutputs(json_object=True)
+    so = StructuredOutputs.model_validate({"json_object": True})
     assert grammar_spec(None, so, None, None, None, None) == any_object
-    assert grammar_spec(None, StructuredOutputs(json_object=False), None, None, None, None) is None
+    assert (
+        grammar_spec(None, StructuredOutputs.model_validate({"json_object": False}), None, None, None, None)
+        is None
+    )
     assert grammar_spec(None, None, None, None, ["a", "b"], None) == GrammarSpec("choice", '["a", "b"]')
     assert grammar_spec(None, None, None, "x+", None, None) == GrammarSpec("regex", "x+")
     with pytest.raises(ValidationError, match="whitespace_pattern"):  # refused, never ignored
