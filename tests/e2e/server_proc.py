@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,11 @@ from pathlib import Path
 
 import httpx
 
+from server.integrations.engine_proc import free_port
+
 BASE_ID = "SmolLM2-135M-Instruct"
 ADMIN_KEY = "admin-key-for-tests"
 API_KEY = "inference-key-for-tests"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -75,3 +75,27 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
         return made[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def adapters(
+    tiny_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Three small PEFT adapters (ranks 2, 4, 8) over the tiny llama, for the store's tests."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.peft_factory import make_adapter
+
+    path = tiny_checkpoint("llama")
+    root = tmp_path_factory.mktemp("src")
+    return {
+        name: make_adapter(
+            lambda: AutoModelForCausalLM.from_pretrained(path),
+            root / name,
+            seed=i,
+            r=r,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+        )
+        for i, (name, r) in enumerate({"a": 2, "b": 4, "c": 8}.items())
+    }

@@ -29,7 +29,6 @@ from server.lora.pins import ProcessId
 from server.lora.registry import AdapterRegistry, adapter_version
 from server.lora.store import FILES, AdapterStore
 from server.lora.weights import linear_modules
-from tests.peft_factory import make_adapter
 
 MAX_RANK = 8
 # One store operation in a process of its own, as the registry runs it (add_dir: a copy into the
@@ -59,27 +58,6 @@ WORKER = textwrap.dedent(
     print("survived")
     """
 )
-
-
-@pytest.fixture(scope="module")
-def adapters(
-    tiny_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint("llama")
-    root = tmp_path_factory.mktemp("src")
-    return {
-        name: make_adapter(
-            lambda: AutoModelForCausalLM.from_pretrained(path),
-            root / name,
-            seed=i,
-            r=r,
-            lora_alpha=8,
-            target_modules=["q_proj", "v_proj"],
-        )
-        for i, (name, r) in enumerate({"a": 2, "b": 4, "c": 8}.items())
-    }
 
 
 @pytest.fixture(scope="module")

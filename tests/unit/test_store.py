@@ -17,28 +17,6 @@ from server.lora.pins import ProcessId
 from server.lora.registry import AdapterRegistry
 from server.lora.store import AdapterStore
 from server.lora.weights import linear_modules
-from tests.peft_factory import make_adapter
-
-
-@pytest.fixture(scope="module")
-def adapters(
-    tiny_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint("llama")
-    root = tmp_path_factory.mktemp("src")
-    return {
-        name: make_adapter(
-            lambda: AutoModelForCausalLM.from_pretrained(path),
-            root / name,
-            seed=i,
-            r=r,
-            lora_alpha=8,
-            target_modules=["q_proj", "v_proj"],
-        )
-        for i, (name, r) in enumerate({"a": 2, "b": 4}.items())
-    }
 
 
 @pytest.fixture(scope="module")
