@@ -39,7 +39,7 @@ ADAPTER_NAME = "x-loraplex-adapter-name"  # a new adapter's name (registry.NAME_
 
 def setting(**keywords: str) -> dict[str, Any]:
     """JSON-schema keywords whose values are settings of the server that serves the document, e.g.
-    setting(maximum="max_n"); openapi.py resolves them (names in openapi.SETTINGS)."""
+    setting(maximum="max_n"); openapi.py resolves them (the names are openapi.settings_of's keys)."""
     return {SETTING: keywords}
 
 
