@@ -106,3 +106,14 @@ def upload(
     return httpx.post(
         f"{url}/v1/adapters", data={"name": name}, files=parts, headers=headers(key), timeout=120
     )
+
+
+def chat(url: str, model: str, key: str | None = API_KEY) -> httpx.Response:
+    """A one-token greedy chat on `model`: is it served, to this key?"""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 1,
+        "temperature": 0,
+    }
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers(key), timeout=300)

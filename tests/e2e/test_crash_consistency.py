@@ -20,7 +20,7 @@ import pytest
 
 from server.lora.killpoints import KILL_ENV
 from server.lora.registry import adapter_version
-from tests.e2e.server_proc import ADMIN_KEY, API_KEY, ServerProc, headers, upload
+from tests.e2e.server_proc import ADMIN_KEY, API_KEY, ServerProc, chat, headers, upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TIMEOUT = 300.0
@@ -71,16 +71,6 @@ def listed(url: str) -> dict[str, str]:
     r = httpx.get(f"{url}/v1/adapters", headers=headers(ADMIN_KEY), timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     return {a["name"]: a["version"] for a in r.json()["data"]}
-
-
-def chat(url: str, model: str) -> httpx.Response:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 1,
-        "temperature": 0,
-    }
-    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers(API_KEY), timeout=TIMEOUT)
 
 
 def restarted(chain: Chain, dead: int, point: str | None) -> None:

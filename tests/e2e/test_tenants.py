@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.server_proc import ADMIN_KEY, API_KEY, BASE_ID, ServerProc, headers, upload
+from tests.e2e.server_proc import ADMIN_KEY, API_KEY, BASE_ID, ServerProc, chat, headers, upload
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 300.0
@@ -73,16 +73,6 @@ def model_ids(url: str, key: str) -> set[str]:
     return {m["id"] for m in r.json()["data"]}
 
 
-def chat(url: str, key: str, model: str) -> httpx.Response:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 1,
-        "temperature": 0,
-    }
-    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers(key), timeout=TIMEOUT)
-
-
 def comparable(r: httpx.Response, name: str) -> tuple[int, str, dict[str, str]]:
     """A 404 with the name taken out, and its headers less the per-request ones."""
     skip = {"x-request-id", "date", "content-length"}
@@ -100,10 +90,10 @@ def test_each_key_lists_only_what_it_may_use(server: ServerProc) -> None:
 
 
 def test_another_tenants_adapter_is_an_unknown_name(server: ServerProc) -> None:
-    assert chat(server.url, A_APP, "team-a/support").status_code == 200
-    assert chat(server.url, A_APP, BASE_ID).status_code == 200  # the base is every key's
-    foreign = chat(server.url, A_APP, "team-b/support")
-    unknown = chat(server.url, A_APP, "team-a/no-such-adapter")
+    assert chat(server.url, "team-a/support", A_APP).status_code == 200
+    assert chat(server.url, BASE_ID, A_APP).status_code == 200  # the base is every key's
+    foreign = chat(server.url, "team-b/support", A_APP)
+    unknown = chat(server.url, "team-a/no-such-adapter", A_APP)
     assert foreign.status_code == 404 and foreign.json()["error"]["code"] == "model_not_found"
     assert comparable(foreign, "team-b/support") == comparable(unknown, "team-a/no-such-adapter")
     for path, method, body in (
@@ -115,8 +105,8 @@ def test_another_tenants_adapter_is_an_unknown_name(server: ServerProc) -> None:
         assert r.status_code == 404, (path, r.text)
         assert r.json()["error"]["code"] == "model_not_found"
     # the same names, for the tenant that owns them
-    assert chat(server.url, B_APP, "team-b/support").status_code == 200
-    assert chat(server.url, B_APP, "shared-faq").status_code == 200
+    assert chat(server.url, "team-b/support", B_APP).status_code == 200
+    assert chat(server.url, "shared-faq", B_APP).status_code == 200
 
 
 def test_a_tenant_admin_manages_only_its_own_adapters(
@@ -150,7 +140,7 @@ def test_a_tenant_admin_manages_only_its_own_adapters(
         assert r.status_code == 404, (method, path, r.text)
         assert r.json()["error"]["code"] == "model_not_found"
     assert "team-b/support" in model_ids(url, B_APP)
-    assert chat(url, B_APP, "team-b/support").status_code == 200
+    assert chat(url, "team-b/support", B_APP).status_code == 200
     # a tenant's inference key is not an admin key, even inside its patterns
     r = upload(url, "team-a/other", adapter_dirs["qv-r4"], key=A_APP)
     assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
@@ -160,7 +150,7 @@ def test_a_tenant_admin_manages_only_its_own_adapters(
 
 
 def test_metrics_carry_no_key_material(server: ServerProc) -> None:
-    assert chat(server.url, A_APP, "team-a/support").status_code == 200
+    assert chat(server.url, "team-a/support", A_APP).status_code == 200
     text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
     for secret in SECRETS:
         assert secret not in text
@@ -187,16 +177,16 @@ def test_one_key_cannot_hold_more_than_its_share(server: ServerProc) -> None:
         assert held.status_code == 200
         lines = held.iter_lines()  # one iterator: dropping it would close the stream
         next(lines)  # the first event: the request is in flight
-        refused = chat(url, A_APP, "team-a/support")
+        refused = chat(url, "team-a/support", A_APP)
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["code"] == "too_many_concurrent_requests"
         assert refused.headers["retry-after"] == "1"
-        assert chat(url, B_APP, "team-b/support").status_code == 200
+        assert chat(url, "team-b/support", B_APP).status_code == 200
         # the limit is per key, not per tenant: team A's admin key is counted apart
-        assert chat(url, A_ADMIN, "team-a/support").status_code == 200
+        assert chat(url, "team-a/support", A_ADMIN).status_code == 200
         events = [line for line in lines if line.startswith("data: {")]
         assert len(events) >= 32  # read to the end: the request completes
-    assert chat(url, A_APP, "team-a/support").status_code == 200
+    assert chat(url, "team-a/support", A_APP).status_code == 200
 
 
 # every refusal is unit-tested (tests/unit/test_tenant_keys.py); these show the start stopping
