@@ -32,11 +32,13 @@ class AdapterWeightsError(AdapterError):
 
 
 class AdapterNotFoundError(LoraplexError):
-    """No adapter (or base model id) of that name is registered."""
+    """No adapter (or base model id) of that name is registered. `param`: the request field that
+    named it (`model`, or `adapters` for a part of a mix given there)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, param: str = "model") -> None:
         super().__init__(f"The model '{name}' does not exist.")
         self.name = name
+        self.param = param
 
 
 class RequestError(LoraplexError):
@@ -45,6 +47,11 @@ class RequestError(LoraplexError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class MixError(RequestError):
+    """A per-request adapter mix that cannot be served: a bad spelling or weight, too many or
+    repeated parts, a combined rank above the limit, a part that is not plain LoRA (400)."""
 
 
 class QueueFullError(LoraplexError):

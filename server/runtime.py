@@ -13,7 +13,9 @@ from server.engine.backends import select_backends
 from server.engine.engine import LLMEngine
 from server.engine.grammar import GrammarCompiler
 from server.engine.sequence import SamplingParams, Sequence
-from server.errors import AdapterNotFoundError, RequestError
+from server.errors import AdapterNotFoundError, MixError, RequestError
+from server.lora import mixing
+from server.lora.mixing import MixPart
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
 from server.model.loader import BaseModel, load_base, resolve_device
@@ -41,15 +43,45 @@ class Runtime:
     def model_id(self) -> str:
         return self.base.model_id
 
-    def resolve(self, model: str, may_use: Callable[[str], bool] = lambda _: True) -> AdapterRecord | None:
-        """The `model` field of a request: the base id (None) or an adapter's current version.
-        An adapter the caller's key may not use is unknown to it (the same 404, before any lookup:
-        the store is not searched for another tenant's name)."""
-        if model == self.base.model_id:
+    def resolve(
+        self,
+        model: str,
+        may_use: Callable[[str], bool] = lambda _: True,
+        adapters: list[MixPart] | None = None,
+    ) -> AdapterRecord | None:
+        """The `model` field of a request: the base id (None), an adapter's current version, or a
+        mix of adapters (mixing.py) spelled in `model` or given as the `adapters` field (then
+        `model` is the base id). An adapter the caller's key may not use is unknown to it (the same
+        404, before any lookup: the store is not searched for another tenant's name); in a mix,
+        every part must be usable."""
+        if adapters is not None:
+            if model != self.base.model_id:
+                if mixing.is_spelling(model):
+                    raise MixError(
+                        "give a mix either in `adapters` or spelled in `model`, not both", "adapters"
+                    )
+                raise MixError(
+                    f"with `adapters`, `model` must be the base model's id {self.base.model_id!r}", "model"
+                )
+            parts, param = mixing.check_parts(adapters, "adapters"), "adapters"
+        elif model == self.base.model_id:
             return None
-        if not may_use(model):
-            raise AdapterNotFoundError(model)
-        return self.registry.resolve(model)
+        elif mixing.is_spelling(model):
+            parts, param = mixing.parse(model), "model"
+        else:
+            return self._adapter(model, may_use, "model")
+        records = [(self._adapter(p.name, may_use, param), p.weight) for p in parts]
+        return mixing.mix_record(records, self.registry.max_rank, param)
+
+    def _adapter(self, name: str, may_use: Callable[[str], bool], param: str) -> AdapterRecord:
+        if name == self.base.model_id:  # only a mix's part gets here with the base's id
+            raise MixError(f"the base model {name!r} cannot be part of a mix: name adapters only", param)
+        if not may_use(name):
+            raise AdapterNotFoundError(name, param)
+        try:
+            return self.registry.resolve(name)
+        except AdapterNotFoundError:
+            raise AdapterNotFoundError(name, param) from None
 
     def text_prompt(self, text: str) -> list[int]:
         return [int(i) for i in self.base.tokenizer.encode(text)]

@@ -21,3 +21,19 @@ def make_adapter(model_factory: Any, out_dir: Path, seed: int, b_scale: float = 
                 p.mul_(b_scale)
     peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def make_method_adapter(model_factory: Any, out_dir: Path, seed: int, config: Any) -> Path:
+    """Any PEFT method (DoRA, AdaLoRA, (IA)3, ...) with every trainable tensor drawn at random, so
+    that each part of the method changes the output: factors around 0, vectors and magnitudes
+    around their initial values (1 for (IA)3, the weight norms for DoRA)."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model_factory(), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name or "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.5 * torch.randn_like(p))
+            elif any(k in name for k in ("lora_A", "lora_B", "lora_E")):
+                p.copy_(torch.randn_like(p) * 0.5)
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir

@@ -56,7 +56,7 @@ def envelope(
 
 def from_exception(e: LoraplexError) -> JSONResponse:
     if isinstance(e, AdapterNotFoundError):
-        return envelope(404, str(e), "invalid_request_error", "model_not_found", "model")
+        return envelope(404, str(e), "invalid_request_error", "model_not_found", e.param)
     if isinstance(e, RequestError):
         return envelope(400, str(e), "invalid_request_error", "invalid_value", e.param)
     if isinstance(e, AdapterError):

@@ -110,7 +110,7 @@ def _job(
 ) -> _Job:
     chat = isinstance(body, ChatCompletionRequest)
     prompting.check_limits(rt, body, max_tokens)
-    adapter = rt.resolve(body.model, may_use)
+    adapter = rt.resolve(body.model, may_use, body.mix_parts())
     spec, param = prompting.constraint_spec(body)
     echo = isinstance(body, CompletionRequest) and body.echo
     if max_tokens == 0 and not echo:
@@ -156,7 +156,9 @@ def _job(
                     choice=body.tool_choice if isinstance(body, ChatCompletionRequest) else None,
                 )
             )
-    return _Job(job_id, chat, body.model, adapter, seqs, choices, body.n)
+    # a mix answers with its canonical spelling, whichever way the request gave it
+    model = adapter.name if adapter is not None else body.model
+    return _Job(job_id, chat, model, adapter, seqs, choices, body.n)
 
 
 def _logprobs_k(body: ChatCompletionRequest | CompletionRequest) -> int | None:
@@ -254,13 +256,19 @@ class _Observer:
             self.m.success.labels(self.rt.model_id, out.finish_reason).inc()
 
     def done(self, outcome: str) -> None:
-        name = self.job.adapter.name if self.job.adapter else self.rt.model_id
+        adapter = self.job.adapter
+        # A mix is accounted to each of its parts, not to its spelling: weights are the client's
+        # free choice, so labels and usage entries keyed by spellings would grow without bound;
+        # and every part did serve the request.
+        names = [adapter.name] if adapter is not None and not adapter.parts else []
+        names += [part.name for part, _ in adapter.parts] if adapter is not None else []
         completion = sum(self.completion.values())
         self.m.e2e.labels(self.rt.model_id).observe(time.perf_counter() - self.job.start)
         self.m.prompt_tokens.labels(self.rt.model_id).inc(self.prompt * self.job.n)
         self.m.generation_tokens.labels(self.rt.model_id).inc(completion)
-        self.m.requests.labels(name, outcome).inc()
-        if self.job.adapter is not None:
+        for name in names or [self.rt.model_id]:
+            self.m.requests.labels(name, outcome).inc()
+        for name in names:
             self.rt.registry.record_usage(name, self.prompt * self.job.n, completion)
 
     def usage(self) -> dict[str, int]:

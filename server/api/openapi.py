@@ -3,7 +3,7 @@ document from the routes and request models, then
 
 - the bounds that are settings (`schemas.setting()` placeholders: max_tokens_limit, max_n, max_stop,
   the vocabulary) filled in with this server's values, and `model` fields stated as the base model's
-  id or an adapter name;
+  id, an adapter name or a mix of adapters (server/lora/mixing.py);
 - FastAPI's automatic 422 removed (a validation error is a 400 envelope here, errors.py);
 - the models only event streams refer to added to the components;
 - bearer auth declared on the routes that answer 401, when keys are configured; without keys the
@@ -23,6 +23,7 @@ from pydantic.json_schema import models_json_schema
 
 from server.api.responses import STREAM_MODELS
 from server.api.schemas import ADAPTER_NAME, MODEL_ID, SETTING
+from server.lora.mixing import spelling_pattern
 from server.lora.registry import NAME_RE
 from server.runtime import Runtime
 
@@ -109,9 +110,13 @@ def _resolve(node: Any, settings: dict[str, Any], model_id: str) -> Any:
         out["pattern"] = adapter_name_pattern()
     if node.get(MODEL_ID):
         assert "anyOf" not in out, "mark the string member of a union, not the union"
-        # the same set as the pattern alone when the id is a valid name; the first branch makes
-        # generated requests (and readers) find the base model
-        out["anyOf"] = [{"const": model_id}, {"pattern": adapter_name_pattern()}]
+        # the same set as the patterns alone when the id is a valid name; the first branch makes
+        # generated requests (and readers) find the base model; the last is a mix's spelling
+        out["anyOf"] = [
+            {"const": model_id},
+            {"pattern": adapter_name_pattern()},
+            {"pattern": spelling_pattern(), "description": "a mix of adapters: name*weight+name*weight"},
+        ]
         out["examples"] = [model_id]
     return out
 

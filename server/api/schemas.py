@@ -27,6 +27,7 @@ from pydantic_core import CoreSchema
 from server.api.structured import MAX_CHOICES, ResponseFormat, StructuredOutputs
 from server.api.tools import Tool, ToolCall, ToolChoice
 from server.errors import RequestError
+from server.lora.mixing import MAX_PARTS, MAX_WEIGHT, MixPart
 
 MAX_TEXT = 200_000  # characters of one prompt or message
 MAX_STOP_CHARS = 256
@@ -147,12 +148,30 @@ class StreamOptions(Body):
     continuous_usage_stats: bool = False
 
 
+class AdapterPart(Body):
+    """One adapter of a per-request mix (server/lora/mixing.py) and its weight."""
+
+    name: str = Field(max_length=129, json_schema_extra={ADAPTER_NAME: True})
+    scale: float = Field(1.0, gt=0.0, le=MAX_WEIGHT)
+
+
 TokenId = Annotated[int, Doc({"minimum": 0, **setting(maximum="vocab_max")})]
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class _Sampling(Body):
     model: str = Field(max_length=256, json_schema_extra={MODEL_ID: True})
+    # loraplex's extension: a weighted mix of adapters (then `model` is the base model's id)
+    adapters: list[AdapterPart] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PARTS,
+        description=(
+            "mix these adapters for this request (`model` must then be the base model's id): each "
+            "part's delta weighted by its scale, PEFT's add_weighted_adapter 'cat'; one part scales "
+            "that adapter. The same as spelling `model` as name*scale+name*scale"
+        ),
+    )
     max_tokens: int | None = Field(None, ge=0, json_schema_extra=setting(maximum="max_tokens_limit"))
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -221,6 +240,12 @@ class _Sampling(Body):
     @classmethod
     def _top_k_off(cls, v: int) -> int:
         return max(v, 0)
+
+    def mix_parts(self) -> list[MixPart] | None:
+        """The `adapters` field as the mixing module's parts (None: absent)."""
+        if self.adapters is None:
+            return None
+        return [MixPart(a.name, a.scale) for a in self.adapters]
 
     def stop_strings(self) -> tuple[str, ...]:
         """Empty strings are dropped (they would match everywhere)."""

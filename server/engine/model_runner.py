@@ -52,14 +52,21 @@ class ModelRunner:
         computed) and their next-token logits [N, V]."""
         dev = self.base.device
         inputs = self.inputs.build(step, slot_of)
-        if self.graphs is not None and step.decode and not step.prefill:
+        ctx = self.base.lora_context
+        # DoRA and (IA)3 rows run eagerly: a captured graph holds the plain low-rank term only
+        extras = ctx.extra_slots.intersection(slot_of.values())
+        if self.graphs is not None and step.decode and not step.prefill and not extras:
             logits = self.graphs.run(inputs, self._decode_tables(step))
             if logits is not None:
                 return inputs.sampling, logits
         meta = self._attention(inputs, step)
-        ctx = self.base.lora_context
         batch = LoRABatch.build(
-            inputs.decode_adapter_slots, inputs.segments, dev, sgmv=ctx.lora_backend == "triton"
+            inputs.decode_adapter_slots,
+            inputs.segments,
+            dev,
+            sgmv=ctx.lora_backend == "triton",
+            extra_slots=extras,
+            num_rows=len(inputs.input_ids),
         )
         ids = to_device(inputs.input_ids, dev).unsqueeze(0)
         hidden = self._hidden(ids, to_device(inputs.positions, dev).unsqueeze(0), meta, batch)

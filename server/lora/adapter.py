@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -13,6 +14,8 @@ class LinearShape:
 
     in_features: int
     out_features: int
+    # its weight as dense float32 (DoRA's norms need it); None where only shapes are known
+    dense: Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,10 +28,22 @@ class ModuleLoRA:
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+    # DoRA: m / ||W + scale·B·A|| per output feature ([out]), computed once at load. The term then
+    # becomes (g - 1) * base(x) + g * scale * B A x, PEFT's DoraLinearLayer.forward.
+    magnitude_scale: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleIA3:
+    """(IA)3's learned vector for one projection: it scales the input ([in]) of a feed-forward
+    module, else the output ([out]), as PEFT's ia3 Linear does."""
+
+    vector: torch.Tensor
+    feedforward: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,26 +67,40 @@ class AdapterWeights:
 
     modules: dict[str, ModuleLoRA]
     report: ConfigReport
+    method: str = "lora"  # the PEFT method it was trained with: lora, dora, adalora, ia3
+    ia3: dict[str, ModuleIA3] = field(default_factory=dict)
 
     @property
     def max_rank(self) -> int:
-        return max(m.rank for m in self.modules.values())
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def is_plain_lora(self) -> bool:
+        """Only low-rank factors (LoRA, or AdaLoRA converted to them): what can be mixed by
+        concatenating factors."""
+        return not self.ia3 and all(m.magnitude_scale is None for m in self.modules.values())
 
     def pinned(self) -> AdapterWeights:
         """The same adapter in page-locked host memory, so slot copies to a GPU run asynchronously."""
         mods = {
-            k: ModuleLoRA(A=m.A.pin_memory(), B=m.B.pin_memory(), scale=m.scale)
+            k: replace(
+                m,
+                A=m.A.pin_memory(),
+                B=m.B.pin_memory(),
+                magnitude_scale=None if m.magnitude_scale is None else m.magnitude_scale.pin_memory(),
+            )
             for k, m in self.modules.items()
         }
-        return AdapterWeights(modules=mods, report=self.report)
+        ia3 = {k: replace(v, vector=v.vector.pin_memory()) for k, v in self.ia3.items()}
+        return replace(self, modules=mods, ia3=ia3)
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values()
-        )
+        tensors = [t for m in self.modules.values() for t in (m.A, m.B, m.magnitude_scale) if t is not None]
+        tensors += [v.vector for v in self.ia3.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def target_modules(self) -> list[str]:
         """Short projection names this adapter touches, e.g. ["q_proj", "v_proj"]."""
-        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+        return sorted({name.rsplit(".", 1)[-1] for name in [*self.modules, *self.ia3]})

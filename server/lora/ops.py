@@ -46,6 +46,9 @@ class LoRABatch:
     decode_groups: tuple[tuple[int, torch.Tensor | None], ...] | None = None
     # A captured graph's batch: every layer launches its kernels whatever is loaded at capture time.
     always: bool = False
+    # Slot of every row [T], only when a slot of the step uses DoRA or (IA)3 (their per-row vectors
+    # are gathered by it); None keeps a plain-LoRA step free of the gather.
+    row_slots: torch.Tensor | None = None
 
     @staticmethod
     def build(
@@ -53,7 +56,10 @@ class LoRABatch:
         segments: list[tuple[int, int, int]],
         device: torch.device,
         sgmv: bool = False,
+        extra_slots: frozenset[int] | set[int] = frozenset(),
+        num_rows: int = 0,
     ) -> LoRABatch:
+        """`num_rows`: rows of the packed batch (at least every decode row and segment)."""
         rows = [i for i, s in enumerate(decode_slots) if s]
         decode_active = frozenset(decode_slots[i] for i in rows)
         every = len(rows) == len(decode_slots)
@@ -64,22 +70,26 @@ class LoRABatch:
                  torch.tensor([i for i in rows if decode_slots[i] == slot], dtype=torch.int64).to(device))
                 for slot in sorted(decode_active)
             )  # fmt: skip
-        routed = None
-        if sgmv:
-            row_slots = np.zeros(max([len(decode_slots), *(end for _, end, _ in segments)]), dtype=np.int64)
+        active = decode_active | frozenset(s for _, _, s in segments)
+        routed = per_row = None
+        if sgmv or active & extra_slots:
+            n = max([num_rows, len(decode_slots), *(end for _, end, _ in segments)])
+            row_slots = np.zeros(n, dtype=np.int64)
             row_slots[: len(decode_slots)] = decode_slots
             for start, end, slot in segments:
                 row_slots[start:end] = slot
-            routed = build_segments(row_slots, device)
+            routed = build_segments(row_slots, device) if sgmv else None
+            per_row = torch.from_numpy(row_slots).to(device) if active & extra_slots else None
         return LoRABatch(
             num_decode=len(decode_slots),
             decode_rows=None if every else torch.tensor(rows, dtype=torch.int64).to(device),
             decode_slots=torch.tensor([decode_slots[i] for i in rows], dtype=torch.int64).to(device),
             segments=tuple(segments),
-            active=decode_active | frozenset(s for _, _, s in segments),
+            active=active,
             decode_active=decode_active,
             sgmv=routed,
             decode_groups=groups,
+            row_slots=per_row,
         )
 
 

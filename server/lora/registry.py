@@ -28,6 +28,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # An optional namespace ("team-a/support"), one level, so that tenant keys can be scoped by pattern
 NAME_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+# The versions of per-request mixes (mixing.py): never a blob's sha256, so never in the store
+MIX_VERSION_PREFIX = "mix-"
 
 
 def adapter_version(directory: Path) -> str:
@@ -63,6 +65,9 @@ class AdapterRecord:
     size_bytes: int
     report: ConfigReport
     created: float = 0.0
+    method: str = "lora"  # AdapterWeights.method: whether it can be mixed is known before a load
+    # A per-request mix (mixing.py): its parts and their weights, in name order; () for a stored adapter
+    parts: tuple[tuple[AdapterRecord, float], ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -72,6 +77,7 @@ class AdapterRecord:
             "target_modules": list(self.target_modules),
             "size_bytes": self.size_bytes,
             "created": int(self.created),
+            "method": self.method,
             "report": asdict(self.report),
         }
 
@@ -91,6 +97,8 @@ class AdapterRecord:
             size_bytes=int(str(data["size_bytes"])),
             report=ConfigReport(**report),
             created=float(str(data.get("created", 0))),
+            # records written before `method` existed: DoRA and (IA)3 were refused then
+            method=str(data.get("method", "lora")),
         )
 
 
@@ -128,9 +136,14 @@ class AdapterRegistry:
         self._next_gc = 0.0
 
     def load(self, record: AdapterRecord) -> AdapterWeights:
-        """Parse an adapter from disk (called by the CPU cache's loader thread)."""
+        """Parse an adapter from disk (called by the CPU cache's loader thread); a mix is built from
+        its parts, each read from disk here (the mix itself is what the CPU cache keeps)."""
         from server.lora.weights import load_adapter
 
+        if record.parts:
+            from server.lora.mixing import combine
+
+            return combine([(p.name, self.load(p), w) for p, w in record.parts], self.max_rank)
         if adapter_version(record.path) != record.version:
             raise AdapterWeightsError(f"adapter {record.name!r} changed on disk since it was registered")
         return load_adapter(record.path, self.base_shapes, self.max_rank)
@@ -157,6 +170,7 @@ class AdapterRegistry:
             size_bytes=size,
             report=weights.report,
             created=time.time(),
+            method=weights.method,
         )
         if self.store is not None:
             if not staged:
@@ -240,13 +254,15 @@ class AdapterRegistry:
         self._touched[name] = self._tick
 
     def pin(self, version: str) -> None:
-        """A sequence on `version` was admitted here: no collector may remove its blob meanwhile."""
-        if self.store is not None:
+        """A sequence on `version` was admitted here: no collector may remove its blob meanwhile.
+        A mix has no blob: its weights are in memory from admission on, and its parts' files were read
+        when it was built, before admission, inside the grace period as any adapter's are."""
+        if self.store is not None and not version.startswith(MIX_VERSION_PREFIX):
             self.store.pins.pin(version)
 
     def unpin(self, version: str) -> None:
         """A sequence on `version` left the engine (the pin goes with the last one)."""
-        if self.store is not None:
+        if self.store is not None and not version.startswith(MIX_VERSION_PREFIX):
             self.store.pins.unpin(version)
 
     def close(self) -> None:

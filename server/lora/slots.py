@@ -72,8 +72,15 @@ class SlotTable:
         if slot is not None:
             for layer in self.layers.values():
                 layer.set_slot(slot, None)
+            self._extras(slot, False)
             heapq.heappush(self.free, slot)
 
     def _write(self, slot: int, weights: AdapterWeights) -> None:
         for name, layer in self.layers.items():
-            layer.set_slot(slot, weights.modules.get(name))
+            layer.set_slot(slot, weights.modules.get(name), weights.ia3.get(name))
+        self._extras(slot, not weights.is_plain_lora)
+
+    def _extras(self, slot: int, on: bool) -> None:
+        for layer in self.layers.values():
+            (layer.context.extra_slots.add if on else layer.context.extra_slots.discard)(slot)
+            break  # one context is shared by every layer

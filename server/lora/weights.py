@@ -12,6 +12,7 @@ import os
 import re
 import stat
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import safetensors.torch
@@ -19,7 +20,9 @@ import torch
 
 from server.errors import AdapterConfigError, AdapterError, AdapterWeightsError
 from server.lora.adapter import AdapterWeights, LinearShape, ModuleLoRA
-from server.lora.config import MAX_CONFIG_BYTES, LoraConfig, parse_lora_config
+from server.lora.config import MAX_CONFIG_BYTES, LoraConfig, parse_adapter_config
+from server.lora.dora import dense_weight, magnitude_scale
+from server.lora.ia3 import IA3Config, match_vectors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,9 +32,16 @@ MAX_HEADER_BYTES = 100 * 2**20
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 # PEFT saves "base_model.model.<module>.lora_A.weight"; some files keep the adapter name: "lora_A.default".
+# DoRA adds "<module>.lora_magnitude_vector"; AdaLoRA saves "<module>.lora_A", ".lora_B", ".lora_E".
 _KEY = re.compile(
-    r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight"
+    r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_E|lora_magnitude_vector)"
+    r"(?:\.(?P<adapter>[^.]+))?(?P<weight>\.weight)?"
 )
+_KINDS = {
+    "lora": ("lora_A", "lora_B"),
+    "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
+    "adalora": ("lora_A", "lora_B", "lora_E"),
+}
 _IN_BLOCK = re.compile(r"\.\d+\.")  # "model.layers.3.mlp.up_proj": inside a numbered decoder layer
 
 
@@ -42,7 +52,7 @@ def linear_modules(model: torch.nn.Module) -> dict[str, LinearShape]:
     the output embedding. Pass the base model, not a PEFT-wrapped one (its lora_A/lora_B are Linears too).
     """
     return {
-        name: LinearShape(module.in_features, module.out_features)
+        name: LinearShape(module.in_features, module.out_features, dense=partial(dense_weight, module))
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and _IN_BLOCK.search(name)
     }
@@ -64,23 +74,34 @@ def load_adapter(directory: Path, base_modules: dict[str, LinearShape], max_rank
         raise AdapterConfigError(f"{directory} has no {CONFIG_NAME}", field=CONFIG_NAME)
 
     raw_config = _read_regular_file(directory / CONFIG_NAME, MAX_CONFIG_BYTES, AdapterConfigError)
-    config, report = parse_lora_config(raw_config, max_rank)
-    # Anything larger than max_rank factors in F64 for every module cannot be a valid adapter for this base.
-    payload = sum(max_rank * (s.in_features + s.out_features) * 8 for s in base_modules.values())
+    config, report = parse_adapter_config(raw_config, max_rank)
+    # Anything larger than max_rank factors (and a vector per side) in F64 for every module cannot be a
+    # valid adapter for this base.
+    payload = sum((max_rank + 1) * (s.in_features + s.out_features) * 8 for s in base_modules.values())
     tensors = read_safetensors_strict(directory / WEIGHTS_NAME, payload + 16 * 2**20)
-    modules = _match_modules(tensors, config, base_modules)
+    if not tensors:
+        raise AdapterWeightsError(f"{WEIGHTS_NAME} holds no tensors", field=WEIGHTS_NAME)
+    if isinstance(config, IA3Config):
+        ia3 = match_vectors(tensors, config, base_modules)
+        found: set[str] = set(ia3)
+        weights = AdapterWeights(modules={}, report=report, method="ia3", ia3=ia3)
+    else:
+        modules = _match_modules(tensors, config, base_modules, max_rank)
+        found = set(modules) | {m for m, r in config.kept_ranks.items() if r == 0}
+        weights = AdapterWeights(modules=modules, report=report, method=config.method)
 
     ignored = dict(report.ignored)
     for name in sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES)):
         ignored[name] = f"pickle file, never opened: {WEIGHTS_NAME} is used"
-    missing = [m for m in base_modules if config.targets(m) and m not in modules]
+    missing = [m for m in base_modules if config.targets(m) and m not in found]
     if missing:
         listed = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        effect = "the vector at 1, no effect" if isinstance(config, IA3Config) else "B = 0, no effect"
         ignored["missing_modules"] = (
-            f"{len(missing)} targeted module(s) have no tensors; PEFT leaves them at init "
-            f"(B = 0, no effect): {listed}"
+            f"{len(missing)} targeted module(s) have no tensors; PEFT leaves them at init ({effect}): "
+            + listed
         )
-    return AdapterWeights(modules=modules, report=replace(report, ignored=ignored))
+    return replace(weights, report=replace(report, ignored=ignored))
 
 
 def read_safetensors_strict(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
@@ -178,23 +199,25 @@ def _is_index(value: object) -> bool:
 
 
 def _match_modules(
-    tensors: dict[str, torch.Tensor], config: LoraConfig, base_modules: dict[str, LinearShape]
+    tensors: dict[str, torch.Tensor], config: LoraConfig, base_modules: dict[str, LinearShape], max_rank: int
 ) -> dict[str, ModuleLoRA]:
-    if not tensors:
-        raise AdapterWeightsError(f"{WEIGHTS_NAME} holds no tensors", field=WEIGHTS_NAME)
+    kinds = _KINDS[config.method]
     factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     adapter_names = set()
     for name, tensor in tensors.items():
         key = _KEY.fullmatch(name)
-        if key is None:
+        kind = key["kind"] if key else None
+        if key is None or kind not in kinds:
             raise AdapterWeightsError(
-                f"tensor {name} is not a LoRA factor (base_model.model.<module>.lora_A.weight or "
-                ".lora_B.weight); embedding LoRA, DoRA magnitudes, biases and modules_to_save weights "
-                "are not supported",
+                f"tensor {name} is not a {config.method} tensor of this config (base_model.model.<module>."
+                f"{{{', '.join(kinds)}}}); embedding LoRA, biases and modules_to_save weights are not "
+                "supported",
                 field=name,
             )
-        module, kind = key["module"], key["kind"]
-        adapter_names.add(key["adapter"])
+        module = key["module"]
+        # "lora_A.weight" parses as adapter "weight": the optional parts are told apart here
+        adapter = None if key["adapter"] == "weight" and not key["weight"] else key["adapter"]
+        adapter_names.add(adapter)
         if module not in base_modules:
             raise AdapterWeightsError(
                 f"tensor {name}: no module {module} in the base model (LoRA applies to its decoder-layer "
@@ -221,20 +244,40 @@ def _match_modules(
         if module not in factors:
             continue
         r = config.rank_for(module)
-        expected = {"lora_A": (r, shape.in_features), "lora_B": (shape.out_features, r)}
-        for kind, want in expected.items():
+        if r > max_rank:
+            raise AdapterWeightsError(
+                f"{module} has rank {r}, greater than max_lora_rank {max_rank}",
+                field=next(iter(factors[module].values()))[0],
+            )
+        expected = {
+            "lora_A": (r, shape.in_features),
+            "lora_B": (shape.out_features, r),
+            "lora_E": (r, 1),
+            "lora_magnitude_vector": (shape.out_features,),
+        }
+        for kind in kinds:
             if kind not in factors[module]:
                 other = next(iter(factors[module].values()))[0]
                 raise AdapterWeightsError(f"tensor {other} has no matching {kind} for {module}", field=other)
             name, tensor = factors[module][kind]
-            if tuple(tensor.shape) != want:
+            if tuple(tensor.shape) != expected[kind]:
                 raise AdapterWeightsError(
-                    f"tensor {name} has shape {list(tensor.shape)}, expected {list(want)} "
+                    f"tensor {name} has shape {list(tensor.shape)}, expected {list(expected[kind])} "
                     f"(rank {r}, {module} is {shape.in_features} -> {shape.out_features})",
                     field=name,
                 )
+        if r == 0:
+            continue  # AdaLoRA pruned every rank of this module: PEFT adds nothing
         A, B = factors[module]["lora_A"][1], factors[module]["lora_B"][1]
-        result[module] = ModuleLoRA(A=A.contiguous(), B=B.contiguous(), scale=config.scale_for(module))
+        if config.method == "adalora":
+            A = A * factors[module]["lora_E"][1]  # PEFT: x @ (lora_A * lora_E).T @ lora_B.T
+        scale = config.scale_for(module)
+        g = None
+        if config.method == "dora":
+            if shape.dense is None:
+                raise AdapterWeightsError(f"DoRA needs the base weights of {module}; none were given")
+            g = magnitude_scale(A, B, scale, factors[module]["lora_magnitude_vector"][1], shape.dense())
+        result[module] = ModuleLoRA(A=A.contiguous(), B=B.contiguous(), scale=scale, magnitude_scale=g)
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 from server.engine import attention
 from server.errors import ModelNotFoundError
 from server.lora.adapter import LinearShape
+from server.lora.dora import dense_weight
 from server.lora.layer import LoRAContext, LoRALinear
 from server.model.base_gemm import BaseGemm, RowTiled
 
@@ -164,7 +166,10 @@ def load_base(
     if base_gemm is BaseGemm.TILED and dev.type == "cuda":
         tile_norms(model)
     linears = target_linears(model)
-    shapes = {name: LinearShape(m.in_features, m.out_features) for name, m in linears.items()}
+    shapes = {
+        name: LinearShape(m.in_features, m.out_features, dense=partial(dense_weight, m))
+        for name, m in linears.items()
+    }
     layers: dict[str, LoRALinear] = {}
     for name, linear in linears.items():
         parent_name, _, child = name.rpartition(".")

@@ -247,7 +247,7 @@ UPLOADS = [
     ),
     pytest.param(
         Case(
-            lambda ctx: config(ctx, peft_type="IA3", auto_mapping={"base_model_class": "os.system"}),
+            lambda ctx: config(ctx, peft_type="LOHA", auto_mapping={"base_model_class": "os.system"}),
             400,
             "invalid_adapter",
             "peft_type",

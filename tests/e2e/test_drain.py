@@ -89,7 +89,9 @@ def wait_exit(proc: ServerProc, timeout: float = WAIT) -> int:
 def test_sigterm_drains_running_streams_and_refuses_new_requests(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    proc = server(tmp_path)
+    # The drain waits as long as the streams need (WAIT): on a busy CI machine 3 x 150 tokens
+    # outlasted the default 30 s, and the test is about finishing, not about the clock.
+    proc = server(tmp_path, "--drain-timeout", str(int(WAIT)))
     try:
         streams = [Stream(proc.url, max_tokens=150) for _ in range(3)]
         for s in streams:

@@ -136,7 +136,7 @@ REFUSALS: dict[str, tuple[str, int, str]] = {
     "path-name": ("../x", 400, "invalid adapter name"),
     "oversized": ("ok-name", 413, "exceeds"),
     "truncated": ("ok-name", 400, "safetensors"),
-    "dora": ("ok-name", 400, "use_dora"),
+    "qalora": ("ok-name", 400, "use_qalora"),
 }
 
 
@@ -176,8 +176,8 @@ def test_refused_upload_leaves_the_store_unchanged(
             "adapter_config.json": ("adapter_config.json", config),
             "adapter_model.safetensors": ("adapter_model.safetensors", weights[: len(weights) // 2]),
         }
-    elif case == "dora":
-        cfg = {**json.loads(config), "use_dora": True}
+    elif case == "qalora":
+        cfg = {**json.loads(config), "use_qalora": True}
         files = {
             "adapter_config.json": ("adapter_config.json", json.dumps(cfg).encode()),
             "adapter_model.safetensors": ("adapter_model.safetensors", weights),

@@ -116,7 +116,7 @@ def test_accepts_bytes_str_and_dict_and_applies_peft_defaults() -> None:
         ({"loftq_config": {"loftq_bits": 4}}, "loftq_config", "unless init_lora_weights is 'loftq'"),
         ({"base_model_name_or_path": "x/y", "revision": "main"}, "base_model_name_or_path", "informational"),
         ({"auto_mapping": {"parent_library": "os", "base_model_class": "system"}}, "auto_mapping", "never"),
-        ({"use_dora": False}, "use_dora", "disabled"),
+        ({"use_qalora": False}, "use_qalora", "disabled"),
         ({"my_new_field": 3}, "my_new_field", "unknown key"),
     ],
 )
@@ -129,11 +129,12 @@ def test_ignored_fields_say_why(overrides: dict[str, Any], key: str, reason: str
 @pytest.mark.parametrize(
     ("overrides", "field", "message"),
     [
-        ({"use_dora": True}, "use_dora", "DoRA"),
+        ({"use_qalora": True}, "use_qalora", "QALoRA"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save", "modules_to_save"),
         ({"bias": "all"}, "bias", "biases are not supported"),
-        ({"peft_type": "PREFIX_TUNING"}, "peft_type", "only LoRA adapters"),
-        ({"peft_type": None}, "peft_type", "only LoRA adapters"),
+        ({"peft_type": "LOHA"}, "peft_type", "rank up to r^2"),
+        ({"peft_type": "PREFIX_TUNING"}, "peft_type", "prefix tuning"),
+        ({"peft_type": None}, "peft_type", "not a method loraplex serves"),
         ({"r": 64}, "r", "LoRA rank 64 is greater than max_lora_rank 16"),
         ({"r": 0}, "r", "positive integer, got 0"),
         ({"r": "8"}, "r", 'positive integer, got "8"'),
@@ -176,8 +177,8 @@ def test_refusals_name_field_and_problem(overrides: dict[str, Any], field: str, 
 
 def test_every_refusal_is_reported_at_once() -> None:
     with pytest.raises(AdapterConfigError) as info:
-        parse_lora_config(minimal(use_dora=True, bias="lora_only", r=99), max_rank=16)
-    assert all(word in str(info.value) for word in ("use_dora", "bias", "greater than max_lora_rank"))
+        parse_lora_config(minimal(use_qalora=True, bias="lora_only", r=99), max_rank=16)
+    assert all(word in str(info.value) for word in ("use_qalora", "bias", "greater than max_lora_rank"))
 
 
 @pytest.mark.parametrize(

@@ -249,7 +249,11 @@ REFUSALS: dict[str, tuple[Callable[[Path], object], type[AdapterError], str]] = 
         "no adapter_config.json",
     ),
     "oversized config": (_config_edit(pad="x" * 70_000), AdapterConfigError, "65536"),
-    "dora config": (_config_edit(use_dora=True), AdapterConfigError, "DoRA"),
+    "dora without magnitudes": (
+        _config_edit(use_dora=True),
+        AdapterWeightsError,
+        "no matching lora_magnitude_vector",
+    ),
     "wrong shape": (
         _tensors(lambda t: t.update({f"{Q0}.lora_A.weight": torch.zeros(4, 32)})),
         AdapterWeightsError,
@@ -281,7 +285,7 @@ REFUSALS: dict[str, tuple[Callable[[Path], object], type[AdapterError], str]] = 
     "dora magnitude": (
         _tensors(lambda t: t.update({f"{Q0}.lora_magnitude_vector": torch.ones(64)})),
         AdapterWeightsError,
-        "lora_magnitude_vector is not a LoRA factor",
+        "lora_magnitude_vector is not a lora tensor of this config",
     ),
     "nan": (
         _tensors(lambda t: t[f"{Q0}.lora_B.weight"].fill_(float("nan"))),

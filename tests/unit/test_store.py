@@ -99,12 +99,12 @@ def test_refused_adapter_leaves_the_store_unchanged(
     bad = tmp_path.parent / "bad"
     bad.mkdir()
     (bad / "adapter_config.json").write_text(
-        json.dumps({**json.loads((adapters["a"] / "adapter_config.json").read_text()), "use_dora": True})
+        json.dumps({**json.loads((adapters["a"] / "adapter_config.json").read_text()), "use_qalora": True})
     )
     (bad / "adapter_model.safetensors").write_bytes(
         (adapters["a"] / "adapter_model.safetensors").read_bytes()
     )
-    with pytest.raises(AdapterError, match="use_dora"):
+    with pytest.raises(AdapterError, match="use_qalora"):
         reg.add_dir("bad", bad)
     with pytest.raises(AdapterError, match="invalid adapter name"):
         reg.add_dir("../x", adapters["a"])

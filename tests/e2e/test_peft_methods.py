@@ -1,0 +1,109 @@
+"""DoRA, AdaLoRA and (IA)3 on the real default model in NF4: adapters made by PEFT itself (every
+trained tensor drawn at random), 32 greedy tokens on each prompt equal PEFT's `generate` with the
+adapter alone, and the same tokens come out of one batch holding every method, a plain LoRA
+adapter and base requests at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from server.engine.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.lora.registry import AdapterRegistry
+from server.model.loader import BaseModel
+from tests.drive import greedy
+from tests.e2e.conftest import MAX_RANK, nf4_reference
+from tests.peft_factory import make_method_adapter
+
+pytestmark = pytest.mark.e2e
+NEW_TOKENS = 32
+PLAIN = "qv-r4"  # a plain LoRA adapter of the session's registry
+
+
+def configs() -> dict[str, Any]:
+    from peft import AdaLoraConfig, IA3Config, LoraConfig
+
+    return {
+        "dora": LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
+            init_lora_weights=False,
+        ),
+        "adalora": AdaLoraConfig(
+            init_r=12, target_r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "up_proj"],
+            total_step=10,
+        ),
+        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def method_dirs(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("methods")
+
+    def factory() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+    return {
+        name: make_method_adapter(factory, root / name, 10 + i, cfg)
+        for i, (name, cfg) in enumerate(configs().items())
+    }
+
+
+@pytest.fixture(scope="module")
+def methods(base: BaseModel, method_dirs: dict[str, Path], adapter_dirs: dict[str, Path]) -> AdapterRegistry:
+    registry = AdapterRegistry(base.linear_shapes, MAX_RANK)
+    for name, directory in [*method_dirs.items(), (PLAIN, adapter_dirs[PLAIN])]:
+        registry.add_dir(name, directory)
+    return registry
+
+
+def engine(base: BaseModel, registry: AdapterRegistry) -> LLMEngine:
+    config = EngineConfig(
+        max_loras=4, max_lora_rank=MAX_RANK, max_num_seqs=32, max_model_len=1024, kv_cache_tokens=8192
+    )
+    return LLMEngine(base, registry, config)
+
+
+# PEFT recomputes DoRA's norms in every forward on CPU: minutes, alone on a quiet machine
+@pytest.mark.timeout(1800)
+def test_every_method_equals_peft_alone_and_in_one_mixed_batch(
+    base: BaseModel,
+    methods: AdapterRegistry,
+    method_dirs: dict[str, Path],
+    model_path: Path,
+    prompt_ids: list[list[int]],
+) -> None:
+    from peft import PeftModel
+
+    names = [None, PLAIN, *method_dirs]
+    jobs = [
+        (f"{name or 'base'}/{p}", methods.resolve(name) if name else None, ids)
+        for name in names
+        for p, ids in enumerate(prompt_ids)
+    ]
+    mixed_engine = engine(base, methods)
+    mixed = greedy(mixed_engine, jobs, NEW_TOKENS)
+    assert max(len(r.adapters) for r in mixed_engine.records) == len(names) - 1, "every method shared a step"
+    for name in names:
+        alone = greedy(
+            engine(base, methods), [j for j in jobs if j[0].startswith(f"{name or 'base'}/")], NEW_TOKENS
+        )
+        assert alone == {rid: mixed[rid] for rid in alone}, f"{name}: alone != inside the mixed batch"
+
+    for name, directory in method_dirs.items():
+        peft_model = PeftModel.from_pretrained(nf4_reference(model_path), directory).eval()
+        for p, ids in enumerate(prompt_ids):
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                out = peft_model.generate(
+                    x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False
+                )
+            assert mixed[f"{name}/{p}"] == out[0, len(ids) :].tolist(), f"{name}/{p}: engine != PEFT"
+        differs = [mixed[f"{name}/{p}"] != mixed[f"base/{p}"] for p in range(len(prompt_ids))]
+        assert any(differs), f"{name} gave the base model's tokens on every prompt"

@@ -1,0 +1,207 @@
+"""PEFT methods beyond plain LoRA (DoRA, AdaLoRA, (IA)3) on the tiny Llama in NF4: each adapter,
+made by PEFT itself with every trained tensor drawn at random, gives PEFT's greedy tokens alone and
+the same logits, bit for bit, inside one batch that mixes every method, plain LoRA and the base.
+Refused methods and malformed tensors name their reason and leave the store unchanged."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+
+from server.errors import AdapterError
+from server.lora.registry import AdapterRegistry
+from server.lora.store import AdapterStore
+from server.model.base_gemm import BaseGemm
+from server.model.loader import BaseModel, load_base
+from tests.drive import greedy
+from tests.peft_factory import make_method_adapter
+from tests.unit.test_engine_tiny import engine_for, hf_model, prompt_ids, record_logits
+
+TEXTS = ["hello there", "the quick brown fox"]
+TOKENS = 16
+
+
+def method_configs() -> dict[str, Any]:
+    from peft import AdaLoraConfig, IA3Config, LoraConfig
+
+    return {
+        "dora": LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
+            init_lora_weights=False,
+        ),
+        "adalora": AdaLoraConfig(
+            init_r=6, target_r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], total_step=10
+        ),
+        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def nf4(tiny_checkpoint: Callable[[str], Path]) -> BaseModel:
+    return load_base(
+        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=4, max_lora_rank=8,
+        base_gemm=BaseGemm.TILED,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def made(tiny_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    root = tmp_path_factory.mktemp("methods")
+    return {
+        name: make_method_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), root / name, i, cfg)
+        for i, (name, cfg) in enumerate(method_configs().items())
+    }
+
+
+def peft_greedy(path: Path, adapter: Path, base: BaseModel, texts: list[str]) -> list[list[int]]:
+    """PEFT's own generate with the adapter alone, one prompt at a time."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(hf_model(path, "nf4"), adapter)
+    outs = []
+    for text in texts:
+        ids = prompt_ids(base, text)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=TOKENS, do_sample=False)
+        outs.append([int(t) for t in out[0, len(ids) :]])
+    return outs
+
+
+def test_each_method_matches_peft_alone_and_bitwise_in_one_mixed_batch(
+    nf4: BaseModel, made: dict[str, Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    registry = AdapterRegistry(nf4.linear_shapes, 8)
+    for name, directory in made.items():
+        _, weights = registry.add_dir(name, directory)
+        assert weights.method == name
+    jobs = [
+        (f"{name}/{p}", registry.resolve(name) if name != "base" else None, prompt_ids(nf4, text))
+        for name in ("base", *made)
+        for p, text in enumerate(TEXTS)
+    ]
+    solo: dict[str, list[int]] = {}
+    solo_logits: dict[str, list[torch.Tensor]] = {}
+    for name in ("base", *made):  # each adapter alone (its prompts together)
+        engine = engine_for(nf4, registry, max_loras=4)
+        rows = record_logits(engine)
+        solo.update(greedy(engine, [j for j in jobs if j[0].startswith(f"{name}/")], max_tokens=TOKENS))
+        solo_logits.update(rows)
+    engine = engine_for(nf4, registry, max_loras=4, max_num_seqs=len(jobs))
+    mixed_logits = record_logits(engine)
+    assert greedy(engine, jobs, max_tokens=TOKENS) == solo
+    assert any(len(r.adapters) == len(made) for r in engine.records), "every method shared a step"
+    for rid, solo_rows in solo_logits.items():
+        pairs = zip(solo_rows, mixed_logits[rid], strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs), rid
+
+    path = tiny_checkpoint("llama")
+    for name, directory in made.items():
+        for p, tokens in enumerate(peft_greedy(path, directory, nf4, TEXTS)):
+            assert solo[f"{name}/{p}"] == tokens, f"{name}/{p} != PEFT"
+        assert any(solo[f"{name}/{p}"] != solo[f"base/{p}"] for p in range(len(TEXTS))), f"{name} = base"
+
+
+def test_adalora_keeps_the_ranks_its_rank_pattern_kept(
+    nf4: BaseModel, tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A trained AdaLoRA adapter saves only the ranks its budget kept (here 2 of 6 in one module, none
+    in another); the scale stays lora_alpha / init_r, as PEFT keeps ranknum."""
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    torch.manual_seed(7)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path),
+        AdaLoraConfig(
+            init_r=6, target_r=2, lora_alpha=12, target_modules=["q_proj", "v_proj"], total_step=10
+        ),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    keep = [True, False, True, False, False, False]
+    config: Any = model.peft_config["default"]
+    config.rank_pattern = {
+        "model.layers.0.self_attn.q_proj.lora_E": keep,
+        "model.layers.1.self_attn.v_proj.lora_E": [False] * 6,
+    }
+    model.save_pretrained(str(tmp_path / "pruned"))
+    registry = AdapterRegistry(nf4.linear_shapes, 8)
+    _, weights = registry.add_dir("pruned", tmp_path / "pruned")
+    assert weights.modules["model.layers.0.self_attn.q_proj"].rank == 2
+    assert "model.layers.1.self_attn.v_proj" not in weights.modules
+    assert weights.modules["model.layers.0.self_attn.v_proj"].rank == 6
+    job = ("p", registry.resolve("pruned"), prompt_ids(nf4, TEXTS[0]))
+    assert [greedy(engine_for(nf4, registry), [job], max_tokens=TOKENS)["p"]] == peft_greedy(
+        path, tmp_path / "pruned", nf4, TEXTS[:1]
+    )
+
+
+def _edit(src: Path, dst: Path, config: dict[str, Any] | None = None, tensors: Any = None) -> Path:
+    dst.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    weights = safetensors.torch.load_file(src / "adapter_model.safetensors")
+    if tensors is not None:
+        tensors(weights)
+    safetensors.torch.save_file(weights, dst / "adapter_model.safetensors")
+    return dst
+
+
+def _first(weights: dict[str, torch.Tensor], kind: str) -> str:
+    return next(k for k in sorted(weights) if kind in k)
+
+
+REFUSALS: dict[str, tuple[str, dict[str, Any], Callable[[dict[str, torch.Tensor]], object] | None, str]] = {
+    "loha": ("lora", {"peft_type": "LOHA"}, None, "no per-token low-rank form"),
+    "lokr": ("lora", {"peft_type": "LOKR"}, None, "LoKr"),
+    "prompt tuning": ("lora", {"peft_type": "PROMPT_TUNING"}, None, "prompt tuning"),
+    "adalora with dora": ("adalora", {"use_dora": True}, None, "AdaLoRA does not support DoRA"),
+    "ia3 feedforward outside targets": (
+        "ia3", {"feedforward_modules": ["up_proj"]}, None, "subset of target_modules",
+    ),
+    "ia3 without feedforward list": (
+        "ia3", {"feedforward_modules": None}, None, "feedforward_modules: missing",
+    ),
+    "ia3 vector of the wrong side": (
+        "ia3", {"feedforward_modules": []}, None, "has shape [1, 128], expected [64, 1]",
+    ),
+    "ia3 nan": ("ia3", {}, lambda t: t[_first(t, "ia3_l")].fill_(float("nan")), "NaN or infinite"),
+    "dora without magnitudes": (
+        "dora", {}, lambda t: t.pop(_first(t, "magnitude")), "no matching lora_magnitude_vector",
+    ),
+    "dora magnitude of the wrong size": (
+        "dora", {}, lambda t: t.update({_first(t, "magnitude"): torch.ones(3)}), "expected [64]",
+    ),
+    "adalora rank above the limit": ("adalora", {"init_r": 12}, None, "greater than max_lora_rank 8"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_name_their_reason_and_leave_the_store_unchanged(
+    case: str, nf4: BaseModel, made: dict[str, Path], tmp_path: Path
+) -> None:
+    source, config, tensors, reason = REFUSALS[case]
+    store_dir = tmp_path / "store"
+    registry = AdapterRegistry(nf4.linear_shapes, 8, AdapterStore(store_dir))
+    registry.add_dir("kept", made["lora"])
+    before = sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
+    bad = _edit(made[source], tmp_path / "bad", config, tensors)
+    with pytest.raises(AdapterError, match=reason.replace("[", r"\[").replace("^", r"\^")):
+        registry.add_dir("bad", bad)
+    after = sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
+    assert after == before
+    assert [r.name for r in registry.records()] == ["kept"]
