@@ -23,7 +23,7 @@ from server.api.responses import INFERENCE, answers
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.engine.engine import RequestOutput
 from server.engine.sequence import Sequence
-from server.errors import LoraplexError, RequestError
+from server.errors import AdapterNotFoundError, LoraplexError, MixError, RequestError
 from server.lora.registry import AdapterRecord
 from server.runtime import Runtime
 
@@ -78,7 +78,11 @@ async def models(request: Request) -> dict[str, Any]:
 async def model(model_id: str, request: Request) -> dict[str, Any]:
     """OpenAI's retrieve: one entry of the list; an unknown id is 404 `model_not_found`."""
     rt = _rt(request)
-    adapter = rt.resolve(model_id, grant(request).may_use)
+    try:
+        adapter = rt.resolve(model_id, grant(request).may_use)
+    except MixError:
+        # a retrieve names a model: a spelling that is no valid mix is no model here (OpenAI's 404)
+        raise AdapterNotFoundError(model_id) from None
     return _base_entry(request) if adapter is None else _adapter_entry(rt, adapter)
 
 
