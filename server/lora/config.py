@@ -24,6 +24,7 @@ from numpy import float32 as np_float32
 from server.errors import AdapterConfigError
 from server.lora.adapter import ConfigReport
 from server.lora.config_fields import (
+    INFORMATIONAL,
     MAX_CONFIG_BYTES,
     MAX_CONFIG_DEPTH,
     Matcher,
@@ -42,12 +43,7 @@ __all__ = [
 
 _INIT_ONLY = "initialization only: the trained A/B come from adapter_model.safetensors"
 _IGNORED: dict[str, str] = {
-    "task_type": "informational: loraplex runs the base model as a causal LM",
-    "base_model_name_or_path": "informational: the adapter is applied to this server's base model",
-    "revision": "informational: nothing is downloaded",
-    "peft_version": "informational",
-    "auto_mapping": "informational: never used to import anything",
-    "inference_mode": "informational: loraplex only runs inference",
+    **INFORMATIONAL,
     "lora_dropout": "dropout is a training-time regularizer; inference does not drop",
     "megatron_core": "only used together with megatron_config",
     "qalora_group_size": "only used together with use_qalora",

@@ -26,6 +26,15 @@ _REPEATS = tuple(
 )
 
 Matcher = frozenset[str] | re.Pattern[str]
+# Keys every PEFT method's config carries that change nothing in how the adapter is applied
+INFORMATIONAL: dict[str, str] = {
+    "task_type": "informational: loraplex runs the base model as a causal LM",
+    "base_model_name_or_path": "informational: the adapter is applied to this server's base model",
+    "revision": "informational: nothing is downloaded",
+    "peft_version": "informational",
+    "auto_mapping": "informational: never used to import anything",
+    "inference_mode": "informational: loraplex only runs inference",
+}
 
 
 class Refusal(Exception):

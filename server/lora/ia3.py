@@ -20,16 +20,19 @@ import torch
 from server.errors import AdapterWeightsError
 from server.lora.adapter import ConfigReport, LinearShape, ModuleIA3
 from server.lora.config import AdapterConfigRefusedError
-from server.lora.config_fields import Matcher, Refusal, matches, parse_bool, parse_targets, short
+from server.lora.config_fields import (
+    INFORMATIONAL,
+    Matcher,
+    Refusal,
+    matches,
+    parse_bool,
+    parse_targets,
+    short,
+)
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?")
 _IGNORED = {
-    "task_type": "informational: loraplex runs the base model as a causal LM",
-    "base_model_name_or_path": "informational: the adapter is applied to this server's base model",
-    "revision": "informational: nothing is downloaded",
-    "peft_version": "informational",
-    "auto_mapping": "informational: never used to import anything",
-    "inference_mode": "informational: loraplex only runs inference",
+    **INFORMATIONAL,
     "init_ia3_weights": "initialization only: the trained vectors come from adapter_model.safetensors",
 }
 _HONOURED = ("peft_type", "target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out")
