@@ -174,7 +174,7 @@ async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
 
 
 class LoadLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     lora_name: str = Field(max_length=64, json_schema_extra={ADAPTER_NAME: True})
     # NUL: the OS refuses such a path (ValueError from Path.resolve), so the request is refused first
     lora_path: str = Field(
@@ -183,7 +183,7 @@ class LoadLoraRequest(BaseModel):
 
 
 class UnloadLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     lora_name: str = Field(max_length=64)
 
 

@@ -19,7 +19,7 @@ MAX_CHOICES = 256
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
     name: str = Field(max_length=256)
     # `schema` would shadow BaseModel.schema(); the wire name stays "schema"
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -30,7 +30,7 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's `response_format`: text (no constraint), any JSON object, or a JSON schema."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -39,7 +39,7 @@ class StructuredOutputs(BaseModel):
     """vLLM's `structured_outputs`: at most one of its fields. Unknown keys (vLLM's whitespace and
     backend options) are refused rather than silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: str | None = None
     # the bound _spec checks, stated for the OpenAPI document

@@ -22,7 +22,7 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
 class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -38,7 +38,7 @@ class FunctionDef(BaseModel):
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["function"]
     function: FunctionDef
 
@@ -64,7 +64,7 @@ class CalledFunction(BaseModel):
 class ToolCall(BaseModel):
     """An entry of an assistant message's `tool_calls` in the history a client sends back."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     id: str = Field(max_length=256)
     type: Literal["function"] = "function"
     function: CalledFunction

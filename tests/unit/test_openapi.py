@@ -15,11 +15,12 @@ import httpx
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from schemathesis.core.result import Ok
 
 from server.api import responses
 from server.api.openapi import below
+from server.api.schemas import CompletionRequest
 from tests.unit.test_tokenize_routes import BASE_ID, make_app
 
 ENVELOPE = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -170,6 +171,33 @@ def test_a_nul_byte_in_lora_path_is_refused_before_the_handler(tokenizer: Any, t
     client = TestClient(make_app(tokenizer, tmp_path), raise_server_exceptions=False)
     r = client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x\x00y"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.text
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/detokenize", {"tokens": [True, False]}),
+        ("/detokenize", {"tokens": ["1"]}),
+        ("/tokenize", {"prompt": "hi", "add_special_tokens": 1}),
+        ("/tokenize", {"prompt": 7}),
+    ],
+)
+def test_json_types_are_not_coerced(tokenizer: Any, tmp_path: Path, path: str, body: dict[str, Any]) -> None:
+    """The document says integer, boolean, string: a JSON `true` is no token id and `1` no boolean
+    (schemathesis found `"top_k": false` accepted as 0 under pydantic's lax mode)."""
+    client = TestClient(make_app(tokenizer, tmp_path), raise_server_exceptions=False)
+    r = client.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+@pytest.mark.parametrize(
+    "field, value", [("top_k", False), ("seed", True), ("n", "2"), ("temperature", True), ("logprobs", 1.5)]
+)
+def test_sampling_fields_refuse_other_json_types(field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", field: value})
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 1})
+    assert body.temperature == 1.0  # an integer is a number
 
 
 @pytest.mark.parametrize("n", [1, 2, 9, 10, 11, 99, 100, 101, 1000, 1001, 49152])
