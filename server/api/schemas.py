@@ -89,9 +89,7 @@ class Body(BaseModel):
     """A request body: unknown fields ignored, an explicit null the field's default. Floats are
     finite: Python's JSON parser reads NaN and Infinity, which no sampling parameter survives."""
 
-    model_config = ConfigDict(
-        extra="ignore", allow_inf_nan=False, strict=True, json_schema_extra=_document
-    )
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True, json_schema_extra=_document)
     doc: ClassVar[dict[str, Any]] = {}  # JSON-schema keywords for the whole body (`_document`)
 
     @model_validator(mode="before")
