@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     port: int = 8000
     max_loras: int = Field(8, ge=1, description="device slots: distinct adapters in one step")
     max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in host memory (LRU)")
+    max_saved_module_bytes: int = Field(
+        2 << 30,
+        ge=0,
+        description="device bytes for adapters' modules_to_save copies (lm_head, embeddings, norms), "
+        "together; one adapter's copies above it are refused at upload",
+    )
     max_lora_rank: int = Field(16, ge=1, description="largest rank accepted; slot buffers are this wide")
     max_num_seqs: int = Field(32, ge=1, description="sequences decoded together")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one forward pass")

@@ -135,8 +135,15 @@ def build_runtime(settings: Settings) -> Runtime:
         kv_cache_tokens=max(settings.kv_cache_tokens, base.max_model_len),
         block_size=settings.block_size,
         max_queue=settings.max_queue,
+        max_saved_module_bytes=settings.max_saved_module_bytes,
     )
-    registry = AdapterRegistry(base.linear_shapes, settings.max_lora_rank, AdapterStore(settings.store_dir))
+    registry = AdapterRegistry(
+        base.linear_shapes,
+        settings.max_lora_rank,
+        AdapterStore(settings.store_dir),
+        saveable=base.saveable,
+        max_saved_bytes=settings.max_saved_module_bytes,
+    )
     restored = registry.restore()
     log.info("%d adapters restored from %s", len(restored), settings.store_dir)
     if settings.import_adapters is not None and settings.import_adapters.is_dir():

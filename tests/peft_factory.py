@@ -26,7 +26,8 @@ def make_adapter(model_factory: Any, out_dir: Path, seed: int, b_scale: float = 
 def make_method_adapter(model_factory: Any, out_dir: Path, seed: int, config: Any) -> Path:
     """Any PEFT method (DoRA, AdaLoRA, (IA)3, ...) with every trainable tensor drawn at random, so
     that each part of the method changes the output: factors around 0, vectors and magnitudes
-    around their initial values (1 for (IA)3, the weight norms for DoRA)."""
+    around their initial values (1 for (IA)3, the weight norms for DoRA), modules_to_save copies
+    around the base module's weights."""
     torch.manual_seed(seed)
     peft_model = get_peft_model(model_factory(), config)
     with torch.no_grad():
@@ -35,5 +36,11 @@ def make_method_adapter(model_factory: Any, out_dir: Path, seed: int, config: An
                 p.mul_(1.0 + 0.5 * torch.randn_like(p))
             elif any(k in name for k in ("lora_A", "lora_B", "lora_E")):
                 p.copy_(torch.randn_like(p) * 0.5)
+            elif "modules_to_save" in name:  # a trained copy: the base module's values, moved
+                noise = torch.randn_like(p)
+                if p.dim() == 1:
+                    p.mul_(1.0 + 0.3 * noise)
+                else:
+                    p.add_(noise * 0.5 * p.std())
     peft_model.save_pretrained(str(out_dir))
     return out_dir

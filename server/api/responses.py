@@ -178,6 +178,8 @@ class Adapter(BaseModel):
     target_modules: list[str]
     size_bytes: int
     created: int
+    method: str = Field(description="the PEFT method: lora, dora, adalora or ia3")
+    saved_modules: list[str] = Field(description="base modules its modules_to_save copies replace")
     report: AdapterReport
     parent: str
     tier: Literal["device", "cpu", "disk"]

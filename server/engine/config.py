@@ -26,6 +26,8 @@ class EngineConfig:
     cuda_graphs: bool = False
     # Steps a request blocked by the adapter budget waits before newer requests stop overtaking it.
     max_adapter_wait_steps: int = 16
+    # Device bytes for the modules_to_save copies of the adapters in slots (and of one step's adapters)
+    max_saved_module_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         if self.max_cpu_loras < self.max_loras:

@@ -65,7 +65,9 @@ class LLMEngine:
         self.config = config
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
         self.cache = AdapterCache(config.max_cpu_loras, registry.load, pin=base.device.type == "cuda")
-        self.slots = SlotTable(base.lora_layers, config.max_loras)
+        self.slots = SlotTable(
+            base.lora_layers, config.max_loras, base.lora_context, config.max_saved_module_bytes
+        )
         self.scheduler = Scheduler(config, self.blocks, gate=self)
         self.runner = ModelRunner(base, config)
         self.seqs: dict[str, Sequence] = {}
@@ -107,6 +109,11 @@ class LLMEngine:
             return False
         self.in_use[seq.adapter.version] = (weights, 0)
         return True
+
+    def saved_bytes(self, seq: Sequence) -> int:
+        """Device bytes of the modules_to_save copies of a ready sequence's adapter."""
+        held = self.in_use.get(seq.adapter.version) if seq.adapter is not None else None
+        return held[0].saved_nbytes if held is not None else 0
 
     def acquire(self, seq: Sequence) -> None:
         if seq.adapter is not None:

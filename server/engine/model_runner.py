@@ -13,6 +13,7 @@ from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.step_inputs import StepInputBuilder, StepInputs, to_device
 from server.lora.ops import LoRABatch
+from server.lora.saved import dense_linear
 from server.model.base_gemm import base_linear
 from server.model.loader import BaseModel
 
@@ -42,6 +43,7 @@ class ModelRunner:
                 base.device,
                 compiled=base.device.type == "cuda",
             )
+        self.lm_head_name = next((n for n, s in base.saveable.items() if s.kind == "lm_head"), "lm_head")
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
             self.graphs = DecodeGraphs(self, capture=base.device.type == "cuda")
@@ -67,16 +69,32 @@ class ModelRunner:
             sgmv=ctx.lora_backend == "triton",
             extra_slots=extras,
             num_rows=len(inputs.input_ids),
+            saved_slots=extras & ctx.saved.keys(),
         )
         ids = to_device(inputs.input_ids, dev).unsqueeze(0)
         hidden = self._hidden(ids, to_device(inputs.positions, dev).unsqueeze(0), meta, batch)
-        self._prompt_logprobs(inputs, hidden)
+        self._prompt_logprobs(inputs, hidden, slot_of)
         if not inputs.sample_rows:
             return inputs.sampling, hidden[:0]
         picked = hidden.index_select(0, torch.tensor(inputs.sample_rows, device=dev))  # [N, hidden]
-        return inputs.sampling, base_linear(picked, self.base.model.lm_head, ctx.base_gemm)
+        slots = [slot_of.get(s.adapter_key or "", 0) for s in inputs.sampling]
+        return inputs.sampling, self._lm_head(picked, slots)
 
-    def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor) -> None:
+    def _lm_head(self, hidden: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """Logits of `hidden` rows [N, H] -> [N, V]; the rows of a slot whose adapter saved its own
+        lm_head (modules_to_save) are computed with that copy instead."""
+        ctx = self.base.lora_context
+        logits = base_linear(hidden, self.base.model.lm_head, ctx.base_gemm)
+        for slot in sorted(set(slots) & ctx.saved.keys()):
+            head = ctx.saved[slot].get(self.lm_head_name)
+            if head is None:
+                continue
+            rows = torch.tensor([i for i, s in enumerate(slots) if s == slot], device=hidden.device)
+            own = dense_linear(hidden.index_select(0, rows), head["weight"], head.get("bias"), ctx.base_gemm)
+            logits.index_copy_(0, rows, own.to(logits.dtype))
+        return logits
+
+    def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor, slot_of: dict[str, int]) -> None:
         """For requests that asked (`echo` + `logprobs`): what each prefilled prompt position says
         about the next prompt token, written into the sequence by position (a recompute after
         preemption rewrites the same entries). Its own lm_head call, so the sampled rows' logits
@@ -90,7 +108,7 @@ class ModelRunner:
             if last <= first:
                 continue
             rows = hidden[p.start : p.start + last - first]
-            logits = base_linear(rows, self.base.model.lm_head, self.base.lora_context.base_gemm)
+            logits = self._lm_head(rows, [slot_of.get(seq.adapter_key or "", 0)] * len(rows))
             targets = torch.tensor(seq.prompt_token_ids[first + 1 : last + 1], device=rows.device)
             for j, entry in enumerate(prompt_logprobs(logits, targets, seq.params.prompt_logprobs)):
                 seq.prompt_logprobs[first + 1 + j] = entry

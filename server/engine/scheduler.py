@@ -18,6 +18,10 @@ class AdapterGate(Protocol):
         """True when the sequence's adapter (or the base) can run now; otherwise starts loading it."""
         ...
 
+    def saved_bytes(self, seq: Sequence) -> int:
+        """Device bytes of the modules_to_save copies of a ready sequence's adapter (0: none)."""
+        ...
+
     def acquire(self, seq: Sequence) -> None: ...
 
     def release(self, seq: Sequence) -> None: ...
@@ -93,6 +97,8 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         adapters = {s.adapter_key for s in self.running if s.adapter_key}
+        # modules_to_save copies of the step's adapters share one device budget, like the slots
+        saved = sum({s.adapter_key: self.gate.saved_bytes(s) for s in self.running if s.adapter_key}.values())
         admitted: list[Sequence] = []
         head_starving = False
         # Asking the gate starts a disk load. Loading every queued adapter at once would push the
@@ -121,6 +127,10 @@ class Scheduler:
                 break
             if not in_window or not self.gate.ready(seq):
                 continue
+            extra = self.gate.saved_bytes(seq) if new_adapter else 0
+            if extra and saved + extra > self.config.max_saved_module_bytes:
+                seq.blocked_steps += 1
+                continue
             n = self.next_chunk(seq)
             if n > budget or not self.blocks.can_allocate(seq, n):
                 break
@@ -132,6 +142,7 @@ class Scheduler:
             if key:
                 adapters.add(key)
                 fetching.discard(key)
+                saved += extra
             budget -= n
             if seq.num_uncomputed == 1:
                 out.decode.append(seq)

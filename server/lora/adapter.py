@@ -69,6 +69,8 @@ class AdapterWeights:
     report: ConfigReport
     method: str = "lora"  # the PEFT method it was trained with: lora, dora, adalora, ia3
     ia3: dict[str, ModuleIA3] = field(default_factory=dict)
+    # modules_to_save: module -> parameter -> the trained copy, in the base module's dtype
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def max_rank(self) -> int:
@@ -78,7 +80,9 @@ class AdapterWeights:
     def is_plain_lora(self) -> bool:
         """Only low-rank factors (LoRA, or AdaLoRA converted to them): what can be mixed by
         concatenating factors."""
-        return not self.ia3 and all(m.magnitude_scale is None for m in self.modules.values())
+        return (
+            not self.ia3 and not self.saved and all(m.magnitude_scale is None for m in self.modules.values())
+        )
 
     def pinned(self) -> AdapterWeights:
         """The same adapter in page-locked host memory, so slot copies to a GPU run asynchronously."""
@@ -92,13 +96,19 @@ class AdapterWeights:
             for k, m in self.modules.items()
         }
         ia3 = {k: replace(v, vector=v.vector.pin_memory()) for k, v in self.ia3.items()}
-        return replace(self, modules=mods, ia3=ia3)
+        saved = {k: {p: t.pin_memory() for p, t in params.items()} for k, params in self.saved.items()}
+        return replace(self, modules=mods, ia3=ia3, saved=saved)
 
     @property
     def nbytes(self) -> int:
         tensors = [t for m in self.modules.values() for t in (m.A, m.B, m.magnitude_scale) if t is not None]
         tensors += [v.vector for v in self.ia3.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + self.saved_nbytes
+
+    @property
+    def saved_nbytes(self) -> int:
+        """Bytes of the modules_to_save copies (on the device too: they keep the base's dtype)."""
+        return sum(t.numel() * t.element_size() for params in self.saved.values() for t in params.values())
 
     @property
     def target_modules(self) -> list[str]:

@@ -33,6 +33,7 @@ from server.lora.config_fields import (
     load_json,
     matches,
     parse_bool,
+    parse_modules_to_save,
     parse_targets,
     short,
 )
@@ -52,7 +53,6 @@ _IGNORED: dict[str, str] = {
     "corda_config": _INIT_ONLY,
     "lora_ga_config": _INIT_ONLY,
     "runtime_config": "runtime-only option (GPU offload while loading); PEFT does not save it",
-    "ensure_weight_tying": "only affects adapters on tied embeddings, which loraplex never targets",
 }
 # AdaLoRA's budget schedule and regularizer shape training; the saved factors are what it ends with.
 _ADALORA_TRAINING = "AdaLoRA training schedule; no effect at inference"
@@ -64,7 +64,6 @@ _ADALORA_IGNORED: dict[str, str] = {
     "alpha_pattern": "AdaLoRA uses lora_alpha for every module",
 }
 _REFUSED_IF_SET: dict[str, str] = {
-    "modules_to_save": "fully trained copies of base modules are not supported",
     "use_qalora": "QALoRA (input pooled before lora_A) is not supported",
     "lora_bias": "a bias on lora_B is not supported",
     "layer_replication": "it changes the layer stack of the base model; not supported",
@@ -100,6 +99,7 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 _HONOURED = (
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
     "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "fan_in_fan_out", "use_dora", "init_r",
+    "modules_to_save", "ensure_weight_tying",
 )  # fmt: skip
 _DEFAULTS = {
     "r": 8, "lora_alpha": 8, "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
@@ -136,6 +136,8 @@ class LoraConfig:
     # AdaLoRA (method "adalora"): r is init_r; the rank each pruned module kept (its rank_pattern mask)
     method: str = "lora"
     kept_ranks: dict[str, int] = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()  # names PEFT matches as suffixes; see server.lora.saved
+    ensure_weight_tying: bool = False
 
     def targets(self, module_name: str) -> bool:
         """Whether PEFT would wrap `module_name`, a linear projection of the base model."""
@@ -236,6 +238,8 @@ def parse_lora_config(raw: bytes | str | dict[str, object], max_rank: int) -> tu
         rank_pattern = field("rank_pattern", _pattern_dict, lambda v: _rank(v, max_rank))
         alpha_pattern = field("alpha_pattern", _pattern_dict, _number)
     use_dora = False if adalora else bool(field("use_dora", parse_bool))
+    to_save = field("modules_to_save", parse_modules_to_save)
+    tying = data.get("ensure_weight_tying") is not None and field("ensure_weight_tying", parse_bool)
 
     if report.refused:
         problems = "; ".join(report.refused.values())
@@ -249,7 +253,8 @@ def parse_lora_config(raw: bytes | str | dict[str, object], max_rank: int) -> tu
     method = "adalora" if adalora else "dora" if use_dora else "lora"
     config = LoraConfig(
         r, alpha, use_rslora, targets, exclude, rank_pattern, alpha_pattern, layers, finders,
-        use_dora=use_dora, method=method, kept_ranks=kept or {},
+        use_dora=use_dora, method=method, kept_ranks=kept or {}, modules_to_save=to_save or (),
+        ensure_weight_tying=bool(tying),
     )  # fmt: skip
     return config, report
 

@@ -111,6 +111,21 @@ def parse_targets(value: object, optional: bool) -> Matcher | None:
     return frozenset(value)
 
 
+MAX_MODULES_TO_SAVE = 64
+
+
+def parse_modules_to_save(value: object) -> tuple[str, ...]:
+    """PEFT's `modules_to_save`: null or a list of module names, each matched as a suffix of the
+    full name (see server.lora.saved.listed)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise Refusal(f"must be a list of module names, got {short(value)}")
+    if len(value) > MAX_MODULES_TO_SAVE:
+        raise Refusal(f"lists {len(value)} modules; at most {MAX_MODULES_TO_SAVE} are read")
+    return tuple(value)
+
+
 def matches(matcher: Matcher, name: str) -> bool:
     if isinstance(matcher, re.Pattern):
         return matcher.fullmatch(name) is not None

@@ -26,8 +26,8 @@ from server.lora.config_fields import (
     Refusal,
     matches,
     parse_bool,
+    parse_modules_to_save,
     parse_targets,
-    short,
 )
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?")
@@ -35,7 +35,10 @@ _IGNORED = {
     **INFORMATIONAL,
     "init_ia3_weights": "initialization only: the trained vectors come from adapter_model.safetensors",
 }
-_HONOURED = ("peft_type", "target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out")
+_HONOURED = (
+    "peft_type", "target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
+    "modules_to_save",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,8 @@ class IA3Config:
     feedforward_modules: Matcher
     exclude_modules: Matcher | None = None
     method: str = "ia3"
+    modules_to_save: tuple[str, ...] = ()
+    ensure_weight_tying: bool = False  # not a field of PEFT's IA3Config
 
     def targets(self, module_name: str) -> bool:
         if self.exclude_modules is not None and matches(self.exclude_modules, module_name):
@@ -58,13 +63,9 @@ class IA3Config:
 
 def parse_ia3_config(data: dict[str, Any]) -> tuple[IA3Config, ConfigReport]:
     report = ConfigReport()
-    for key, value in data.items():
+    for key in data:
         if key in _IGNORED:
             report.ignored[key] = _IGNORED[key]
-        elif key == "modules_to_save" and value:
-            report.refused[key] = f"{key}={short(value)}: copies of whole base modules are not supported"
-        elif key == "modules_to_save":
-            report.ignored[key] = f"{short(value)}: disabled, nothing to apply"
         elif key not in _HONOURED:
             report.ignored[key] = "unknown key (not a field of PEFT's IA3Config)"
 
@@ -78,6 +79,7 @@ def parse_ia3_config(data: dict[str, Any]) -> tuple[IA3Config, ConfigReport]:
     targets = field("target_modules", parse_targets, False)
     exclude = field("exclude_modules", parse_targets, True)
     feedforward = field("feedforward_modules", _feedforward, data.get("target_modules"))
+    to_save = field("modules_to_save", parse_modules_to_save)
     if data.get("fan_in_fan_out") is not None and field("fan_in_fan_out", parse_bool):
         report.ignored["fan_in_fan_out"] = "PEFT forces it to False for nn.Linear targets"
     if report.refused:
@@ -88,7 +90,7 @@ def parse_ia3_config(data: dict[str, Any]) -> tuple[IA3Config, ConfigReport]:
     for key in _HONOURED:
         if key in data and key not in report.ignored:
             report.honoured[key] = data[key]
-    return IA3Config(targets, feedforward, exclude), report
+    return IA3Config(targets, feedforward, exclude, modules_to_save=to_save or ()), report
 
 
 def _feedforward(value: object, targets: object) -> Matcher:

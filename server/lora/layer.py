@@ -24,6 +24,8 @@ class LoRAContext:
         # slots whose adapter needs more than the low-rank term (DoRA, (IA)3): kept by the SlotTable,
         # read when a step's routing is built (their rows need a per-row slot index)
         self.extra_slots: set[int] = set()
+        # modules_to_save copies on the device: slot -> module -> parameter (kept by the SlotTable)
+        self.saved: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
 
 
 class LoRALinear(nn.Module):

@@ -132,8 +132,9 @@ def mix_record(parts: Sequence[tuple[AdapterRecord, float]], max_rank: int, para
     """The virtual adapter of resolved parts (in name order). Refuses what cannot be mixed before
     any weight is read: a part that is not plain LoRA, a combined rank above `max_rank`."""
     for record, _ in parts:
-        if record.method not in PLAIN_METHODS:
-            raise MixError(f"only plain LoRA adapters can be mixed: {record.name} is {record.method}", param)
+        if record.method not in PLAIN_METHODS or record.saved_modules:
+            kind = record.method + (" with modules_to_save copies" if record.saved_modules else "")
+            raise MixError(f"only plain LoRA adapters can be mixed: {record.name} is {kind}", param)
     rank = sum(r.rank for r, _ in parts) if len(parts) > 1 else parts[0][0].rank
     if rank > max_rank:
         summed = " + ".join(f"{r.name} {r.rank}" for r, _ in parts)
@@ -163,7 +164,8 @@ def combine(parts: Sequence[tuple[str, AdapterWeights, float]], max_rank: int) -
     """Semantics: the module docstring's. `parts` are (name, weights, weight) in name order."""
     for name, weights, _ in parts:
         if not weights.is_plain_lora:
-            raise AdapterWeightsError(f"only plain LoRA adapters can be mixed: {name} is {weights.method}")
+            kind = weights.method + (" with modules_to_save copies" if weights.saved else "")
+            raise AdapterWeightsError(f"only plain LoRA adapters can be mixed: {name} is {kind}")
     report = ConfigReport(honoured={"combination_type": _kind(parts), "parts": {n: w for n, _, w in parts}})
     if len(parts) == 1:
         _, weights, w = parts[0]

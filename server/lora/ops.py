@@ -49,6 +49,8 @@ class LoRABatch:
     # Slot of every row [T], only when a slot of the step uses DoRA or (IA)3 (their per-row vectors
     # are gathered by it); None keeps a plain-LoRA step free of the gather.
     row_slots: torch.Tensor | None = None
+    # (slot, its rows) of each slot whose adapter replaces whole modules (modules_to_save)
+    saved_rows: tuple[tuple[int, torch.Tensor], ...] = ()
 
     @staticmethod
     def build(
@@ -58,8 +60,10 @@ class LoRABatch:
         sgmv: bool = False,
         extra_slots: frozenset[int] | set[int] = frozenset(),
         num_rows: int = 0,
+        saved_slots: frozenset[int] | set[int] = frozenset(),
     ) -> LoRABatch:
-        """`num_rows`: rows of the packed batch (at least every decode row and segment)."""
+        """`num_rows`: rows of the packed batch (at least every decode row and segment).
+        `saved_slots` (a subset of `extra_slots`): slots holding modules_to_save copies."""
         rows = [i for i, s in enumerate(decode_slots) if s]
         decode_active = frozenset(decode_slots[i] for i in rows)
         every = len(rows) == len(decode_slots)
@@ -72,6 +76,7 @@ class LoRABatch:
             )  # fmt: skip
         active = decode_active | frozenset(s for _, _, s in segments)
         routed = per_row = None
+        saved: list[tuple[int, torch.Tensor]] = []
         if sgmv or active & extra_slots:
             n = max([num_rows, len(decode_slots), *(end for _, end, _ in segments)])
             row_slots = np.zeros(n, dtype=np.int64)
@@ -80,6 +85,8 @@ class LoRABatch:
                 row_slots[start:end] = slot
             routed = build_segments(row_slots, device) if sgmv else None
             per_row = torch.from_numpy(row_slots).to(device) if active & extra_slots else None
+            for slot in sorted(active & saved_slots):
+                saved.append((slot, torch.from_numpy(np.flatnonzero(row_slots == slot)).to(device)))
         return LoRABatch(
             num_decode=len(decode_slots),
             decode_rows=None if every else torch.tensor(rows, dtype=torch.int64).to(device),
@@ -90,6 +97,7 @@ class LoRABatch:
             sgmv=routed,
             decode_groups=groups,
             row_slots=per_row,
+            saved_rows=tuple(saved),
         )
 
 

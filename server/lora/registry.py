@@ -20,6 +20,7 @@ from pathlib import Path
 
 from server.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError
 from server.lora.adapter import AdapterWeights, ConfigReport, LinearShape
+from server.lora.saved import SaveableModule
 from server.lora.store import FILES, GC_INTERVAL_SECONDS, AdapterStore
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class AdapterRecord:
     report: ConfigReport
     created: float = 0.0
     method: str = "lora"  # AdapterWeights.method: whether it can be mixed is known before a load
+    saved_modules: tuple[str, ...] = ()  # modules its modules_to_save copies replace (not mixable either)
     # A per-request mix (mixing.py): its parts and their weights, in name order; () for a stored adapter
     parts: tuple[tuple[AdapterRecord, float], ...] = ()
 
@@ -78,6 +80,7 @@ class AdapterRecord:
             "size_bytes": self.size_bytes,
             "created": int(self.created),
             "method": self.method,
+            "saved_modules": list(self.saved_modules),
             "report": asdict(self.report),
         }
 
@@ -99,7 +102,14 @@ class AdapterRecord:
             created=float(str(data.get("created", 0))),
             # records written before `method` existed: DoRA and (IA)3 were refused then
             method=str(data.get("method", "lora")),
+            saved_modules=tuple(str(m) for m in _list(data.get("saved_modules", []))),
         )
+
+
+def _list(value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise ValueError("saved_modules is malformed")
+    return value
 
 
 @dataclass(slots=True)
@@ -119,10 +129,20 @@ class AdapterRegistry:
     without one (tests, benchmarks) directories are served in place."""
 
     def __init__(
-        self, base_shapes: dict[str, LinearShape], max_rank: int, store: AdapterStore | None = None
+        self,
+        base_shapes: dict[str, LinearShape],
+        max_rank: int,
+        store: AdapterStore | None = None,
+        *,
+        saveable: dict[str, SaveableModule] | None = None,
+        max_saved_bytes: int = 0,
     ) -> None:
+        """`saveable` and `max_saved_bytes`: the modules a modules_to_save copy may replace, and how
+        many bytes one adapter's copies may take (none are accepted without them)."""
         self.base_shapes = base_shapes
         self.max_rank = max_rank
+        self.saveable = saveable or {}
+        self.max_saved_bytes = max_saved_bytes
         self.store = store
         self._records: dict[str, AdapterRecord] = {}
         self._usage = _Usage()
@@ -138,15 +158,18 @@ class AdapterRegistry:
     def load(self, record: AdapterRecord) -> AdapterWeights:
         """Parse an adapter from disk (called by the CPU cache's loader thread); a mix is built from
         its parts, each read from disk here (the mix itself is what the CPU cache keeps)."""
-        from server.lora.weights import load_adapter
-
         if record.parts:
             from server.lora.mixing import combine
 
             return combine([(p.name, self.load(p), w) for p, w in record.parts], self.max_rank)
         if adapter_version(record.path) != record.version:
             raise AdapterWeightsError(f"adapter {record.name!r} changed on disk since it was registered")
-        return load_adapter(record.path, self.base_shapes, self.max_rank)
+        return self._parse(record.path)
+
+    def _parse(self, directory: Path) -> AdapterWeights:
+        from server.lora.weights import load_adapter
+
+        return load_adapter(directory, self.base_shapes, self.max_rank, self.saveable, self.max_saved_bytes)
 
     def add_dir(
         self, name: str, directory: Path, *, staged: bool = False
@@ -155,11 +178,9 @@ class AdapterRegistry:
 
         With a store, only the two adapter files are copied in (a `staged` dir, already inside the
         store's staging area, is moved instead). Nothing is stored unless validation passed."""
-        from server.lora.weights import load_adapter
-
         check_name(name)
         version = adapter_version(directory)
-        weights = load_adapter(directory, self.base_shapes, self.max_rank)
+        weights = self._parse(directory)
         size = sum((directory / f).stat().st_size for f in (CONFIG_FILE, WEIGHTS_FILE))
         record = AdapterRecord(
             name=name,
@@ -171,6 +192,7 @@ class AdapterRegistry:
             report=weights.report,
             created=time.time(),
             method=weights.method,
+            saved_modules=tuple(weights.saved),
         )
         if self.store is not None:
             if not staged:

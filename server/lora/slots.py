@@ -9,7 +9,7 @@ from collections import OrderedDict
 import torch
 
 from server.lora.adapter import AdapterWeights
-from server.lora.layer import LoRALinear
+from server.lora.layer import LoRAContext, LoRALinear
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +18,22 @@ class SlotTable:
     """Slots 1..num_slots (0 is the permanent all-zero slot). The lowest free slot is taken first so a
     step's adapters cluster at low indices, which keeps the dense decode product narrow."""
 
-    def __init__(self, layers: dict[str, LoRALinear], num_slots: int) -> None:
+    def __init__(
+        self,
+        layers: dict[str, LoRALinear],
+        num_slots: int,
+        context: LoRAContext | None = None,
+        saved_budget: int = 0,
+    ) -> None:
+        """`saved_budget`: device bytes the resident adapters' modules_to_save copies may take
+        together; an adapter that needs room evicts the least recently used ones not in the step."""
         self.layers = layers
         self.num_slots = num_slots
+        if context is None:
+            context = next(iter(layers.values())).context if layers else LoRAContext()
+        self.context = context  # one context is shared by every layer
+        self.saved_budget = saved_budget
+        self.saved_bytes: dict[str, int] = {}  # version -> bytes of its copies on the device
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # version -> slot, least recently used first
         self.free = list(range(1, num_slots + 1))
         heapq.heapify(self.free)
@@ -41,18 +54,37 @@ class SlotTable:
         for key, weights in needed.items():
             if key in self.slot_of:
                 continue
+            self._make_room(weights.saved_nbytes, needed)
             if self.free:
                 slot = heapq.heappop(self.free)
             else:
                 victim = next(k for k in self.slot_of if k not in needed)
                 slot = self.slot_of.pop(victim)
+                self.saved_bytes.pop(victim, None)
                 self.evictions += 1
                 log.debug("evicted adapter %s from slot %d", victim[:12], slot)
             writes.append((slot, weights))
             self.slot_of[key] = slot
+            if weights.saved:
+                self.saved_bytes[key] = weights.saved_nbytes
             self.loads += 1
         self._write_all(writes)
         return {key: self.slot_of[key] for key in needed}
+
+    def _make_room(self, nbytes: int, needed: dict[str, AdapterWeights]) -> None:
+        """Evict resident adapters with saved copies (least recently used first, never one of this
+        step) until `nbytes` more fit in the budget. The scheduler keeps a step's own copies within
+        it, so room can always be made."""
+        if not nbytes:
+            return
+        while sum(self.saved_bytes.values()) + nbytes > self.saved_budget:
+            victim = next((k for k in self.slot_of if k in self.saved_bytes and k not in needed), None)
+            if victim is None:
+                raise RuntimeError(
+                    f"modules_to_save copies of this step exceed the budget of {self.saved_budget} bytes"
+                )
+            self.drop(victim)
+            self.evictions += 1
 
     def _write_all(self, writes: list[tuple[int, AdapterWeights]]) -> None:
         if self.stream is None or not writes:
@@ -69,18 +101,22 @@ class SlotTable:
     def drop(self, key: str) -> None:
         """Forget an adapter version (deleted or replaced); its slot becomes free."""
         slot = self.slot_of.pop(key, None)
+        self.saved_bytes.pop(key, None)
         if slot is not None:
             for layer in self.layers.values():
                 layer.set_slot(slot, None)
-            self._extras(slot, False)
+            self.context.extra_slots.discard(slot)
+            self.context.saved.pop(slot, None)
             heapq.heappush(self.free, slot)
 
     def _write(self, slot: int, weights: AdapterWeights) -> None:
         for name, layer in self.layers.items():
             layer.set_slot(slot, weights.modules.get(name), weights.ia3.get(name))
-        self._extras(slot, not weights.is_plain_lora)
-
-    def _extras(self, slot: int, on: bool) -> None:
-        for layer in self.layers.values():
-            (layer.context.extra_slots.add if on else layer.context.extra_slots.discard)(slot)
-            break  # one context is shared by every layer
+        (self.context.extra_slots.discard if weights.is_plain_lora else self.context.extra_slots.add)(slot)
+        self.context.saved.pop(slot, None)
+        if weights.saved:
+            device = next(iter(self.layers.values())).lora_A.device if self.layers else torch.device("cpu")
+            self.context.saved[slot] = {
+                module: {p: t.to(device, non_blocking=True) for p, t in params.items()}
+                for module, params in weights.saved.items()
+            }

@@ -23,6 +23,7 @@ from server.lora.adapter import AdapterWeights, LinearShape, ModuleLoRA
 from server.lora.config import MAX_CONFIG_BYTES, LoraConfig, parse_adapter_config
 from server.lora.dora import dense_weight, magnitude_scale
 from server.lora.ia3 import IA3Config, match_vectors
+from server.lora.saved import SaveableModule, describe_sizes, listed, saved_nbytes, split_saved
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -58,8 +59,17 @@ def linear_modules(model: torch.nn.Module) -> dict[str, LinearShape]:
     }
 
 
-def load_adapter(directory: Path, base_modules: dict[str, LinearShape], max_rank: int) -> AdapterWeights:
-    """Validate a PEFT LoRA directory against the base model (AdapterConfigError / AdapterWeightsError)."""
+def load_adapter(
+    directory: Path,
+    base_modules: dict[str, LinearShape],
+    max_rank: int,
+    saveable: dict[str, SaveableModule] | None = None,
+    max_saved_bytes: int = 0,
+) -> AdapterWeights:
+    """Validate a PEFT adapter directory against the base model (AdapterConfigError / AdapterWeightsError).
+
+    `saveable`: the base modules a `modules_to_save` copy may replace; the copies of one adapter may
+    take at most `max_saved_bytes` (in the base's dtype)."""
     names = _list_dir(directory)
     if WEIGHTS_NAME not in names:
         pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
@@ -78,30 +88,65 @@ def load_adapter(directory: Path, base_modules: dict[str, LinearShape], max_rank
     # Anything larger than max_rank factors (and a vector per side) in F64 for every module cannot be a
     # valid adapter for this base.
     payload = sum((max_rank + 1) * (s.in_features + s.out_features) * 8 for s in base_modules.values())
+    saveable = saveable or {}
+    listed_saveable = [s for n, s in saveable.items() if listed(n, config.modules_to_save)]
+    payload += sum(s.nbytes * 8 // s.dtype.itemsize for s in listed_saveable)  # copies in F64 at most
     tensors = read_safetensors_strict(directory / WEIGHTS_NAME, payload + 16 * 2**20)
     if not tensors:
         raise AdapterWeightsError(f"{WEIGHTS_NAME} holds no tensors", field=WEIGHTS_NAME)
+    saved, tensors = split_saved(tensors, config.modules_to_save, saveable, base_modules)
+    _check_saved(saved, saveable, config.ensure_weight_tying, max_saved_bytes)
     if isinstance(config, IA3Config):
         ia3 = match_vectors(tensors, config, base_modules)
         found: set[str] = set(ia3)
-        weights = AdapterWeights(modules={}, report=report, method="ia3", ia3=ia3)
+        weights = AdapterWeights(modules={}, report=report, method="ia3", ia3=ia3, saved=saved)
     else:
         modules = _match_modules(tensors, config, base_modules, max_rank)
         found = set(modules) | {m for m, r in config.kept_ranks.items() if r == 0}
-        weights = AdapterWeights(modules=modules, report=report, method=config.method)
+        weights = AdapterWeights(modules=modules, report=report, method=config.method, saved=saved)
 
     ignored = dict(report.ignored)
     for name in sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES)):
         ignored[name] = f"pickle file, never opened: {WEIGHTS_NAME} is used"
     missing = [m for m in base_modules if config.targets(m) and m not in found]
     if missing:
-        listed = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
         effect = "the vector at 1, no effect" if isinstance(config, IA3Config) else "B = 0, no effect"
         ignored["missing_modules"] = (
             f"{len(missing)} targeted module(s) have no tensors; PEFT leaves them at init ({effect}): "
-            + listed
+            + shown
+        )
+    unsaved = [m for m in saveable if listed(m, config.modules_to_save) and m not in saved]
+    if unsaved:
+        ignored["unsaved_modules"] = (
+            f"{', '.join(unsaved)}: listed but no tensors saved; PEFT keeps its copy of the base module "
+            "(no effect)"
         )
     return replace(weights, report=replace(report, ignored=ignored))
+
+
+def _check_saved(
+    saved: dict[str, dict[str, torch.Tensor]],
+    saveable: dict[str, SaveableModule],
+    ensure_weight_tying: bool,
+    max_bytes: int,
+) -> None:
+    if not saved:
+        return
+    tied = [m for m in saved if saveable[m].tied]
+    if tied and ensure_weight_tying:
+        raise AdapterWeightsError(
+            f"ensure_weight_tying with a saved copy of the tied {', '.join(tied)} is not supported: PEFT "
+            "then shares one copy between lm_head and the input embedding",
+            field=WEIGHTS_NAME,
+        )
+    size = saved_nbytes(saved)
+    if size > max_bytes:
+        raise AdapterWeightsError(
+            f"the saved modules take {size} bytes ({describe_sizes(saved)}) and the budget for saved "
+            f"modules (--max-saved-module-bytes) is {max_bytes} bytes",
+            field=WEIGHTS_NAME,
+        )
 
 
 def read_safetensors_strict(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
@@ -210,8 +255,7 @@ def _match_modules(
         if key is None or kind not in kinds:
             raise AdapterWeightsError(
                 f"tensor {name} is not a {config.method} tensor of this config (base_model.model.<module>."
-                f"{{{', '.join(kinds)}}}); embedding LoRA, biases and modules_to_save weights are not "
-                "supported",
+                f"{{{', '.join(kinds)}}}); embedding LoRA and biases are not supported",
                 field=name,
             )
         module = key["module"]

@@ -4,7 +4,7 @@ LoRA layer around every projection of the decoder layers."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from server.errors import ModelNotFoundError
 from server.lora.adapter import LinearShape
 from server.lora.dora import dense_weight
 from server.lora.layer import LoRAContext, LoRALinear
+from server.lora.saved import SaveableModule, SavedModuleHook, saveable_modules
 from server.model.base_gemm import BaseGemm, RowTiled
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class BaseModel:
     linear_shapes: dict[str, LinearShape]
     lora_layers: dict[str, LoRALinear]
     lora_context: LoRAContext
+    # what an adapter's modules_to_save copies may replace (lm_head, embeddings, norms)
+    saveable: dict[str, SaveableModule] = field(default_factory=dict)
 
     def chat_ids(
         self,
@@ -179,6 +182,11 @@ def load_base(
         setattr(model.get_submodule(parent_name), child, layer)
         layers[name] = layer
 
+    saveable = saveable_modules(model)
+    for name, spec in saveable.items():
+        if spec.kind != "lm_head":  # the model runner runs lm_head itself, on the sampled rows
+            model.get_submodule(name).register_forward_hook(SavedModuleHook(name, spec.prefix, context))
+
     eos = model.generation_config.eos_token_id
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     if tokenizer.eos_token_id is not None:
@@ -199,6 +207,7 @@ def load_base(
         linear_shapes=shapes,
         lora_layers=layers,
         lora_context=context,
+        saveable=saveable,
     )
 
 

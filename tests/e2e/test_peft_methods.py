@@ -1,7 +1,7 @@
-"""DoRA, AdaLoRA and (IA)3 on the real default model in NF4: adapters made by PEFT itself (every
-trained tensor drawn at random), 32 greedy tokens on each prompt equal PEFT's `generate` with the
-adapter alone, and the same tokens come out of one batch holding every method, a plain LoRA
-adapter and base requests at once."""
+"""DoRA, AdaLoRA, (IA)3 and modules_to_save on the real default model in NF4: adapters made by PEFT
+itself (every trained tensor drawn at random), 32 greedy tokens on each prompt equal PEFT's
+`generate` with the adapter alone, and the same tokens come out of one batch holding every method,
+a plain LoRA adapter and base requests at once."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from server.engine.engine import LLMEngine
 from server.lora.registry import AdapterRegistry
 from server.model.loader import BaseModel
 from tests.drive import greedy
-from tests.e2e.conftest import MAX_RANK, nf4_reference
+from tests.e2e.conftest import BUFFER_SLOTS, MAX_RANK, nf4_reference
 from tests.peft_factory import make_method_adapter
 
 pytestmark = pytest.mark.e2e
@@ -37,6 +37,11 @@ def configs() -> dict[str, Any]:
             total_step=10,
         ),
         "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        # SmolLM2 ties lm_head to the input embedding; PEFT's two copies are trained apart
+        "saved": LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+            modules_to_save=["lm_head", "embed_tokens", "norm"],
+        ),
     }  # fmt: skip
 
 
@@ -57,7 +62,7 @@ def method_dirs(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @pytest.fixture(scope="module")
 def methods(base: BaseModel, method_dirs: dict[str, Path], adapter_dirs: dict[str, Path]) -> AdapterRegistry:
-    registry = AdapterRegistry(base.linear_shapes, MAX_RANK)
+    registry = AdapterRegistry(base.linear_shapes, MAX_RANK, saveable=base.saveable, max_saved_bytes=1 << 30)
     for name, directory in [*method_dirs.items(), (PLAIN, adapter_dirs[PLAIN])]:
         registry.add_dir(name, directory)
     return registry
@@ -65,7 +70,11 @@ def methods(base: BaseModel, method_dirs: dict[str, Path], adapter_dirs: dict[st
 
 def engine(base: BaseModel, registry: AdapterRegistry) -> LLMEngine:
     config = EngineConfig(
-        max_loras=4, max_lora_rank=MAX_RANK, max_num_seqs=32, max_model_len=1024, kv_cache_tokens=8192
+        max_loras=BUFFER_SLOTS,
+        max_lora_rank=MAX_RANK,
+        max_num_seqs=32,
+        max_model_len=1024,
+        kv_cache_tokens=8192,
     )
     return LLMEngine(base, registry, config)
 

@@ -130,7 +130,8 @@ def test_ignored_fields_say_why(overrides: dict[str, Any], key: str, reason: str
     ("overrides", "field", "message"),
     [
         ({"use_qalora": True}, "use_qalora", "QALoRA"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save", "modules_to_save"),
+        ({"modules_to_save": {"lm_head": 1}}, "modules_to_save", "must be a list of module names"),
+        ({"modules_to_save": ["m"] * 65}, "modules_to_save", "at most 64"),
         ({"bias": "all"}, "bias", "biases are not supported"),
         ({"peft_type": "LOHA"}, "peft_type", "rank up to r^2"),
         ({"peft_type": "PREFIX_TUNING"}, "peft_type", "prefix tuning"),

@@ -4,6 +4,8 @@ detokenizer and request validation. No model, no download."""
 from __future__ import annotations
 
 import types
+from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -145,15 +147,43 @@ def test_slots_lowest_free_first_and_drop() -> None:
     assert table.evictions == 0
 
 
+def test_saved_copies_live_beside_their_slot_within_the_budget() -> None:
+    """modules_to_save copies go to the device with their adapter and leave with it; an adapter that
+    needs room evicts the least recently used one with copies, never one of its own step."""
+    ctx = LoRAContext()
+    layers = {"q": LoRALinear(nn.Linear(32, 48), 3, 4, ctx, torch.float32)}
+    table = SlotTable(layers, 3, ctx, saved_budget=1000)
+
+    def with_copy(seed: int) -> AdapterWeights:  # 150 floats: 600 bytes
+        return replace(_weights(seed), saved={"model.norm": {"weight": torch.full((150,), float(seed))}})
+
+    wa, wb, plain = with_copy(1), with_copy(2), _weights(3)
+    assert wa.saved_nbytes == 600 and not wa.is_plain_lora
+    table.activate({"a": wa, "p": plain})
+    assert set(ctx.saved) == {1} and torch.equal(ctx.saved[1]["model.norm"]["weight"], torch.ones(150))
+    assert ctx.extra_slots == {1}
+    table.activate({"b": wb})  # 600 + 600 > 1000: a goes, plain LoRA p stays
+    assert set(table.slot_of) == {"p", "b"} and set(ctx.saved) == {1} and table.evictions == 1
+    assert torch.equal(ctx.saved[1]["model.norm"]["weight"], torch.full((150,), 2.0))
+    table.drop("b")
+    assert ctx.saved == {} and ctx.extra_slots == set()
+    with pytest.raises(RuntimeError, match="exceed the budget of 1000 bytes"):
+        table.activate({"a": wa, "b": wb})
+
+
 # ---------------------------------------------------------------------------------------- scheduler
 
 
 class FakeGate:
     def __init__(self) -> None:
         self.held: list[Sequence] = []
+        self.saved: dict[str, int] = {}  # adapter key -> bytes of its modules_to_save copies
 
     def ready(self, seq: Sequence) -> bool:
         return True
+
+    def saved_bytes(self, seq: Sequence) -> int:
+        return self.saved.get(seq.adapter_key or "", 0)
 
     def acquire(self, seq: Sequence) -> None:
         self.held.append(seq)
@@ -236,6 +266,23 @@ def test_scheduler_max_loras_first_step() -> None:
     assert scheduled == [a1, a2]
     assert list(sched.waiting) == [b]
     assert b.blocked_steps == 1
+
+
+def test_scheduler_keeps_a_steps_saved_copies_within_their_budget() -> None:
+    """Two adapters whose modules_to_save copies do not fit the device budget together never share
+    a step; the later one waits, as for max_loras, and runs once the first is done."""
+    sched, _ = _sched(max_saved_module_bytes=1000)
+    gate: Any = sched.gate
+    gate.saved = {"a": 600, "b": 600, "c": 300}
+    a, b, c = _seq(4, "a", max_tokens=1), _seq(4, "b", max_tokens=1), _seq(4, "c", max_tokens=1)
+    for s in (a, b, c):
+        sched.add(s)
+    out = sched.schedule()
+    assert [s for s, _ in out.prefill] == [a, c]
+    assert list(sched.waiting) == [b] and b.blocked_steps == 1
+    sched.finish(a, FinishReason.LENGTH)
+    sched.finish(c, FinishReason.LENGTH)
+    assert [s for s, _ in sched.schedule().prefill] == [b]
 
 
 class LoadingGate(FakeGate):

@@ -218,7 +218,12 @@ def test_a_part_that_is_not_plain_lora_is_refused(registry: AdapterRegistry, run
     ia3 = AdapterWeights(
         modules={}, report=ConfigReport(), method="ia3", ia3={key: ModuleIA3(torch.ones(4), False)}
     )
-    for name, weights, method in (("d", dora, "dora"), ("i", ia3, "ia3")):
+    saved = replace(plain, saved={"model.norm": {"weight": torch.ones(4)}})
+    for name, weights, method in (
+        ("d", dora, "dora"),
+        ("i", ia3, "ia3"),
+        ("s", saved, "lora with modules_to_save"),
+    ):
         with pytest.raises(AdapterWeightsError, match=f"{name} is {method}"):
             mixing.combine([(name, weights, 0.5), ("qv", plain, 0.5)], MAX_RANK)
 

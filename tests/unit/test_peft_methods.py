@@ -1,6 +1,7 @@
-"""PEFT methods beyond plain LoRA (DoRA, AdaLoRA, (IA)3) on the tiny Llama in NF4: each adapter,
-made by PEFT itself with every trained tensor drawn at random, gives PEFT's greedy tokens alone and
-the same logits, bit for bit, inside one batch that mixes every method, plain LoRA and the base.
+"""PEFT methods beyond plain LoRA (DoRA, AdaLoRA, (IA)3, modules_to_save) on the tiny Llama in NF4:
+each adapter, made by PEFT itself with every trained tensor drawn at random, gives PEFT's greedy
+tokens alone and the same logits, bit for bit, inside one batch that mixes every method, plain LoRA
+and the base.
 Refused methods and malformed tensors name their reason and leave the store unchanged."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import safetensors.torch
 import torch
 
 from server.errors import AdapterError
+from server.lora.mixing import MixError, mix_record
 from server.lora.registry import AdapterRegistry
 from server.lora.store import AdapterStore
 from server.model.base_gemm import BaseGemm
@@ -40,13 +42,26 @@ def method_configs() -> dict[str, Any]:
         ),
         "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
         "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        # modules_to_save: its own lm_head, input embedding and every norm ("norm" ends "...layernorm")
+        "saved": LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+            modules_to_save=["lm_head", "embed_tokens", "norm"],
+        ),
+        "ia3_saved": IA3Config(
+            target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"],
+            modules_to_save=["lm_head"],
+        ),
     }  # fmt: skip
+
+
+METHOD = {"saved": "lora", "ia3_saved": "ia3"}  # what AdapterWeights.method says of each made adapter
+SAVED_BUDGET = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def nf4(tiny_checkpoint: Callable[[str], Path]) -> BaseModel:
     return load_base(
-        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=4, max_lora_rank=8,
+        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=6, max_lora_rank=8,
         base_gemm=BaseGemm.TILED,
     )  # fmt: skip
 
@@ -81,10 +96,18 @@ def peft_greedy(path: Path, adapter: Path, base: BaseModel, texts: list[str]) ->
 def test_each_method_matches_peft_alone_and_bitwise_in_one_mixed_batch(
     nf4: BaseModel, made: dict[str, Path], tiny_checkpoint: Callable[[str], Path]
 ) -> None:
-    registry = AdapterRegistry(nf4.linear_shapes, 8)
+    registry = registry_for(nf4)
+    saved: dict[str, Any] = {}
     for name, directory in made.items():
         _, weights = registry.add_dir(name, directory)
-        assert weights.method == name
+        assert weights.method == METHOD.get(name, name)
+        saved[name] = weights.saved
+    saved = saved["saved"]
+    norms = [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")]
+    assert sorted(saved) == ["lm_head", "model.embed_tokens", *norms, "model.norm"]
+    assert registry.resolve("saved").saved_modules == tuple(saved)
+    with pytest.raises(MixError, match="saved is lora with modules_to_save copies"):
+        mix_record([(registry.resolve("saved"), 0.5)], 8, "model")
     jobs = [
         (f"{name}/{p}", registry.resolve(name) if name != "base" else None, prompt_ids(nf4, text))
         for name in ("base", *made)
@@ -93,11 +116,11 @@ def test_each_method_matches_peft_alone_and_bitwise_in_one_mixed_batch(
     solo: dict[str, list[int]] = {}
     solo_logits: dict[str, list[torch.Tensor]] = {}
     for name in ("base", *made):  # each adapter alone (its prompts together)
-        engine = engine_for(nf4, registry, max_loras=4)
+        engine = engine_for(nf4, registry, max_loras=6)
         rows = record_logits(engine)
         solo.update(greedy(engine, [j for j in jobs if j[0].startswith(f"{name}/")], max_tokens=TOKENS))
         solo_logits.update(rows)
-    engine = engine_for(nf4, registry, max_loras=4, max_num_seqs=len(jobs))
+    engine = engine_for(nf4, registry, max_loras=6, max_num_seqs=len(jobs))
     mixed_logits = record_logits(engine)
     assert greedy(engine, jobs, max_tokens=TOKENS) == solo
     assert any(len(r.adapters) == len(made) for r in engine.records), "every method shared a step"
@@ -110,6 +133,22 @@ def test_each_method_matches_peft_alone_and_bitwise_in_one_mixed_batch(
         for p, tokens in enumerate(peft_greedy(path, directory, nf4, TEXTS)):
             assert solo[f"{name}/{p}"] == tokens, f"{name}/{p} != PEFT"
         assert any(solo[f"{name}/{p}"] != solo[f"base/{p}"] for p in range(len(TEXTS))), f"{name} = base"
+
+
+def registry_for(
+    base: BaseModel, store: AdapterStore | None = None, budget: int = SAVED_BUDGET
+) -> AdapterRegistry:
+    return AdapterRegistry(base.linear_shapes, 8, store, saveable=base.saveable, max_saved_bytes=budget)
+
+
+def test_saved_modules_over_the_budget_are_refused_with_their_sizes(
+    nf4: BaseModel, made: dict[str, Path]
+) -> None:
+    with pytest.raises(AdapterError, match=r"saved modules take 51968 bytes \(model.embed_tokens 25\.3 kB"):
+        registry_for(nf4, budget=40000).add_dir("big", made["saved"])
+    # a modules_to_save copy without a budget for one is refused too, not silently dropped
+    with pytest.raises(AdapterError, match="budget for saved modules"):
+        AdapterRegistry(nf4.linear_shapes, 8).add_dir("big", made["ia3_saved"])
 
 
 def test_adalora_keeps_the_ranks_its_rank_pattern_kept(
@@ -187,6 +226,33 @@ REFUSALS: dict[str, tuple[str, dict[str, Any], Callable[[dict[str, torch.Tensor]
         "dora", {}, lambda t: t.update({_first(t, "magnitude"): torch.ones(3)}), "expected [64]",
     ),
     "adalora rank above the limit": ("adalora", {"init_r": 12}, None, "greater than max_lora_rank 8"),
+    "saved lm_head of a resized vocabulary": (
+        "saved", {}, lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(101, 64)}),
+        "resizes the vocabulary",
+    ),
+    "saved copy of a 4-bit decoder projection": (
+        "saved", {"modules_to_save": ["lm_head", "embed_tokens", "norm", "q_proj"]},
+        lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}),
+        "decoder projection model.layers.0.self_attn.q_proj, which is stored in 4 bits",
+    ),
+    "saved copy of a module that cannot be replaced": (
+        "saved", {"modules_to_save": ["lm_head", "embed_tokens", "norm", "rotary_emb"]},
+        lambda t: t.update({"base_model.model.model.rotary_emb.inv_freq": torch.ones(8)}),
+        "model.rotary_emb is not a module loraplex can replace",
+    ),
+    "saved norm with a parameter the base lacks": (
+        "saved", {}, lambda t: t.update({"base_model.model.model.norm.bias": torch.zeros(64)}),
+        "the saved copy has parameters",
+    ),
+    "saved nan": (
+        "saved", {}, lambda t: t["base_model.model.model.embed_tokens.weight"].fill_(float("inf")),
+        "NaN or infinite",
+    ),
+    "saved copy of a module not listed": (
+        "saved", {"modules_to_save": ["lm_head", "embed_tokens"]}, None,
+        "does not list",
+    ),
+    "modules_to_save not a list": ("saved", {"modules_to_save": "lm_head"}, None, "must be a list of module"),
 }  # fmt: skip
 
 
@@ -196,7 +262,7 @@ def test_refusals_name_their_reason_and_leave_the_store_unchanged(
 ) -> None:
     source, config, tensors, reason = REFUSALS[case]
     store_dir = tmp_path / "store"
-    registry = AdapterRegistry(nf4.linear_shapes, 8, AdapterStore(store_dir))
+    registry = registry_for(nf4, AdapterStore(store_dir))
     registry.add_dir("kept", made["lora"])
     before = sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
     bad = _edit(made[source], tmp_path / "bad", config, tensors)
