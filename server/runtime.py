@@ -90,10 +90,12 @@ class Runtime:
         self, request_id: str, prompt: list[int], params: SamplingParams, adapter: AdapterRecord | None
     ) -> Sequence:
         limit = self.base.max_model_len
-        if len(prompt) + params.max_tokens > limit:
+        virtual = adapter.virtual_tokens if adapter is not None else 0
+        if len(prompt) + virtual + params.max_tokens > limit:
+            prefix = f"{virtual} virtual tokens of the adapter, " if virtual else ""
             raise RequestError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the messages, "
+                f"{len(prompt) + virtual + params.max_tokens} tokens ({prefix}{len(prompt)} in the messages, "
                 f"{params.max_tokens} in the completion). "
                 "Please reduce the length of the messages or completion.",
                 "messages",
@@ -143,6 +145,7 @@ def build_runtime(settings: Settings) -> Runtime:
         AdapterStore(settings.store_dir),
         saveable=base.saveable,
         max_saved_bytes=settings.max_saved_module_bytes,
+        dims=base.dims,
     )
     restored = registry.restore()
     log.info("%d adapters restored from %s", len(restored), settings.store_dir)

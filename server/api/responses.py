@@ -178,8 +178,11 @@ class Adapter(BaseModel):
     target_modules: list[str]
     size_bytes: int
     created: int
-    method: str = Field(description="the PEFT method: lora, dora, adalora or ia3")
+    method: str = Field(
+        description="the PEFT method: lora, dora, adalora, ia3, prompt_tuning, p_tuning or prefix_tuning"
+    )
     saved_modules: list[str] = Field(description="base modules its modules_to_save copies replace")
+    virtual_tokens: int = Field(description="positions before the prompt (prompt, P- and prefix tuning)")
     report: AdapterReport
     parent: str
     tier: Literal["device", "cpu", "disk"]

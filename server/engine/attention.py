@@ -47,6 +47,9 @@ class AttentionMetadata:
     decode_kv: tuple[torch.Tensor, ...] = ()
     prefills: tuple[PrefillChunk, ...] = ()
     flex: FlexPlan | None = None
+    # prefix tuning: (cache slots [n], the slot's prefix [layers, 2, V, KVH, hd], virtual positions
+    # [n]) per chunk with virtual rows; those rows' keys and values are the prefix's, not computed
+    prefix_kv: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = ()
 
 
 class KVCache:
@@ -88,6 +91,9 @@ def paged_attention(
     k_cache, v_cache = cache.k[layer], cache.v[layer]  # [N, KVH, hd]
     k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    for slots, prefix, positions in meta.prefix_kv:
+        k_cache.index_copy_(0, slots, prefix[layer, 0].index_select(0, positions).to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, prefix[layer, 1].index_select(0, positions).to(v_cache.dtype))
 
     q = query[0]  # [H, T, hd]
     if meta.flex is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from server.engine.attention import AttentionMetadata, FlexPlan, KVCache, PrefillChunk
@@ -71,14 +73,39 @@ class ModelRunner:
             num_rows=len(inputs.input_ids),
             saved_slots=extras & ctx.saved.keys(),
         )
+        embeds, meta = self._virtual(inputs, slot_of, meta)
         ids = to_device(inputs.input_ids, dev).unsqueeze(0)
-        hidden = self._hidden(ids, to_device(inputs.positions, dev).unsqueeze(0), meta, batch)
+        hidden = self._hidden(ids, to_device(inputs.positions, dev).unsqueeze(0), meta, batch, embeds)
         self._prompt_logprobs(inputs, hidden, slot_of)
         if not inputs.sample_rows:
             return inputs.sampling, hidden[:0]
         picked = hidden.index_select(0, torch.tensor(inputs.sample_rows, device=dev))  # [N, hidden]
         slots = [slot_of.get(s.adapter_key or "", 0) for s in inputs.sampling]
         return inputs.sampling, self._lm_head(picked, slots)
+
+    def _virtual(
+        self, inputs: StepInputs, slot_of: dict[str, int], meta: AttentionMetadata
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], AttentionMetadata]:
+        """The prefill rows at virtual positions (prompt, P- and prefix tuning; see
+        server.lora.virtual): (rows, their embeddings) to swap into the input, and the attention
+        metadata with the prefix keys and values to write for them."""
+        ctx, dev = self.base.lora_context, self.base.device
+        embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
+        prefix: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for p in inputs.prefills:
+            pos = p.seq.num_computed_tokens
+            end = min(pos + p.length, p.seq.num_virtual)
+            if end <= pos:
+                continue
+            slot = slot_of[p.seq.adapter_key or ""]
+            positions = torch.arange(pos, end, device=dev)
+            if slot in ctx.virtual:
+                rows = torch.arange(p.start, p.start + end - pos, device=dev)
+                embeds.append((rows, ctx.virtual[slot].index_select(0, positions)))
+            if slot in ctx.prefix:
+                slots = to_device(inputs.slot_mapping[p.start : p.start + end - pos], dev)
+                prefix.append((slots, ctx.prefix[slot], positions))
+        return embeds, replace(meta, prefix_kv=tuple(prefix)) if prefix else meta
 
     def _lm_head(self, hidden: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """Logits of `hidden` rows [N, H] -> [N, V]; the rows of a slot whose adapter saved its own
@@ -103,15 +130,16 @@ class ModelRunner:
             seq = p.seq
             if seq.prompt_logprobs is None or seq.params.prompt_logprobs is None:
                 continue
-            first = seq.num_computed_tokens
-            last = min(first + p.length, len(seq.prompt_token_ids) - 1)  # the final position samples
-            if last <= first:
+            # positions (virtual ones first) whose next token is a prompt token; the final one samples
+            first, v = seq.num_computed_tokens, seq.num_virtual
+            lo, hi = max(first, v), min(first + p.length, v + len(seq.prompt_token_ids) - 1)
+            if hi <= lo:
                 continue
-            rows = hidden[p.start : p.start + last - first]
+            rows = hidden[p.start + lo - first : p.start + hi - first]
             logits = self._lm_head(rows, [slot_of.get(seq.adapter_key or "", 0)] * len(rows))
-            targets = torch.tensor(seq.prompt_token_ids[first + 1 : last + 1], device=rows.device)
+            targets = torch.tensor(seq.prompt_token_ids[lo - v + 1 : hi - v + 1], device=rows.device)
             for j, entry in enumerate(prompt_logprobs(logits, targets, seq.params.prompt_logprobs)):
-                seq.prompt_logprobs[first + 1 + j] = entry
+                seq.prompt_logprobs[lo - v + 1 + j] = entry
 
     def _decode_tables(self, step: SchedulerOutput) -> list[tuple[list[int], int]]:
         """(block table of the context so far, query position) of each decode row."""
@@ -121,14 +149,27 @@ class ModelRunner:
         ]
 
     def _hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, batch: LoRABatch
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        batch: LoRABatch,
+        embeds: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """The decoder over the packed rows: [1, T] ids -> [T, hidden]."""
+        """The decoder over the packed rows: [1, T] ids -> [T, hidden]. `embeds`: (rows, vectors)
+        that replace those rows' input embeddings (virtual tokens)."""
         ctx = self.base.lora_context
         ctx.batch = batch
         try:
+            inputs_embeds = None
+            if embeds:
+                inputs_embeds = self.base.model.model.embed_tokens(input_ids)  # [1, T, hidden]
+                for rows, vectors in embeds:
+                    # PEFT casts the prompt table to the embeddings' dtype before the concatenation
+                    inputs_embeds[0].index_copy_(0, rows, vectors.to(inputs_embeds.dtype))
             return self.base.model.model(
-                input_ids=input_ids,
+                input_ids=None if embeds else input_ids,
+                inputs_embeds=inputs_embeds,
                 position_ids=positions,
                 use_cache=False,
                 loraplex_attention=meta,

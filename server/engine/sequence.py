@@ -122,10 +122,14 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     # by prompt position (index i: token i given tokens < i; index 0 stays None); filled by the runner
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Prompt, P- and prefix tuning: positions before the prompt, held by placeholder ids (see
+    # server.lora.virtual); the runner fills their embeddings or their keys and values.
+    num_virtual: int = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise RequestError("the prompt is empty", "prompt")
+        self.num_virtual = getattr(self.adapter, "virtual_tokens", 0) if self.adapter is not None else 0
         # One generator per request: a seeded request samples the same tokens whatever shares its batch.
         self.generator = torch.Generator()
         if self.params.seed is None:
@@ -140,11 +144,12 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Every position's id, from position 0: placeholders (0) at the virtual positions."""
+        return [0] * self.num_virtual + self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return self.num_virtual + len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_uncomputed(self) -> int:

@@ -47,6 +47,36 @@ class ModuleIA3:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelDims:
+    """The base's sizes that virtual-token adapters must match."""
+
+    hidden_size: int
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualTokens:
+    """Prompt tuning / P-tuning (`embeddings`, [V, hidden]) or prefix tuning (`prefix_kv`, [layers,
+    2, V, kv_heads, head_dim]): what fills the V positions before the prompt (see virtual.py)."""
+
+    count: int
+    embeddings: torch.Tensor | None = None
+    prefix_kv: torch.Tensor | None = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        t = self.embeddings if self.embeddings is not None else self.prefix_kv
+        assert t is not None
+        return t
+
+
+@dataclass(frozen=True, slots=True)
 class ConfigReport:
     """What an adapter_config.json asked for and what loraplex did with it (shown to uploaders)."""
 
@@ -71,6 +101,7 @@ class AdapterWeights:
     ia3: dict[str, ModuleIA3] = field(default_factory=dict)
     # modules_to_save: module -> parameter -> the trained copy, in the base module's dtype
     saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    virtual: VirtualTokens | None = None  # prompt, P- and prefix tuning
 
     @property
     def max_rank(self) -> int:
@@ -80,8 +111,14 @@ class AdapterWeights:
     def is_plain_lora(self) -> bool:
         """Only low-rank factors (LoRA, or AdaLoRA converted to them): what can be mixed by
         concatenating factors."""
-        return (
-            not self.ia3 and not self.saved and all(m.magnitude_scale is None for m in self.modules.values())
+        return not (self.ia3 or self.saved or self.virtual) and not self.per_row
+
+    @property
+    def per_row(self) -> bool:
+        """Whether its rows need the step's per-row slot index (DoRA's and (IA)3's vectors, the
+        modules_to_save copies' rows): such a step runs eagerly, outside a captured graph."""
+        return bool(self.ia3 or self.saved) or any(
+            m.magnitude_scale is not None for m in self.modules.values()
         )
 
     def pinned(self) -> AdapterWeights:
@@ -97,12 +134,20 @@ class AdapterWeights:
         }
         ia3 = {k: replace(v, vector=v.vector.pin_memory()) for k, v in self.ia3.items()}
         saved = {k: {p: t.pin_memory() for p, t in params.items()} for k, params in self.saved.items()}
-        return replace(self, modules=mods, ia3=ia3, saved=saved)
+        virtual = self.virtual
+        if virtual is not None:
+            pin = virtual.tensor.pin_memory()
+            if virtual.embeddings is not None:
+                virtual = replace(virtual, embeddings=pin)
+            else:
+                virtual = replace(virtual, prefix_kv=pin)
+        return replace(self, modules=mods, ia3=ia3, saved=saved, virtual=virtual)
 
     @property
     def nbytes(self) -> int:
         tensors = [t for m in self.modules.values() for t in (m.A, m.B, m.magnitude_scale) if t is not None]
         tensors += [v.vector for v in self.ia3.values()]
+        tensors += [self.virtual.tensor] if self.virtual is not None else []
         return sum(t.numel() * t.element_size() for t in tensors) + self.saved_nbytes
 
     @property

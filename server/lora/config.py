@@ -88,11 +88,8 @@ _OTHER_METHODS: dict[str, str] = {
         "LoKr (a Kronecker product of two factors) is not supported yet; its batched form, two small "
         "matrix products per token, is planned"
     ),
-    "PROMPT_TUNING": "prompt tuning is not supported yet",
-    "P_TUNING": "P-tuning is not supported yet",
-    "PREFIX_TUNING": "prefix tuning is not supported yet",
 }
-_METHODS = "LORA (with or without use_dora), ADALORA or IA3"
+_METHODS = "LORA (with or without use_dora), ADALORA, IA3, PROMPT_TUNING, P_TUNING or PREFIX_TUNING"
 # These inits rewrite the base weight (W - scale·B0·A0, or LoftQ's quantized W) when PEFT loads the adapter:
 # one shared base cannot do that per adapter.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -109,6 +106,7 @@ _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 if TYPE_CHECKING:
     from server.lora.ia3 import IA3Config
+    from server.lora.virtual import PromptConfig
 
 
 class AdapterConfigRefusedError(AdapterConfigError):
@@ -177,7 +175,7 @@ class LoraConfig:
 
 def parse_adapter_config(
     raw: bytes | str | dict[str, object], max_rank: int
-) -> tuple[LoraConfig | IA3Config, ConfigReport]:
+) -> tuple[LoraConfig | IA3Config | PromptConfig, ConfigReport]:
     """Validate an adapter_config.json of any method loraplex serves; `peft_type` picks the reader.
 
     Raises AdapterConfigError when it cannot be read, AdapterConfigRefusedError (with the full report) when it
@@ -188,6 +186,10 @@ def parse_adapter_config(
         from server.lora.ia3 import parse_ia3_config
 
         return parse_ia3_config(data)
+    from server.lora.virtual import METHODS, parse_prompt_config
+
+    if data.get("peft_type") in METHODS:
+        return parse_prompt_config(data)
     return parse_lora_config(data, max_rank)
 
 

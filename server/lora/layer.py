@@ -26,6 +26,10 @@ class LoRAContext:
         self.extra_slots: set[int] = set()
         # modules_to_save copies on the device: slot -> module -> parameter (kept by the SlotTable)
         self.saved: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        # prompt and P-tuning: slot -> [V, hidden] embeddings; prefix tuning: slot -> [layers, 2, V,
+        # kv_heads, head_dim] keys and values (kept by the SlotTable, read by the model runner)
+        self.virtual: dict[int, torch.Tensor] = {}
+        self.prefix: dict[int, torch.Tensor] = {}
 
 
 class LoRALinear(nn.Module):

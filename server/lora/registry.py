@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from server.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError
-from server.lora.adapter import AdapterWeights, ConfigReport, LinearShape
+from server.lora.adapter import AdapterWeights, ConfigReport, LinearShape, ModelDims
 from server.lora.saved import SaveableModule
 from server.lora.store import FILES, GC_INTERVAL_SECONDS, AdapterStore
 
@@ -68,6 +68,7 @@ class AdapterRecord:
     created: float = 0.0
     method: str = "lora"  # AdapterWeights.method: whether it can be mixed is known before a load
     saved_modules: tuple[str, ...] = ()  # modules its modules_to_save copies replace (not mixable either)
+    virtual_tokens: int = 0  # prompt, P- and prefix tuning: positions a request gets before its prompt
     # A per-request mix (mixing.py): its parts and their weights, in name order; () for a stored adapter
     parts: tuple[tuple[AdapterRecord, float], ...] = ()
 
@@ -81,6 +82,7 @@ class AdapterRecord:
             "created": int(self.created),
             "method": self.method,
             "saved_modules": list(self.saved_modules),
+            "virtual_tokens": self.virtual_tokens,
             "report": asdict(self.report),
         }
 
@@ -103,6 +105,7 @@ class AdapterRecord:
             # records written before `method` existed: DoRA and (IA)3 were refused then
             method=str(data.get("method", "lora")),
             saved_modules=tuple(str(m) for m in _list(data.get("saved_modules", []))),
+            virtual_tokens=int(str(data.get("virtual_tokens", 0))),
         )
 
 
@@ -136,13 +139,16 @@ class AdapterRegistry:
         *,
         saveable: dict[str, SaveableModule] | None = None,
         max_saved_bytes: int = 0,
+        dims: ModelDims | None = None,
     ) -> None:
         """`saveable` and `max_saved_bytes`: the modules a modules_to_save copy may replace, and how
-        many bytes one adapter's copies may take (none are accepted without them)."""
+        many bytes one adapter's copies may take (none are accepted without them). `dims`: the
+        base's sizes, needed to accept prompt, P- and prefix tuning adapters."""
         self.base_shapes = base_shapes
         self.max_rank = max_rank
         self.saveable = saveable or {}
         self.max_saved_bytes = max_saved_bytes
+        self.dims = dims
         self.store = store
         self._records: dict[str, AdapterRecord] = {}
         self._usage = _Usage()
@@ -169,7 +175,9 @@ class AdapterRegistry:
     def _parse(self, directory: Path) -> AdapterWeights:
         from server.lora.weights import load_adapter
 
-        return load_adapter(directory, self.base_shapes, self.max_rank, self.saveable, self.max_saved_bytes)
+        return load_adapter(
+            directory, self.base_shapes, self.max_rank, self.saveable, self.max_saved_bytes, self.dims
+        )
 
     def add_dir(
         self, name: str, directory: Path, *, staged: bool = False
@@ -193,6 +201,7 @@ class AdapterRegistry:
             created=time.time(),
             method=weights.method,
             saved_modules=tuple(weights.saved),
+            virtual_tokens=weights.virtual.count if weights.virtual is not None else 0,
         )
         if self.store is not None:
             if not staged:

@@ -105,18 +105,29 @@ class SlotTable:
         if slot is not None:
             for layer in self.layers.values():
                 layer.set_slot(slot, None)
-            self.context.extra_slots.discard(slot)
-            self.context.saved.pop(slot, None)
+            self._clear(slot)
             heapq.heappush(self.free, slot)
 
     def _write(self, slot: int, weights: AdapterWeights) -> None:
         for name, layer in self.layers.items():
             layer.set_slot(slot, weights.modules.get(name), weights.ia3.get(name))
-        (self.context.extra_slots.discard if weights.is_plain_lora else self.context.extra_slots.add)(slot)
-        self.context.saved.pop(slot, None)
+        self._clear(slot)
+        if weights.per_row:
+            self.context.extra_slots.add(slot)
+        device = next(iter(self.layers.values())).lora_A.device if self.layers else torch.device("cpu")
         if weights.saved:
-            device = next(iter(self.layers.values())).lora_A.device if self.layers else torch.device("cpu")
             self.context.saved[slot] = {
                 module: {p: t.to(device, non_blocking=True) for p, t in params.items()}
                 for module, params in weights.saved.items()
             }
+        virtual = weights.virtual
+        if virtual is not None and virtual.embeddings is not None:
+            self.context.virtual[slot] = virtual.embeddings.to(device, non_blocking=True)
+        if virtual is not None and virtual.prefix_kv is not None:
+            self.context.prefix[slot] = virtual.prefix_kv.to(device, non_blocking=True)
+
+    def _clear(self, slot: int) -> None:
+        """Forget what a slot held beside the layers' buffers."""
+        self.context.extra_slots.discard(slot)
+        for held in (self.context.saved, self.context.virtual, self.context.prefix):
+            held.pop(slot, None)

@@ -19,11 +19,12 @@ import safetensors.torch
 import torch
 
 from server.errors import AdapterConfigError, AdapterError, AdapterWeightsError
-from server.lora.adapter import AdapterWeights, LinearShape, ModuleLoRA
+from server.lora.adapter import AdapterWeights, LinearShape, ModelDims, ModuleLoRA
 from server.lora.config import MAX_CONFIG_BYTES, LoraConfig, parse_adapter_config
 from server.lora.dora import dense_weight, magnitude_scale
 from server.lora.ia3 import IA3Config, match_vectors
 from server.lora.saved import SaveableModule, describe_sizes, listed, saved_nbytes, split_saved
+from server.lora.virtual import PromptConfig, load_virtual, payload_bound
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -65,12 +66,15 @@ def load_adapter(
     max_rank: int,
     saveable: dict[str, SaveableModule] | None = None,
     max_saved_bytes: int = 0,
+    dims: ModelDims | None = None,
 ) -> AdapterWeights:
     """Validate a PEFT adapter directory against the base model (AdapterConfigError / AdapterWeightsError).
 
     `saveable`: the base modules a `modules_to_save` copy may replace; the copies of one adapter may
-    take at most `max_saved_bytes` (in the base's dtype)."""
+    take at most `max_saved_bytes` (in the base's dtype). `dims`: the sizes virtual-token adapters
+    (prompt, P- and prefix tuning) must match; without them such adapters are refused."""
     names = _list_dir(directory)
+    found: set[str]
     if WEIGHTS_NAME not in names:
         pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
         if pickles:
@@ -91,14 +95,25 @@ def load_adapter(
     saveable = saveable or {}
     listed_saveable = [s for n, s in saveable.items() if listed(n, config.modules_to_save)]
     payload += sum(s.nbytes * 8 // s.dtype.itemsize for s in listed_saveable)  # copies in F64 at most
+    if isinstance(config, PromptConfig):
+        if dims is None:
+            raise AdapterWeightsError(f"{config.method} adapters are not accepted here (no model sizes)")
+        payload += payload_bound(config, dims)
     tensors = read_safetensors_strict(directory / WEIGHTS_NAME, payload + 16 * 2**20)
     if not tensors:
         raise AdapterWeightsError(f"{WEIGHTS_NAME} holds no tensors", field=WEIGHTS_NAME)
     saved, tensors = split_saved(tensors, config.modules_to_save, saveable, base_modules)
     _check_saved(saved, saveable, config.ensure_weight_tying, max_saved_bytes)
-    if isinstance(config, IA3Config):
+    if isinstance(config, PromptConfig):
+        assert dims is not None
+        virtual = load_virtual(tensors, config, dims)
+        found = set()
+        weights = AdapterWeights(
+            modules={}, report=report, method=config.method, saved=saved, virtual=virtual
+        )
+    elif isinstance(config, IA3Config):
         ia3 = match_vectors(tensors, config, base_modules)
-        found: set[str] = set(ia3)
+        found = set(ia3)
         weights = AdapterWeights(modules={}, report=report, method="ia3", ia3=ia3, saved=saved)
     else:
         modules = _match_modules(tensors, config, base_modules, max_rank)

@@ -14,7 +14,7 @@ from torch import nn
 
 from server.engine import attention
 from server.errors import ModelNotFoundError
-from server.lora.adapter import LinearShape
+from server.lora.adapter import LinearShape, ModelDims
 from server.lora.dora import dense_weight
 from server.lora.layer import LoRAContext, LoRALinear
 from server.lora.saved import SaveableModule, SavedModuleHook, saveable_modules
@@ -57,6 +57,7 @@ class BaseModel:
     lora_context: LoRAContext
     # what an adapter's modules_to_save copies may replace (lm_head, embeddings, norms)
     saveable: dict[str, SaveableModule] = field(default_factory=dict)
+    dims: ModelDims | None = None  # what prompt, P- and prefix tuning adapters must match
 
     def chat_ids(
         self,
@@ -208,6 +209,12 @@ def load_base(
         lora_layers=layers,
         lora_context=context,
         saveable=saveable,
+        dims=ModelDims(
+            config.hidden_size,
+            config.num_hidden_layers,
+            config.num_key_value_heads,
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        ),
     )
 
 

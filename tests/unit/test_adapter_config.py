@@ -134,7 +134,7 @@ def test_ignored_fields_say_why(overrides: dict[str, Any], key: str, reason: str
         ({"modules_to_save": ["m"] * 65}, "modules_to_save", "at most 64"),
         ({"bias": "all"}, "bias", "biases are not supported"),
         ({"peft_type": "LOHA"}, "peft_type", "rank up to r^2"),
-        ({"peft_type": "PREFIX_TUNING"}, "peft_type", "prefix tuning"),
+        ({"peft_type": "LOKR"}, "peft_type", "Kronecker"),
         ({"peft_type": None}, "peft_type", "not a method loraplex serves"),
         ({"r": 64}, "r", "LoRA rank 64 is greater than max_lora_rank 16"),
         ({"r": 0}, "r", "positive integer, got 0"),

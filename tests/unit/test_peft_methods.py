@@ -207,7 +207,6 @@ def _first(weights: dict[str, torch.Tensor], kind: str) -> str:
 REFUSALS: dict[str, tuple[str, dict[str, Any], Callable[[dict[str, torch.Tensor]], object] | None, str]] = {
     "loha": ("lora", {"peft_type": "LOHA"}, None, "no per-token low-rank form"),
     "lokr": ("lora", {"peft_type": "LOKR"}, None, "LoKr"),
-    "prompt tuning": ("lora", {"peft_type": "PROMPT_TUNING"}, None, "prompt tuning"),
     "adalora with dora": ("adalora", {"use_dora": True}, None, "AdaLoRA does not support DoRA"),
     "ia3 feedforward outside targets": (
         "ia3", {"feedforward_modules": ["up_proj"]}, None, "subset of target_modules",

@@ -1,0 +1,234 @@
+"""Prompt tuning, P-tuning and prefix tuning on the tiny Llama in NF4, adapters made by PEFT itself.
+
+PEFT's `generate` is no oracle for these methods with peft 0.21.2 and transformers 5.2x: its
+prompt-learning hooks put the cache under `past_key_values` while transformers keeps its own, so
+prompt and P-tuning decode each step from the virtual tokens and the newest token alone (no cache
+reaches the model), and prefix tuning drops the prefix (transformers warns "Both `past_key_values`
+and `cache` are set") and returns the base model's tokens. The references here are PEFT's own
+forward over the whole sequence at every step (prompt and P-tuning), and PEFT's prefix tensors
+(`get_prompt`) fed through transformers' cache API (prefix tuning), which the test checks differs
+from the base. Every method gives the same logits, bit for bit, alone and inside one batch with the
+others, plain LoRA and the base; refusals name their reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+
+from server.engine.sequence import SamplingParams, Sequence
+from server.errors import AdapterError
+from server.lora.registry import AdapterRegistry
+from server.lora.store import AdapterStore
+from server.model.base_gemm import BaseGemm
+from server.model.loader import BaseModel, load_base
+from tests.drive import greedy
+from tests.peft_factory import make_method_adapter
+from tests.unit.test_engine_tiny import engine_for, hf_model, prompt_ids, record_logits
+
+TEXTS = ["hello there", "the quick brown fox"]
+TOKENS = 12
+VIRTUAL = 6
+CHUNK = 4  # prompts are prefilled 4 positions at a time: the virtual ones straddle two chunks
+
+
+def configs() -> dict[str, Any]:
+    from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    return {
+        "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL),
+        "ptuning": PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL, encoder_hidden_size=32
+        ),
+        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL),
+        "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    }  # fmt: skip
+
+
+METHOD = {"prompt": "prompt_tuning", "ptuning": "p_tuning", "prefix": "prefix_tuning", "lora": "lora"}
+
+
+@pytest.fixture(scope="module")
+def nf4(tiny_checkpoint: Callable[[str], Path]) -> BaseModel:
+    return load_base(
+        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=4, max_lora_rank=8,
+        base_gemm=BaseGemm.TILED,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def made(tiny_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    root = tmp_path_factory.mktemp("virtual")
+    return {
+        name: make_method_adapter(
+            lambda: AutoModelForCausalLM.from_pretrained(path), root / name, 20 + i, cfg
+        )
+        for i, (name, cfg) in enumerate(configs().items())
+    }
+
+
+def registry_for(base: BaseModel, store: AdapterStore | None = None) -> AdapterRegistry:
+    return AdapterRegistry(base.linear_shapes, 8, store, dims=base.dims)
+
+
+def peft_greedy(path: Path, adapter: Path, base: BaseModel, text: str) -> list[int]:
+    """Greedy tokens from PEFT's forward over the whole sequence at every step (no cache)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(hf_model(path, "nf4"), adapter)
+    ids = prompt_ids(base, text)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(TOKENS):
+            out.append(int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
+def prefix_greedy(path: Path, adapter: Path, base: BaseModel, text: str) -> list[int]:
+    """PEFT's prefix (its own `get_prompt`) as the first cache entries of a plain greedy loop over
+    the NF4 base; the prompt's positions start after the prefix, as in PEFT's forward."""
+    from peft import PeftModel
+    from transformers import DynamicCache
+
+    model = PeftModel.from_pretrained(hf_model(path, "nf4"), adapter)
+    with torch.no_grad():
+        prefix = model.get_prompt(batch_size=1)  # a Cache, or (k, v) per layer: [1, heads, V, head_dim]
+    layers = prefix.layers if hasattr(prefix, "layers") else None
+    pairs = [(lay.keys, lay.values) for lay in layers] if layers is not None else list(prefix)
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(pairs):
+        cache.update(k, v, i)
+    stock = model.get_base_model()
+    ids = prompt_ids(base, text)
+    x = torch.tensor([ids])
+    out: list[int] = []
+    pos = VIRTUAL
+    with torch.no_grad():
+        for _ in range(TOKENS):
+            n = x.shape[1]
+            logits = stock(
+                input_ids=x,
+                past_key_values=cache,
+                attention_mask=torch.ones(1, pos + n, dtype=torch.long),
+                position_ids=torch.arange(pos, pos + n).unsqueeze(0),
+                use_cache=True,
+            ).logits
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            pos += n
+            x = torch.tensor([[token]])
+    return out
+
+
+def test_each_method_matches_its_oracle_alone_and_bitwise_in_one_mixed_batch(
+    nf4: BaseModel, made: dict[str, Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    registry = registry_for(nf4)
+    for name, directory in made.items():
+        record, weights = registry.add_dir(name, directory)
+        assert weights.method == METHOD[name]
+        assert record.virtual_tokens == (0 if name == "lora" else VIRTUAL)
+    jobs = [
+        (f"{name}/{p}", registry.resolve(name) if name != "base" else None, prompt_ids(nf4, text))
+        for name in ("base", *made)
+        for p, text in enumerate(TEXTS)
+    ]
+    solo: dict[str, list[int]] = {}
+    solo_logits: dict[str, list[torch.Tensor]] = {}
+    for name in ("base", *made):
+        engine = engine_for(nf4, registry, max_loras=4, prefill_chunk_tokens=CHUNK)
+        rows = record_logits(engine)
+        solo.update(greedy(engine, [j for j in jobs if j[0].startswith(f"{name}/")], max_tokens=TOKENS))
+        solo_logits.update(rows)
+    engine = engine_for(nf4, registry, max_loras=4, max_num_seqs=len(jobs), prefill_chunk_tokens=CHUNK)
+    mixed_logits = record_logits(engine)
+    assert greedy(engine, jobs, max_tokens=TOKENS) == solo
+    assert any(len(r.adapters) == len(made) for r in engine.records), "every method shared a step"
+    for rid, solo_rows in solo_logits.items():
+        assert all(torch.equal(a, b) for a, b in zip(solo_rows, mixed_logits[rid], strict=True)), rid
+
+    path = tiny_checkpoint("llama")
+    for name in made:
+        oracle = prefix_greedy if name == "prefix" else peft_greedy
+        for p, text in enumerate(TEXTS):
+            assert solo[f"{name}/{p}"] == oracle(path, made[name], nf4, text), f"{name}/{p} != reference"
+        assert any(solo[f"{name}/{p}"] != solo[f"base/{p}"] for p in range(len(TEXTS))), f"{name} = base"
+
+
+def test_prompt_logprobs_skip_the_virtual_positions(
+    nf4: BaseModel, made: dict[str, Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """echo + logprobs under prompt tuning: one entry per prompt token (the first None), each the
+    log-probability PEFT's forward gives it after the virtual tokens."""
+    from peft import PeftModel
+
+    registry = registry_for(nf4)
+    record, _ = registry.add_dir("prompt", made["prompt"])
+    ids = prompt_ids(nf4, TEXTS[0])
+    engine = engine_for(nf4, registry, max_num_batched_tokens=8)
+    seq = Sequence("p", ids, SamplingParams(max_tokens=1, prompt_logprobs=0), adapter=record)
+    engine.add_request(seq)
+    while engine.has_work():
+        engine.step()
+    assert seq.prompt_logprobs is not None and seq.prompt_logprobs[0] is None
+    got = [e.logprob for e in seq.prompt_logprobs[1:] if e is not None]
+    assert len(got) == len(ids) - 1
+
+    model = PeftModel.from_pretrained(hf_model(tiny_checkpoint("llama"), "nf4"), made["prompt"])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, VIRTUAL:]  # PEFT returns V + n rows
+    want = torch.log_softmax(logits.float(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(got), want, atol=1e-4)
+
+
+def _edit(src: Path, dst: Path, config: dict[str, Any] | None = None, tensors: Any = None) -> Path:
+    dst.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    weights = safetensors.torch.load_file(src / "adapter_model.safetensors")
+    if tensors is not None:
+        tensors(weights)
+    safetensors.torch.save_file(weights, dst / "adapter_model.safetensors")
+    return dst
+
+
+REFUSALS: dict[str, tuple[str, dict[str, Any], Callable[[dict[str, torch.Tensor]], object] | None, str]] = {
+    "fewer rows than virtual tokens": ("prompt", {"num_virtual_tokens": 8}, None, "expected [8, 64]"),
+    "token_dim of another model": ("prompt", {"token_dim": 32}, None, "does not match the base's hidden"),
+    "encoder-decoder prompt": ("prompt", {"num_transformer_submodules": 2}, None, "decoder-only"),
+    "too many virtual tokens": ("prompt", {"num_virtual_tokens": 5000}, None, "integer in [1, 1024]"),
+    "prefix for other layers": ("prefix", {"num_layers": 3}, None, "prefix for 3 layers"),
+    "prefix token_dim of all heads": ("prefix", {"token_dim": 64}, None, "key/value width 2 heads x 16"),
+    "an extra tensor": (
+        "ptuning", {}, lambda t: t.update({"prompt_encoder.mlp_head.0.weight": torch.ones(2, 2)}),
+        "is not part of a p_tuning adapter",
+    ),
+    "no embeddings": ("prompt", {}, lambda t: t.update({"x": t.pop("prompt_embeddings")}), "not part of"),
+    "nan": ("prefix", {}, lambda t: t["prompt_embeddings"].fill_(float("nan")), "NaN or infinite"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_name_their_reason_and_leave_the_store_unchanged(
+    case: str, nf4: BaseModel, made: dict[str, Path], tmp_path: Path
+) -> None:
+    source, config, tensors, reason = REFUSALS[case]
+    store_dir = tmp_path / "store"
+    registry = registry_for(nf4, AdapterStore(store_dir))
+    registry.add_dir("kept", made["prompt"])
+    before = sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
+    bad = _edit(made[source], tmp_path / "bad", config, tensors)
+    with pytest.raises(AdapterError, match=reason.replace("[", r"\[")):
+        registry.add_dir("bad", bad)
+    after = sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
+    assert after == before
+    assert [r.name for r in registry.records()] == ["kept"]
