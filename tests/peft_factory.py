@@ -34,7 +34,11 @@ def make_method_adapter(model_factory: Any, out_dir: Path, seed: int, config: An
         for name, p in peft_model.named_parameters():
             if "ia3_l" in name or "lora_magnitude_vector" in name:
                 p.mul_(1.0 + 0.5 * torch.randn_like(p))
-            elif any(k in name for k in ("lora_A", "lora_B", "lora_E")):
+            elif "lora_E" in name:
+                # AdaLoRA's singular values, a third factor: small, or the update dwarfs the layer and
+                # fp32 rounding (PEFT's products vs ours, 3e-7 relative) grows into flipped tokens
+                p.copy_(torch.randn_like(p) * 0.05)
+            elif any(k in name for k in ("lora_A", "lora_B")):
                 p.copy_(torch.randn_like(p) * 0.5)
             elif "modules_to_save" in name:  # a trained copy: the base module's values, moved
                 noise = torch.randn_like(p)

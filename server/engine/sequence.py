@@ -147,6 +147,14 @@ class Sequence:
         """Every position's id, from position 0: placeholders (0) at the virtual positions."""
         return [0] * self.num_virtual + self.prompt_token_ids + self.output_token_ids
 
+    def token_at(self, pos: int) -> int:
+        """token_ids[pos] without building the list (a decode row reads one id per step)."""
+        i = pos - self.num_virtual
+        if i < 0:
+            return 0
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
     @property
     def num_tokens(self) -> int:
         return self.num_virtual + len(self.prompt_token_ids) + len(self.output_token_ids)

@@ -91,7 +91,7 @@ class StepInputBuilder:
         decode_slots: list[int] = []
         for seq in step.decode:
             pos = seq.num_computed_tokens
-            ids.append(seq.token_ids[pos])
+            ids.append(seq.token_at(pos))
             context = self._context(seq, pos + 1)
             positions.append(np.array([pos], dtype=np.int64))
             mapping.append(context[pos:])

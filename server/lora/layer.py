@@ -30,6 +30,8 @@ class LoRAContext:
         # kv_heads, head_dim] keys and values (kept by the SlotTable, read by the model runner)
         self.virtual: dict[int, torch.Tensor] = {}
         self.prefix: dict[int, torch.Tensor] = {}
+        # the SlotTable whose adapters the slots hold (several engines may share one base model)
+        self.owner: object | None = None
 
 
 class LoRALinear(nn.Module):

@@ -47,6 +47,8 @@ class SlotTable:
         """Make every adapter of the step resident and return version -> slot. Slots of adapters in
         `needed` are never evicted to make room for another one of the same step."""
         assert len(needed) <= self.num_slots, "the scheduler keeps a step within max_loras adapters"
+        if self.context.owner is not self:
+            self._claim()
         for key in needed:
             if key in self.slot_of:
                 self.slot_of.move_to_end(key)
@@ -70,6 +72,13 @@ class SlotTable:
             self.loads += 1
         self._write_all(writes)
         return {key: self.slot_of[key] for key in needed}
+
+    def _claim(self) -> None:
+        """Another SlotTable (another engine on the same base model) wrote into the shared slots
+        since this one last ran: forget what this one believed resident, so it is written again."""
+        for key in list(self.slot_of):
+            self.drop(key)
+        self.context.owner = self
 
     def _make_room(self, nbytes: int, needed: dict[str, AdapterWeights]) -> None:
         """Evict resident adapters with saved copies (least recently used first, never one of this

@@ -1,7 +1,8 @@
-"""DoRA, AdaLoRA, (IA)3 and modules_to_save on the real default model in NF4: adapters made by PEFT
-itself (every trained tensor drawn at random), 32 greedy tokens on each prompt equal PEFT's
-`generate` with the adapter alone, and the same tokens come out of one batch holding every method,
-a plain LoRA adapter and base requests at once."""
+"""DoRA, AdaLoRA, (IA)3, modules_to_save, prompt tuning, P-tuning and prefix tuning on the real
+default model in NF4: adapters made by PEFT itself (every trained tensor drawn at random), 32
+greedy tokens on each prompt equal PEFT's with the adapter alone (its `generate`, or for the
+prompt-learning methods the references of tests/peft_oracle.py), and the same tokens come out of
+one batch holding every method, a plain LoRA adapter and base requests at once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from server.lora.registry import AdapterRegistry
 from server.model.loader import BaseModel
 from tests.drive import greedy
 from tests.e2e.conftest import BUFFER_SLOTS, MAX_RANK, nf4_reference
+from tests.e2e.server_proc import ADMIN_KEY, API_KEY, ServerProc, upload
 from tests.peft_factory import make_method_adapter
+from tests.peft_oracle import reference_greedy
 
 pytestmark = pytest.mark.e2e
 NEW_TOKENS = 32
@@ -25,7 +28,14 @@ PLAIN = "qv-r4"  # a plain LoRA adapter of the session's registry
 
 
 def configs() -> dict[str, Any]:
-    from peft import AdaLoraConfig, IA3Config, LoraConfig
+    from peft import (
+        AdaLoraConfig,
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+    )
 
     return {
         "dora": LoraConfig(
@@ -42,6 +52,9 @@ def configs() -> dict[str, Any]:
             r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
             modules_to_save=["lm_head", "embed_tokens", "norm"],
         ),
+        "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+        "ptuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_hidden_size=64),
+        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
     }  # fmt: skip
 
 
@@ -62,7 +75,9 @@ def method_dirs(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @pytest.fixture(scope="module")
 def methods(base: BaseModel, method_dirs: dict[str, Path], adapter_dirs: dict[str, Path]) -> AdapterRegistry:
-    registry = AdapterRegistry(base.linear_shapes, MAX_RANK, saveable=base.saveable, max_saved_bytes=1 << 30)
+    registry = AdapterRegistry(
+        base.linear_shapes, MAX_RANK, saveable=base.saveable, max_saved_bytes=1 << 30, dims=base.dims
+    )
     for name, directory in [*method_dirs.items(), (PLAIN, adapter_dirs[PLAIN])]:
         registry.add_dir(name, directory)
     return registry
@@ -107,12 +122,47 @@ def test_every_method_equals_peft_alone_and_in_one_mixed_batch(
 
     for name, directory in method_dirs.items():
         peft_model = PeftModel.from_pretrained(nf4_reference(model_path), directory).eval()
+        method = methods.resolve(name).method
         for p, ids in enumerate(prompt_ids):
-            x = torch.tensor([ids])
-            with torch.no_grad():
-                out = peft_model.generate(
-                    x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False
-                )
-            assert mixed[f"{name}/{p}"] == out[0, len(ids) :].tolist(), f"{name}/{p}: engine != PEFT"
+            want = reference_greedy(peft_model, method, ids, NEW_TOKENS)
+            assert mixed[f"{name}/{p}"] == want, f"{name}/{p}: engine != PEFT"
         differs = [mixed[f"{name}/{p}"] != mixed[f"base/{p}"] for p in range(len(prompt_ids))]
         assert any(differs), f"{name} gave the base model's tokens on every prompt"
+
+
+def test_methods_over_http(
+    base: BaseModel,
+    methods: AdapterRegistry,
+    method_dirs: dict[str, Path],
+    prompt_ids: list[list[int]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Uploaded through /v1/adapters and served to the official openai client: the upload says the
+    method, its virtual tokens and its saved modules; greedy text is the engine's; the context limit
+    counts the virtual tokens; such an adapter is not a mixing part."""
+    import openai
+
+    tokens = 8
+    env = {"LORAPLEX_API_KEYS": API_KEY, "LORAPLEX_ADMIN_KEYS": ADMIN_KEY}
+    with ServerProc(tmp_path_factory.mktemp("methods-store"), env=env) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+        for name, method, virtual in (
+            ("prompt", "prompt_tuning", 8),
+            ("prefix", "prefix_tuning", 8),
+            ("saved", "lora", 0),
+        ):
+            r = upload(server.url, name, method_dirs[name])
+            assert r.status_code == 201, r.text
+            body = r.json()
+            assert (body["method"], body["virtual_tokens"]) == (method, virtual)
+            assert bool(body["saved_modules"]) == (name == "saved")
+            want = greedy(engine(base, methods), [(name, methods.resolve(name), prompt_ids[0])], tokens)[name]
+            got = client.completions.create(
+                model=name, prompt=prompt_ids[0], max_tokens=tokens, temperature=0
+            )
+            assert got.choices[0].text == base.tokenizer.decode(want), name
+
+        with pytest.raises(openai.BadRequestError, match="8 virtual tokens of the adapter"):
+            client.completions.create(model="prompt", prompt=[42] * 1010, max_tokens=8)
+        with pytest.raises(openai.BadRequestError, match="prompt is prompt_tuning"):
+            client.completions.create(model="prompt*0.5", prompt="hi", max_tokens=1)

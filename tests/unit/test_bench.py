@@ -14,7 +14,16 @@ from bench import report
 from bench.adapters import write_adapter
 from server.lora.weights import linear_modules, load_adapter
 
-SCRIPTS = ("step_overhead", "throughput", "http_e2e", "churn", "scaling", "structured", "soak")
+SCRIPTS = (
+    "step_overhead",
+    "peft_methods",
+    "throughput",
+    "http_e2e",
+    "churn",
+    "scaling",
+    "structured",
+    "soak",
+)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

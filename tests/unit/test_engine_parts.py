@@ -147,6 +147,20 @@ def test_slots_lowest_free_first_and_drop() -> None:
     assert table.evictions == 0
 
 
+def test_two_slot_tables_on_one_base_take_turns() -> None:
+    """Engines built on one base model share its slot buffers: a SlotTable that finds another one
+    wrote since its last step writes its own adapters again instead of reading the other's."""
+    ctx = LoRAContext()
+    layers = {"q": LoRALinear(nn.Linear(32, 48), 2, 4, ctx, torch.float32)}
+    first, second = SlotTable(layers, 2, ctx), SlotTable(layers, 2, ctx)
+    wa, wb = _weights(1), _weights(2)
+    assert first.activate({"a": wa}) == {"a": 1}
+    assert second.activate({"b": wb}) == {"b": 1}  # overwrites slot 1
+    assert first.activate({"a": wa}) == {"a": 1}
+    assert torch.equal(layers["q"].lora_A[1, :2], wa.modules["q"].A) and first.loads == 2
+    assert first.activate({"a": wa}) == {"a": 1} and first.loads == 2  # its own again: no rewrite
+
+
 def test_saved_copies_live_beside_their_slot_within_the_budget() -> None:
     """modules_to_save copies go to the device with their adapter and leave with it; an adapter that
     needs room evicts the least recently used one with copies, never one of its own step."""

@@ -135,6 +135,36 @@ def test_each_method_matches_peft_alone_and_bitwise_in_one_mixed_batch(
         assert any(solo[f"{name}/{p}"] != solo[f"base/{p}"] for p in range(len(TEXTS))), f"{name} = base"
 
 
+@pytest.mark.slow
+def test_every_method_gives_the_torch_tokens_on_the_triton_and_flex_backends(
+    nf4: BaseModel, made: dict[str, Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """The Triton SGMV kernels (interpreted on CPU) and the Flex attention backend with every
+    method in one batch: DoRA's and (IA)3's row-wise products and the saved modules sit beside the
+    kernels, and give the torch backends' greedy tokens."""
+    pytest.importorskip("triton")
+    triton = load_base(
+        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=6, max_lora_rank=8,
+        base_gemm=BaseGemm.TILED, lora_backend="triton",
+    )  # fmt: skip
+    tokens = {}
+    for base, attention in ((nf4, "torch"), (triton, "flex")):
+        registry = registry_for(base)
+        for name, directory in made.items():
+            registry.add_dir(name, directory)
+        jobs = [(name, registry.resolve(name), prompt_ids(base, TEXTS[0])) for name in made]
+        engine = engine_for(
+            base,
+            registry,
+            max_loras=6,
+            max_num_seqs=len(jobs),
+            attention_backend=attention,
+            prefill_chunk_tokens=8,
+        )
+        tokens[attention] = greedy(engine, jobs, max_tokens=6)
+    assert tokens["flex"] == tokens["torch"]
+
+
 def registry_for(
     base: BaseModel, store: AdapterStore | None = None, budget: int = SAVED_BUDGET
 ) -> AdapterRegistry:

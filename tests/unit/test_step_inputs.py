@@ -69,7 +69,8 @@ def test_step_inputs_match_reference_through_preemption() -> None:
     blocks = BlockManager(14, 4)  # tight: long sequences preempt each other
     sched = Scheduler(cfg, blocks, Gate())
     builder = StepInputBuilder(4)
-    adapter = types.SimpleNamespace(name="a", version="a")
+    # a prompt-tuned adapter: its sequences carry 3 virtual positions (placeholder id 0) first
+    adapter = types.SimpleNamespace(name="a", version="a", virtual_tokens=3)
     seqs = [
         Sequence(
             f"r{i}",
@@ -116,5 +117,6 @@ def test_step_inputs_match_reference_through_preemption() -> None:
         steps += 1
     assert not sched.has_work()
     assert preempted > 0, "the scenario never preempted"
+    assert seqs[1].token_ids[:4] == [0, 0, 0, 1] and seqs[1].num_tokens == 3 + 5 + 16
     assert builder.contexts == {}
     assert isinstance(got.slot_mapping, np.ndarray)

@@ -1,14 +1,9 @@
 """Prompt tuning, P-tuning and prefix tuning on the tiny Llama in NF4, adapters made by PEFT itself.
 
-PEFT's `generate` is no oracle for these methods with peft 0.21.2 and transformers 5.2x: its
-prompt-learning hooks put the cache under `past_key_values` while transformers keeps its own, so
-prompt and P-tuning decode each step from the virtual tokens and the newest token alone (no cache
-reaches the model), and prefix tuning drops the prefix (transformers warns "Both `past_key_values`
-and `cache` are set") and returns the base model's tokens. The references here are PEFT's own
-forward over the whole sequence at every step (prompt and P-tuning), and PEFT's prefix tensors
-(`get_prompt`) fed through transformers' cache API (prefix tuning), which the test checks differs
-from the base. Every method gives the same logits, bit for bit, alone and inside one batch with the
-others, plain LoRA and the base; refusals name their reason.
+The references are tests/peft_oracle.py's (PEFT's `generate` is broken for these methods with
+transformers 5; it says how); the prefix reference is checked to differ from the base. Every method
+gives the same logits, bit for bit, alone and inside one batch with the others, plain LoRA and the
+base; refusals name their reason.
 """
 
 from __future__ import annotations
@@ -30,6 +25,7 @@ from server.model.base_gemm import BaseGemm
 from server.model.loader import BaseModel, load_base
 from tests.drive import greedy
 from tests.peft_factory import make_method_adapter
+from tests.peft_oracle import reference_greedy
 from tests.unit.test_engine_tiny import engine_for, hf_model, prompt_ids, record_logits
 
 TEXTS = ["hello there", "the quick brown fox"]
@@ -80,53 +76,11 @@ def registry_for(base: BaseModel, store: AdapterStore | None = None) -> AdapterR
     return AdapterRegistry(base.linear_shapes, 8, store, dims=base.dims)
 
 
-def peft_greedy(path: Path, adapter: Path, base: BaseModel, text: str) -> list[int]:
-    """Greedy tokens from PEFT's forward over the whole sequence at every step (no cache)."""
+def reference(path: Path, adapter: Path, base: BaseModel, text: str, method: str) -> list[int]:
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(hf_model(path, "nf4"), adapter)
-    ids = prompt_ids(base, text)
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(TOKENS):
-            out.append(int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
-    return out
-
-
-def prefix_greedy(path: Path, adapter: Path, base: BaseModel, text: str) -> list[int]:
-    """PEFT's prefix (its own `get_prompt`) as the first cache entries of a plain greedy loop over
-    the NF4 base; the prompt's positions start after the prefix, as in PEFT's forward."""
-    from peft import PeftModel
-    from transformers import DynamicCache
-
-    model = PeftModel.from_pretrained(hf_model(path, "nf4"), adapter)
-    with torch.no_grad():
-        prefix = model.get_prompt(batch_size=1)  # a Cache, or (k, v) per layer: [1, heads, V, head_dim]
-    layers = prefix.layers if hasattr(prefix, "layers") else None
-    pairs = [(lay.keys, lay.values) for lay in layers] if layers is not None else list(prefix)
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(pairs):
-        cache.update(k, v, i)
-    stock = model.get_base_model()
-    ids = prompt_ids(base, text)
-    x = torch.tensor([ids])
-    out: list[int] = []
-    pos = VIRTUAL
-    with torch.no_grad():
-        for _ in range(TOKENS):
-            n = x.shape[1]
-            logits = stock(
-                input_ids=x,
-                past_key_values=cache,
-                attention_mask=torch.ones(1, pos + n, dtype=torch.long),
-                position_ids=torch.arange(pos, pos + n).unsqueeze(0),
-                use_cache=True,
-            ).logits
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            pos += n
-            x = torch.tensor([[token]])
-    return out
+    return reference_greedy(model, method, prompt_ids(base, text), TOKENS)
 
 
 def test_each_method_matches_its_oracle_alone_and_bitwise_in_one_mixed_batch(
@@ -158,10 +112,35 @@ def test_each_method_matches_its_oracle_alone_and_bitwise_in_one_mixed_batch(
 
     path = tiny_checkpoint("llama")
     for name in made:
-        oracle = prefix_greedy if name == "prefix" else peft_greedy
         for p, text in enumerate(TEXTS):
-            assert solo[f"{name}/{p}"] == oracle(path, made[name], nf4, text), f"{name}/{p} != reference"
+            want = reference(path, made[name], nf4, text, METHOD[name])
+            assert solo[f"{name}/{p}"] == want, f"{name}/{p} != reference"
         assert any(solo[f"{name}/{p}"] != solo[f"base/{p}"] for p in range(len(TEXTS))), f"{name} = base"
+
+
+@pytest.mark.slow
+def test_virtual_tokens_give_the_torch_tokens_on_the_triton_and_flex_backends(
+    nf4: BaseModel, made: dict[str, Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """The prefix's keys and values written before the Flex backend reads the cache, the prompt
+    embeddings beside the Triton LoRA kernels (interpreted): the torch backends' greedy tokens."""
+    pytest.importorskip("triton")
+    triton = load_base(
+        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=4, max_lora_rank=8,
+        base_gemm=BaseGemm.TILED, lora_backend="triton",
+    )  # fmt: skip
+    tokens = {}
+    for base, attention in ((nf4, "torch"), (triton, "flex")):
+        registry = registry_for(base)
+        for name, directory in made.items():
+            registry.add_dir(name, directory)
+        jobs = [(name, registry.resolve(name), prompt_ids(base, TEXTS[1])) for name in made]
+        engine = engine_for(
+            base, registry, max_loras=4, max_num_seqs=len(jobs), attention_backend=attention,
+            prefill_chunk_tokens=CHUNK,
+        )  # fmt: skip
+        tokens[attention] = greedy(engine, jobs, max_tokens=6)
+    assert tokens["flex"] == tokens["torch"]
 
 
 def test_prompt_logprobs_skip_the_virtual_positions(

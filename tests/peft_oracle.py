@@ -1,0 +1,69 @@
+"""Greedy references for PEFT's prompt-learning methods that do not go through PEFT's `generate`.
+
+With peft 0.21.2 and transformers 5.2x, `generate` is no oracle for them: PEFT's prompt-learning
+hooks put the cache under `past_key_values` while transformers keeps its own, so prompt and
+P-tuning decode each step from the virtual tokens and the newest token alone (no cache reaches the
+model), and prefix tuning drops the prefix (transformers warns "Both `past_key_values` and `cache`
+are set") and returns the base model's tokens. PEFT's forward is right, so:
+- prompt and P-tuning: PEFT's forward over the whole sequence at every step (no cache);
+- prefix tuning: PEFT's own prefix tensors (`get_prompt`) written into a transformers cache, and a
+  plain greedy loop of the base over it, the prompt's positions starting after the prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def forward_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]:
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out.append(int(peft_model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
+def prefix_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]:
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        prefix = peft_model.get_prompt(batch_size=1)  # a Cache, or (k, v) per layer: [1, heads, V, head_dim]
+    layers = getattr(prefix, "layers", None)
+    pairs = [(lay.keys, lay.values) for lay in layers] if layers is not None else list(prefix)
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(pairs):
+        cache.update(k, v, i)
+    stock = peft_model.get_base_model()
+    pos = int(pairs[0][0].shape[-2])  # the prefix's length: the prompt starts after it
+    x = torch.tensor([ids])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            n = x.shape[1]
+            logits = stock(
+                input_ids=x,
+                past_key_values=cache,
+                attention_mask=torch.ones(1, pos + n, dtype=torch.long),
+                position_ids=torch.arange(pos, pos + n).unsqueeze(0),
+                use_cache=True,
+            ).logits
+            out.append(int(logits[0, -1].argmax()))
+            pos += n
+            x = torch.tensor([[out[-1]]])
+    return out
+
+
+def reference_greedy(peft_model: Any, method: str, ids: list[int], new_tokens: int) -> list[int]:
+    """The reference for any method: prefix and prompt learning as above, else PEFT's generate."""
+    if method == "prefix_tuning":
+        return prefix_greedy(peft_model, ids, new_tokens)
+    if method in ("prompt_tuning", "p_tuning"):
+        return forward_greedy(peft_model, ids, new_tokens)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = peft_model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False
+        )
+    return [int(t) for t in out[0, len(ids) :]]
