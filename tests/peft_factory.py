@@ -39,7 +39,9 @@ def make_method_adapter(model_factory: Any, out_dir: Path, seed: int, config: An
                 # fp32 rounding (PEFT's products vs ours, 3e-7 relative) grows into flipped tokens
                 p.copy_(torch.randn_like(p) * 0.05)
             elif any(k in name for k in ("lora_A", "lora_B")):
-                p.copy_(torch.randn_like(p) * 0.5)
+                # beside modules_to_save copies (which change the model already) a small update: a
+                # large random one on the real model grows fp32 rounding into logit gaps of several units
+                p.copy_(torch.randn_like(p) * (0.05 if getattr(config, "modules_to_save", None) else 0.5))
             elif "modules_to_save" in name:  # a trained copy: the base module's values, moved
                 noise = torch.randn_like(p)
                 if p.dim() == 1:

@@ -17,10 +17,17 @@ from typing import Any
 import torch
 
 
+def _eos(peft_model: Any) -> set[int]:
+    """The ids `generate` stops after (it keeps the one it stops on), as the engine does."""
+    eos = peft_model.get_base_model().generation_config.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+
+
 def forward_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]:
     out: list[int] = []
+    eos = _eos(peft_model)
     with torch.no_grad():
-        for _ in range(new_tokens):
+        while len(out) < new_tokens and not (out and out[-1] in eos):
             out.append(int(peft_model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
     return out
 
@@ -39,8 +46,9 @@ def prefix_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]
     pos = int(pairs[0][0].shape[-2])  # the prefix's length: the prompt starts after it
     x = torch.tensor([ids])
     out: list[int] = []
+    eos = _eos(peft_model)
     with torch.no_grad():
-        for _ in range(new_tokens):
+        while len(out) < new_tokens and not (out and out[-1] in eos):
             n = x.shape[1]
             logits = stock(
                 input_ids=x,
