@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -50,3 +52,34 @@ def make_method_adapter(model_factory: Any, out_dir: Path, seed: int, config: An
                     p.add_(noise * 0.5 * p.std())
     peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def edited_copy(src: Path, dst: Path, config: dict[str, Any] | None = None, tensors: Any = None) -> Path:
+    """A copy of a PEFT adapter directory with config keys overridden and `tensors(dict)` applied
+    to its weights (a malformed upload made from a valid one)."""
+    dst.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    weights = safetensors.torch.load_file(src / "adapter_model.safetensors")
+    if tensors is not None:
+        tensors(weights)
+    safetensors.torch.save_file(weights, dst / "adapter_model.safetensors")
+    return dst
+
+
+def assert_refused_and_store_unchanged(registry: Any, store_dir: Path, bad: Path, reason: str) -> None:
+    """Adding `bad` raises an AdapterError whose message holds `reason`, and the store's files and
+    the registry's names are what they were."""
+    import pytest
+
+    from server.errors import AdapterError
+
+    def files() -> list[tuple[Path, bytes]]:
+        return sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
+
+    before, names = files(), [r.name for r in registry.records()]
+    with pytest.raises(AdapterError) as info:
+        registry.add_dir("bad", bad)
+    assert reason in str(info.value)
+    assert files() == before
+    assert [r.name for r in registry.records()] == names

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from numpy import float32 as np_float32
 
-from server.errors import AdapterConfigError
 from server.lora.adapter import ConfigReport
 from server.lora.config_fields import (
     INFORMATIONAL,
     MAX_CONFIG_BYTES,
     MAX_CONFIG_DEPTH,
+    AdapterConfigRefusedError,
+    FieldReader,
     Matcher,
     Refusal,
     compile_regex,
@@ -107,14 +108,6 @@ _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 if TYPE_CHECKING:
     from server.lora.ia3 import IA3Config
     from server.lora.virtual import PromptConfig
-
-
-class AdapterConfigRefusedError(AdapterConfigError):
-    """A readable config that asks for something loraplex refuses; `report` says what was refused and why."""
-
-    def __init__(self, message: str, field: str, report: ConfigReport) -> None:
-        super().__init__(message, field)
-        self.report = report
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,12 +203,7 @@ def parse_lora_config(raw: bytes | str | dict[str, object], max_rank: int) -> tu
         elif key not in _HONOURED and key != "init_lora_weights":
             report.ignored[key] = f"unknown key (not a field of PEFT's {data.get('peft_type')} config)"
 
-    def field(key: str, parse: Any, *extra: object) -> Any:
-        try:
-            return parse(data.get(key, _DEFAULTS.get(key)), *extra)
-        except Refusal as e:
-            report.refused[key] = f"{key}: {e}"
-            return None
+    field = FieldReader(data, report, _DEFAULTS)
 
     # PEFT picks the config class from peft_type and fails with a KeyError when it is absent.
     field("peft_type", _method)
@@ -243,13 +231,7 @@ def parse_lora_config(raw: bytes | str | dict[str, object], max_rank: int) -> tu
     to_save = field("modules_to_save", parse_modules_to_save)
     tying = data.get("ensure_weight_tying") is not None and field("ensure_weight_tying", parse_bool)
 
-    if report.refused:
-        problems = "; ".join(report.refused.values())
-        first = next(iter(report.refused))
-        raise AdapterConfigRefusedError(f"adapter_config.json is refused: {problems}", first, report)
-    for key in _HONOURED:
-        if key in data and key not in report.ignored:
-            report.honoured[key] = data[key]
+    field.settle(_HONOURED)
     report.honoured.setdefault("init_r" if adalora else "r", r)
     report.honoured.setdefault("lora_alpha", alpha)
     method = "adalora" if adalora else "dora" if use_dora else "lora"

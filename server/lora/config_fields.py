@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from server.errors import AdapterConfigError
+from server.lora.adapter import ConfigReport
 
 MAX_CONFIG_BYTES = 64 * 1024
 # PEFT's own configs nest three deep (loftq_config, rank_pattern); deeper is not a LoRA config, and
@@ -39,6 +40,43 @@ INFORMATIONAL: dict[str, str] = {
 
 class Refusal(Exception):
     """One field is refused; collected so that the uploader sees every problem at once."""
+
+
+class AdapterConfigRefusedError(AdapterConfigError):
+    """A readable config that asks for something loraplex refuses; `report` says what was refused and why."""
+
+    def __init__(self, message: str, field: str, report: ConfigReport) -> None:
+        super().__init__(message, field)
+        self.report = report
+
+
+class FieldReader:
+    """Reads one config's fields into its report: `reader(key, parse, *extra)` is parse's value, or
+    None with the Refusal recorded; `settle` raises with every refusal at once, or records what
+    was honoured."""
+
+    def __init__(self, data: dict[str, Any], report: ConfigReport, defaults: dict[str, Any] | None = None):
+        self.data = data
+        self.report = report
+        self.defaults = defaults or {}
+
+    def __call__(self, key: str, parse: Any, *extra: object) -> Any:
+        try:
+            return parse(self.data.get(key, self.defaults.get(key)), *extra)
+        except Refusal as e:
+            self.report.refused[key] = f"{key}: {e}"
+            return None
+
+    def settle(self, honoured: tuple[str, ...]) -> None:
+        report = self.report
+        if report.refused:
+            problems = "; ".join(report.refused.values())
+            raise AdapterConfigRefusedError(
+                f"adapter_config.json is refused: {problems}", next(iter(report.refused)), report
+            )
+        for key in honoured:
+            if key in self.data and key not in report.ignored:
+                report.honoured[key] = self.data[key]
 
 
 def load_json(raw: bytes | str | dict[str, object]) -> dict[str, Any]:

@@ -19,9 +19,9 @@ import torch
 
 from server.errors import AdapterWeightsError
 from server.lora.adapter import ConfigReport, LinearShape, ModuleIA3
-from server.lora.config import AdapterConfigRefusedError
 from server.lora.config_fields import (
     INFORMATIONAL,
+    FieldReader,
     Matcher,
     Refusal,
     matches,
@@ -69,12 +69,7 @@ def parse_ia3_config(data: dict[str, Any]) -> tuple[IA3Config, ConfigReport]:
         elif key not in _HONOURED:
             report.ignored[key] = "unknown key (not a field of PEFT's IA3Config)"
 
-    def field(key: str, parse: Any, *extra: object) -> Any:
-        try:
-            return parse(data.get(key), *extra)
-        except Refusal as e:
-            report.refused[key] = f"{key}: {e}"
-            return None
+    field = FieldReader(data, report)
 
     targets = field("target_modules", parse_targets, False)
     exclude = field("exclude_modules", parse_targets, True)
@@ -82,14 +77,7 @@ def parse_ia3_config(data: dict[str, Any]) -> tuple[IA3Config, ConfigReport]:
     to_save = field("modules_to_save", parse_modules_to_save)
     if data.get("fan_in_fan_out") is not None and field("fan_in_fan_out", parse_bool):
         report.ignored["fan_in_fan_out"] = "PEFT forces it to False for nn.Linear targets"
-    if report.refused:
-        problems = "; ".join(report.refused.values())
-        raise AdapterConfigRefusedError(
-            f"adapter_config.json is refused: {problems}", next(iter(report.refused)), report
-        )
-    for key in _HONOURED:
-        if key in data and key not in report.ignored:
-            report.honoured[key] = data[key]
+    field.settle(_HONOURED)
     return IA3Config(targets, feedforward, exclude, modules_to_save=to_save or ()), report
 
 

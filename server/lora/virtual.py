@@ -26,8 +26,7 @@ import torch
 
 from server.errors import AdapterWeightsError
 from server.lora.adapter import ConfigReport, ModelDims, VirtualTokens
-from server.lora.config import AdapterConfigRefusedError
-from server.lora.config_fields import INFORMATIONAL, Refusal, parse_modules_to_save, short
+from server.lora.config_fields import INFORMATIONAL, FieldReader, Refusal, parse_modules_to_save, short
 
 METHODS = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
 MAX_VIRTUAL_TOKENS = 1024
@@ -79,12 +78,7 @@ def parse_prompt_config(data: dict[str, Any]) -> tuple[PromptConfig, ConfigRepor
         elif key not in _HONOURED:
             report.ignored[key] = f"unknown key (not a field of PEFT's {data.get('peft_type')} config)"
 
-    def field(key: str, parse: Any, *extra: object) -> Any:
-        try:
-            return parse(data.get(key), *extra)
-        except Refusal as e:
-            report.refused[key] = f"{key}: {e}"
-            return None
+    field = FieldReader(data, report)
 
     method = METHODS[str(data["peft_type"])]
     count = field("num_virtual_tokens", _positive, MAX_VIRTUAL_TOKENS)
@@ -93,14 +87,7 @@ def parse_prompt_config(data: dict[str, Any]) -> tuple[PromptConfig, ConfigRepor
     heads = field("num_attention_heads", _positive, 2**16) if method == "prefix_tuning" else None
     layers = field("num_layers", _positive, 2**16) if method == "prefix_tuning" else None
     to_save = field("modules_to_save", parse_modules_to_save)
-    if report.refused:
-        problems = "; ".join(report.refused.values())
-        raise AdapterConfigRefusedError(
-            f"adapter_config.json is refused: {problems}", next(iter(report.refused)), report
-        )
-    for key in _HONOURED:
-        if key in data and key not in report.ignored:
-            report.honoured[key] = data[key]
+    field.settle(_HONOURED)
     return PromptConfig(method, count, dim, heads, layers, to_save or ()), report
 
 

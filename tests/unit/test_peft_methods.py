@@ -6,13 +6,11 @@ Refused methods and malformed tensors name their reason and leave the store unch
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import safetensors.torch
 import torch
 
 from server.errors import AdapterError
@@ -22,7 +20,7 @@ from server.lora.store import AdapterStore
 from server.model.base_gemm import BaseGemm
 from server.model.loader import BaseModel, load_base
 from tests.drive import greedy
-from tests.peft_factory import make_method_adapter
+from tests.peft_factory import assert_refused_and_store_unchanged, edited_copy, make_method_adapter
 from tests.unit.test_engine_tiny import engine_for, hf_model, prompt_ids, record_logits
 
 TEXTS = ["hello there", "the quick brown fox"]
@@ -58,24 +56,51 @@ METHOD = {"saved": "lora", "ia3_saved": "ia3"}  # what AdapterWeights.method say
 SAVED_BUDGET = 1 << 20
 
 
+def tiny_nf4(path: Path, max_loras: int, lora_backend: str = "torch") -> BaseModel:
+    return load_base(
+        path, "tiny", quantization="nf4", device="cpu", max_loras=max_loras, max_lora_rank=8,
+        base_gemm=BaseGemm.TILED, lora_backend=lora_backend,
+    )  # fmt: skip
+
+
+def make_all(path: Path, root: Path, configs: dict[str, Any], seed: int = 0) -> dict[str, Path]:
+    """Each config made into an adapter by PEFT on the tiny checkpoint, seeds from `seed` on."""
+    from transformers import AutoModelForCausalLM
+
+    return {
+        name: make_method_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), root / name, i, cfg)
+        for i, (name, cfg) in enumerate(configs.items(), start=seed)
+    }
+
+
+def backend_tokens(
+    bases: dict[str, BaseModel],
+    made: dict[str, Path],
+    text: str,
+    registry: Callable[[BaseModel], AdapterRegistry],
+    **engine: Any,
+) -> dict[str, dict[str, list[int]]]:
+    """Greedy tokens of every adapter in one batch, per attention backend ("torch", "flex") on its
+    base (loaded with the torch or the Triton LoRA backend)."""
+    tokens = {}
+    for attention, base in bases.items():
+        reg = registry(base)
+        for name, directory in made.items():
+            reg.add_dir(name, directory)
+        jobs = [(name, reg.resolve(name), prompt_ids(base, text)) for name in made]
+        eng = engine_for(base, reg, max_num_seqs=len(jobs), attention_backend=attention, **engine)
+        tokens[attention] = greedy(eng, jobs, max_tokens=6)
+    return tokens
+
+
 @pytest.fixture(scope="module")
 def nf4(tiny_checkpoint: Callable[[str], Path]) -> BaseModel:
-    return load_base(
-        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=6, max_lora_rank=8,
-        base_gemm=BaseGemm.TILED,
-    )  # fmt: skip
+    return tiny_nf4(tiny_checkpoint("llama"), 6)
 
 
 @pytest.fixture(scope="module")
 def made(tiny_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint("llama")
-    root = tmp_path_factory.mktemp("methods")
-    return {
-        name: make_method_adapter(lambda: AutoModelForCausalLM.from_pretrained(path), root / name, i, cfg)
-        for i, (name, cfg) in enumerate(method_configs().items())
-    }
+    return make_all(tiny_checkpoint("llama"), tmp_path_factory.mktemp("methods"), method_configs())
 
 
 def peft_greedy(path: Path, adapter: Path, base: BaseModel, texts: list[str]) -> list[list[int]]:
@@ -143,25 +168,8 @@ def test_every_method_gives_the_torch_tokens_on_the_triton_and_flex_backends(
     method in one batch: DoRA's and (IA)3's row-wise products and the saved modules sit beside the
     kernels, and give the torch backends' greedy tokens."""
     pytest.importorskip("triton")
-    triton = load_base(
-        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=6, max_lora_rank=8,
-        base_gemm=BaseGemm.TILED, lora_backend="triton",
-    )  # fmt: skip
-    tokens = {}
-    for base, attention in ((nf4, "torch"), (triton, "flex")):
-        registry = registry_for(base)
-        for name, directory in made.items():
-            registry.add_dir(name, directory)
-        jobs = [(name, registry.resolve(name), prompt_ids(base, TEXTS[0])) for name in made]
-        engine = engine_for(
-            base,
-            registry,
-            max_loras=6,
-            max_num_seqs=len(jobs),
-            attention_backend=attention,
-            prefill_chunk_tokens=8,
-        )
-        tokens[attention] = greedy(engine, jobs, max_tokens=6)
+    triton = tiny_nf4(tiny_checkpoint("llama"), 6, lora_backend="triton")
+    tokens = backend_tokens({"torch": nf4, "flex": triton}, made, TEXTS[0], registry_for, max_loras=6)
     assert tokens["flex"] == tokens["torch"]
 
 
@@ -217,17 +225,6 @@ def test_adalora_keeps_the_ranks_its_rank_pattern_kept(
     assert [greedy(engine_for(nf4, registry), [job], max_tokens=TOKENS)["p"]] == peft_greedy(
         path, tmp_path / "pruned", nf4, TEXTS[:1]
     )
-
-
-def _edit(src: Path, dst: Path, config: dict[str, Any] | None = None, tensors: Any = None) -> Path:
-    dst.mkdir()
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
-    weights = safetensors.torch.load_file(src / "adapter_model.safetensors")
-    if tensors is not None:
-        tensors(weights)
-    safetensors.torch.save_file(weights, dst / "adapter_model.safetensors")
-    return dst
 
 
 def _first(weights: dict[str, torch.Tensor], kind: str) -> str:
@@ -290,13 +287,7 @@ def test_refusals_name_their_reason_and_leave_the_store_unchanged(
     case: str, nf4: BaseModel, made: dict[str, Path], tmp_path: Path
 ) -> None:
     source, config, tensors, reason = REFUSALS[case]
-    store_dir = tmp_path / "store"
-    registry = registry_for(nf4, AdapterStore(store_dir))
+    registry = registry_for(nf4, AdapterStore(tmp_path / "store"))
     registry.add_dir("kept", made["lora"])
-    before = sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
-    bad = _edit(made[source], tmp_path / "bad", config, tensors)
-    with pytest.raises(AdapterError, match=reason.replace("[", r"\[").replace("^", r"\^")):
-        registry.add_dir("bad", bad)
-    after = sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
-    assert after == before
-    assert [r.name for r in registry.records()] == ["kept"]
+    bad = edited_copy(made[source], tmp_path / "bad", config, tensors)
+    assert_refused_and_store_unchanged(registry, tmp_path / "store", bad, reason)

@@ -8,25 +8,22 @@ base; refusals name their reason.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import safetensors.torch
 import torch
 
 from server.engine.sequence import SamplingParams, Sequence
-from server.errors import AdapterError
 from server.lora.registry import AdapterRegistry
 from server.lora.store import AdapterStore
-from server.model.base_gemm import BaseGemm
-from server.model.loader import BaseModel, load_base
+from server.model.loader import BaseModel
 from tests.drive import greedy
-from tests.peft_factory import make_method_adapter
+from tests.peft_factory import assert_refused_and_store_unchanged, edited_copy
 from tests.peft_oracle import reference_greedy
 from tests.unit.test_engine_tiny import engine_for, hf_model, prompt_ids, record_logits
+from tests.unit.test_peft_methods import backend_tokens, make_all, tiny_nf4
 
 TEXTS = ["hello there", "the quick brown fox"]
 TOKENS = 12
@@ -52,24 +49,12 @@ METHOD = {"prompt": "prompt_tuning", "ptuning": "p_tuning", "prefix": "prefix_tu
 
 @pytest.fixture(scope="module")
 def nf4(tiny_checkpoint: Callable[[str], Path]) -> BaseModel:
-    return load_base(
-        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=4, max_lora_rank=8,
-        base_gemm=BaseGemm.TILED,
-    )  # fmt: skip
+    return tiny_nf4(tiny_checkpoint("llama"), 4)
 
 
 @pytest.fixture(scope="module")
 def made(tiny_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint("llama")
-    root = tmp_path_factory.mktemp("virtual")
-    return {
-        name: make_method_adapter(
-            lambda: AutoModelForCausalLM.from_pretrained(path), root / name, 20 + i, cfg
-        )
-        for i, (name, cfg) in enumerate(configs().items())
-    }
+    return make_all(tiny_checkpoint("llama"), tmp_path_factory.mktemp("virtual"), configs(), seed=20)
 
 
 def registry_for(base: BaseModel, store: AdapterStore | None = None) -> AdapterRegistry:
@@ -125,21 +110,9 @@ def test_virtual_tokens_give_the_torch_tokens_on_the_triton_and_flex_backends(
     """The prefix's keys and values written before the Flex backend reads the cache, the prompt
     embeddings beside the Triton LoRA kernels (interpreted): the torch backends' greedy tokens."""
     pytest.importorskip("triton")
-    triton = load_base(
-        tiny_checkpoint("llama"), "tiny", quantization="nf4", device="cpu", max_loras=4, max_lora_rank=8,
-        base_gemm=BaseGemm.TILED, lora_backend="triton",
-    )  # fmt: skip
-    tokens = {}
-    for base, attention in ((nf4, "torch"), (triton, "flex")):
-        registry = registry_for(base)
-        for name, directory in made.items():
-            registry.add_dir(name, directory)
-        jobs = [(name, registry.resolve(name), prompt_ids(base, TEXTS[1])) for name in made]
-        engine = engine_for(
-            base, registry, max_loras=4, max_num_seqs=len(jobs), attention_backend=attention,
-            prefill_chunk_tokens=CHUNK,
-        )  # fmt: skip
-        tokens[attention] = greedy(engine, jobs, max_tokens=6)
+    triton = tiny_nf4(tiny_checkpoint("llama"), 4, lora_backend="triton")
+    bases = {"torch": nf4, "flex": triton}
+    tokens = backend_tokens(bases, made, TEXTS[1], registry_for, max_loras=4, prefill_chunk_tokens=CHUNK)
     assert tokens["flex"] == tokens["torch"]
 
 
@@ -169,17 +142,6 @@ def test_prompt_logprobs_skip_the_virtual_positions(
     assert torch.allclose(torch.tensor(got), want, atol=1e-4)
 
 
-def _edit(src: Path, dst: Path, config: dict[str, Any] | None = None, tensors: Any = None) -> Path:
-    dst.mkdir()
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
-    weights = safetensors.torch.load_file(src / "adapter_model.safetensors")
-    if tensors is not None:
-        tensors(weights)
-    safetensors.torch.save_file(weights, dst / "adapter_model.safetensors")
-    return dst
-
-
 REFUSALS: dict[str, tuple[str, dict[str, Any], Callable[[dict[str, torch.Tensor]], object] | None, str]] = {
     "fewer rows than virtual tokens": ("prompt", {"num_virtual_tokens": 8}, None, "expected [8, 64]"),
     "token_dim of another model": ("prompt", {"token_dim": 32}, None, "does not match the base's hidden"),
@@ -201,13 +163,7 @@ def test_refusals_name_their_reason_and_leave_the_store_unchanged(
     case: str, nf4: BaseModel, made: dict[str, Path], tmp_path: Path
 ) -> None:
     source, config, tensors, reason = REFUSALS[case]
-    store_dir = tmp_path / "store"
-    registry = registry_for(nf4, AdapterStore(store_dir))
+    registry = registry_for(nf4, AdapterStore(tmp_path / "store"))
     registry.add_dir("kept", made["prompt"])
-    before = sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
-    bad = _edit(made[source], tmp_path / "bad", config, tensors)
-    with pytest.raises(AdapterError, match=reason.replace("[", r"\[")):
-        registry.add_dir("bad", bad)
-    after = sorted((p.relative_to(store_dir), p.read_bytes()) for p in store_dir.rglob("*") if p.is_file())
-    assert after == before
-    assert [r.name for r in registry.records()] == ["kept"]
+    bad = edited_copy(made[source], tmp_path / "bad", config, tensors)
+    assert_refused_and_store_unchanged(registry, tmp_path / "store", bad, reason)
