@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     port: int = 8000
     max_loras: int = Field(8, ge=1, description="device slots: distinct adapters in one step")
     max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in host memory (LRU)")
+    max_cpu_lora_bytes: int = Field(
+        8 << 30,
+        ge=1,
+        description="host bytes of the parsed adapters kept in memory (LRU, with --max-cpu-loras)",
+    )
     max_saved_module_bytes: int = Field(
         2 << 30,
         ge=0,

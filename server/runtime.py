@@ -138,6 +138,7 @@ def build_runtime(settings: Settings) -> Runtime:
         block_size=settings.block_size,
         max_queue=settings.max_queue,
         max_saved_module_bytes=settings.max_saved_module_bytes,
+        max_cpu_lora_bytes=settings.max_cpu_lora_bytes,
     )
     registry = AdapterRegistry(
         base.linear_shapes,

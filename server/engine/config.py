@@ -28,6 +28,8 @@ class EngineConfig:
     max_adapter_wait_steps: int = 16
     # Device bytes for the modules_to_save copies of the adapters in slots (and of one step's adapters)
     max_saved_module_bytes: int = 2 << 30
+    # Host bytes of the parsed adapters the CPU tier keeps (beside its max_cpu_loras count)
+    max_cpu_lora_bytes: int = 8 << 30
 
     def __post_init__(self) -> None:
         if self.max_cpu_loras < self.max_loras:

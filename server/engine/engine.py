@@ -64,7 +64,12 @@ class LLMEngine:
         self.registry = registry
         self.config = config
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
-        self.cache = AdapterCache(config.max_cpu_loras, registry.load, pin=base.device.type == "cuda")
+        self.cache = AdapterCache(
+            config.max_cpu_loras,
+            registry.load,
+            pin=base.device.type == "cuda",
+            max_bytes=config.max_cpu_lora_bytes,
+        )
         self.slots = SlotTable(
             base.lora_layers, config.max_loras, base.lora_context, config.max_saved_module_bytes
         )

@@ -26,8 +26,12 @@ class AdapterCache:
         load: Callable[[AdapterRecord], AdapterWeights],
         on_loaded: Callable[[], None] | None = None,
         pin: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
+        """`capacity` adapters and, when set, `max_bytes` of their tensors (modules_to_save copies
+        make one adapter hundreds of MB); the most recent adapter is kept whatever its size."""
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._load = load
         self.pin = pin  # page-locked copies for asynchronous copies to a GPU
         self.on_loaded = on_loaded  # wakes the engine loop when a load finishes
@@ -66,7 +70,11 @@ class AdapterCache:
         with self._lock:
             self._lru[key] = weights
             self._lru.move_to_end(key)
-            while len(self._lru) > self.capacity:
+            while len(self._lru) > self.capacity or (
+                self.max_bytes is not None
+                and len(self._lru) > 1
+                and sum(w.nbytes for w in self._lru.values()) > self.max_bytes
+            ):
                 self._lru.popitem(last=False)
 
     def discard(self, key: str) -> None:

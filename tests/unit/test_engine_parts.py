@@ -147,6 +147,26 @@ def test_slots_lowest_free_first_and_drop() -> None:
     assert table.evictions == 0
 
 
+def test_host_tier_keeps_adapters_within_its_bytes() -> None:
+    """The CPU LRU is bounded by bytes as well as by count: an adapter with large modules_to_save
+    copies pushes out the least recently used ones, and a single one above the bound still stays."""
+    from server.lora.cache import AdapterCache
+
+    def sized(seed: int, floats: int) -> AdapterWeights:
+        return replace(_weights(seed), saved={"m": {"weight": torch.zeros(floats)}})
+
+    small, big = _weights(1), sized(2, 1000)
+    cache = AdapterCache(8, lambda r: small, max_bytes=small.nbytes * 3)
+    for key in ("a", "b", "c"):
+        cache.put(key, small)
+    assert all(k in cache for k in "abc")
+    cache.put("d", small)  # 4 small ones do not fit 3 small ones' bytes
+    assert "a" not in cache and all(k in cache for k in "bcd")
+    cache.put("big", big)  # alone above the bound: kept, everything older goes
+    assert "big" in cache and not any(k in cache for k in "bcd")
+    cache.close()
+
+
 def test_two_slot_tables_on_one_base_take_turns() -> None:
     """Engines built on one base model share its slot buffers: a SlotTable that finds another one
     wrote since its last step writes its own adapters again instead of reading the other's."""
