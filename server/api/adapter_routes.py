@@ -19,7 +19,7 @@ from server.api.responses import ADMIN, JSON_BODY, answers
 from server.api.schemas import ADAPTER_NAME
 from server.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError
 from server.lora.killpoints import reached
-from server.lora.registry import AdapterRecord, check_name
+from server.lora.registry import MAX_NAME_LENGTH, AdapterRecord, check_name
 from server.lora.store import FILES, AdapterStore
 from server.lora.weights import PICKLE_SUFFIXES
 from server.runtime import Runtime
@@ -175,7 +175,7 @@ async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
 
 class LoadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    lora_name: str = Field(max_length=64, json_schema_extra={ADAPTER_NAME: True})
+    lora_name: str = Field(max_length=MAX_NAME_LENGTH, json_schema_extra={ADAPTER_NAME: True})
     # NUL: the OS refuses such a path (ValueError from Path.resolve), so the request is refused first
     lora_path: str = Field(
         max_length=4096, pattern=r"^[^\x00]*$", description="inside one of --adapter-import-dirs, else 403"
@@ -184,7 +184,7 @@ class LoadLoraRequest(BaseModel):
 
 class UnloadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    lora_name: str = Field(max_length=64)
+    lora_name: str = Field(max_length=MAX_NAME_LENGTH)
 
 
 def _inside_import_dirs(rt: Runtime, path: Path) -> Path:

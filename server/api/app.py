@@ -221,6 +221,7 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None) -> FastAPI:
         max_request_bytes=settings.max_request_bytes,
         max_upload_bytes=settings.max_upload_bytes,
         body_timeout=settings.body_timeout,
+        keys=app.state.keys,
     )
     origins = settings.split(settings.allowed_origins)
     if origins:

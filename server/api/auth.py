@@ -177,19 +177,25 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def authenticate(keys: KeyRing, authorization: str) -> Grant:
+    """The grant of the key an Authorization header carries; AuthError (401) when it carries none
+    that is configured. The edge calls it before it reads a request body (an unauthenticated
+    client gets its 401 without the server parsing what it sent), each route's `require` again
+    for the grant and the scope."""
+    if keys.open:
+        return OPEN
+    kind, _, token = authorization.partition(" ")
+    if kind.lower() != "bearer" or not token:
+        raise AuthError("Missing API key: send 'Authorization: Bearer KEY'.", 401)
+    granted = keys.grant_of(token.strip())
+    if granted is None:
+        raise AuthError("Incorrect API key provided.", 401)
+    return granted
+
+
 def require(scope: Scope) -> Callable[[Request], Coroutine[Any, Any, None]]:
     async def check(request: Request) -> None:
-        keys: KeyRing = request.app.state.keys
-        if keys.open:
-            request.state.grant = OPEN
-            return
-        header = request.headers.get("authorization", "")
-        kind, _, token = header.partition(" ")
-        if kind.lower() != "bearer" or not token:
-            raise AuthError("Missing API key: send 'Authorization: Bearer KEY'.", 401)
-        granted = keys.grant_of(token.strip())
-        if granted is None:
-            raise AuthError("Incorrect API key provided.", 401)
+        granted = authenticate(request.app.state.keys, request.headers.get("authorization", ""))
         if scope == "admin" and granted.role != "admin":
             raise AuthError("This endpoint needs an admin key.", 403)
         request.state.grant = granted

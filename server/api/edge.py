@@ -5,7 +5,11 @@ Semantics of the body's deadline: each chunk of a request body must arrive withi
 seconds of the previous one (nginx's client_body_timeout), else the answer is 408 and the
 connection closes. JSON bodies are read here, whole, so a stall or an oversized body is answered
 before any route runs; an upload streams through to its route under the same per-chunk deadline.
-The request head has its own deadline, in the protocol (server/api/http_protocol.py)."""
+The request head has its own deadline, in the protocol (server/api/http_protocol.py).
+
+Order of the checks on a request with a body: head size, framing, the API key (401), the method
+(405: the path does not answer it), and only then media type, size and the body itself. A client
+without a key learns nothing else, and the server parses nothing it sent."""
 
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ import pydantic_core
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.auth import AuthError, KeyRing, authenticate
 from server.api.http_protocol import MAX_HEAD_BYTES
+from server.api.routing import not_allowed
 from server.errors import LoraplexError
 
 log = logging.getLogger("loraplex.access")
@@ -56,9 +62,16 @@ class IncompleteBodyError(BodyError):
 
 class EdgeMiddleware:
     def __init__(
-        self, app: ASGIApp, max_request_bytes: int, max_upload_bytes: int, body_timeout: float = 30.0
+        self,
+        app: ASGIApp,
+        max_request_bytes: int,
+        max_upload_bytes: int,
+        body_timeout: float = 30.0,
+        keys: KeyRing | None = None,
     ) -> None:
+        """`keys`: a request with a body must carry one of them before its body is read."""
         self.app = app
+        self.keys = keys
         self.max_request_bytes = max_request_bytes
         self.max_upload_bytes = max_upload_bytes
         self.body_timeout = body_timeout
@@ -100,6 +113,28 @@ class EdgeMiddleware:
                 await _error(send_with_id, 400, message, "ambiguous_length")
                 return
             if scope["method"] in ("POST", "PUT", "PATCH"):
+                if self.keys is not None:
+                    try:
+                        authenticate(self.keys, headers.get("authorization", ""))
+                    except AuthError as e:
+                        challenge = [(b"www-authenticate", b"Bearer")]
+                        await _error(
+                            send_with_id, 401, str(e), "invalid_api_key", "authentication_error", challenge
+                        )
+                        return
+                allow = not_allowed(scope)
+                if allow is not None:  # RFC 9110: a 405 whatever the body, so before its media type
+                    message = (
+                        f"{scope['method']} is not allowed on {printable(scope['path'])}; allowed: {allow}"
+                    )
+                    await _error(
+                        send_with_id,
+                        405,
+                        message,
+                        "method_not_allowed",
+                        extra_headers=[(b"allow", allow.encode())],
+                    )
+                    return
                 problem = self._check(headers, upload, limit)
                 if problem is not None:
                     await _error(send_with_id, *problem)
@@ -213,13 +248,19 @@ async def _read_all(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def _error(send: Send, status: int, message: str, code: str) -> None:
-    body = json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    )
+async def _error(
+    send: Send,
+    status: int,
+    message: str,
+    code: str,
+    type_: str = "invalid_request_error",
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
     headers: list[Any] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        *(extra_headers or []),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body.encode()})

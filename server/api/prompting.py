@@ -170,8 +170,18 @@ def _chat_ids(
 def completion_prompts(rt: Runtime, body: CompletionRequest) -> list[Prompt]:
     """Each prompt of /v1/completions: text is tokenized; token ids are checked against the vocabulary."""
     vocab = len(rt.base.tokenizer)
+    prompts = body.prompts()
+    sequences, limit = len(prompts) * body.n, rt.settings.max_queue
+    if sequences > limit:
+        # each choice is a sequence in flight: beyond the queue's bound the request could never be
+        # admitted whole, so it is a 400 (not a 429 that a retry would meet again)
+        raise RequestError(
+            f"{len(prompts)} prompts x n={body.n} make {sequences} sequences; this server holds at most "
+            f"{limit} in flight (--max-queue)",
+            "prompt",
+        )
     out = []
-    for p in body.prompts():
+    for p in prompts:
         if isinstance(p, str):
             out.append(Prompt(rt.text_prompt(p), p))
             continue

@@ -33,11 +33,13 @@ def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> set[str] | Non
     return methods or None
 
 
-def method_allowed(scope: Scope) -> bool:
-    """False only when the path is routed and the method is not one of its routes' (a 405)."""
-    app = scope.get("app")
-    router = getattr(app, "router", None)
+def not_allowed(scope: Scope) -> str | None:
+    """The Allow header of a 405 when the path is routed and the method is not one of its routes';
+    None otherwise (allowed, a 404, or a mount that answers for itself)."""
+    router = getattr(scope.get("app"), "router", None)
     if router is None:
-        return True
+        return None
     methods = allowed_methods(router.routes, scope)
-    return methods is None or scope["method"] in methods
+    if methods is None or scope["method"] in methods:
+        return None
+    return ", ".join(sorted(methods))

@@ -28,6 +28,7 @@ from server.api.structured import MAX_CHOICES, ResponseFormat, StructuredOutputs
 from server.api.tools import Tool, ToolCall, ToolChoice
 from server.errors import RequestError
 from server.lora.mixing import MAX_PARTS, MAX_WEIGHT, MixPart
+from server.lora.registry import MAX_NAME_LENGTH
 
 MAX_TEXT = 200_000  # characters of one prompt or message
 MAX_STOP_CHARS = 256
@@ -151,7 +152,7 @@ class StreamOptions(Body):
 class AdapterPart(Body):
     """One adapter of a per-request mix (server/lora/mixing.py) and its weight."""
 
-    name: str = Field(max_length=129, json_schema_extra={ADAPTER_NAME: True})
+    name: str = Field(max_length=MAX_NAME_LENGTH, json_schema_extra={ADAPTER_NAME: True})
     scale: float = Field(1.0, gt=0.0, le=MAX_WEIGHT)
 
 

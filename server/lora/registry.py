@@ -29,6 +29,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # An optional namespace ("team-a/support"), one level, so that tenant keys can be scoped by pattern
 NAME_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+MAX_NAME_LENGTH = 64 + 1 + 64  # what NAME_RE admits: the schemas' bound on every name field
 # The versions of per-request mixes (mixing.py): never a blob's sha256, so never in the store
 MIX_VERSION_PREFIX = "mix-"
 

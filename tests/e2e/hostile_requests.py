@@ -104,12 +104,30 @@ REQUESTS = [
         id="request-logit-bias-oversized",
     ),
     pytest.param(
+        Case(lambda ctx: _completions(ctx, prompt=["Hi"] * 300), 400, "invalid_value", "prompt"),
+        id="request-prompts-beyond-the-queue",
+    ),
+    pytest.param(
         Case(lambda ctx: ctx.chat(logit_bias={"5": 1e308}), 400, "invalid_value", "logit_bias"),
         id="request-logit-bias-huge-value",
     ),
     pytest.param(
         Case(lambda ctx: ctx.chat(stop_token_ids=[-1]), 400, "invalid_value", "stop_token_ids"),
         id="request-stop-token-id-negative",
+    ),
+    # -- no key: a 401 before the body is read, whatever the body is --
+    pytest.param(
+        Case(lambda ctx: ctx.raw_json(CHAT, _nested(100_000), key=None), 401, "invalid_api_key", None),
+        id="request-no-key-malformed-json",
+    ),
+    pytest.param(
+        Case(
+            lambda ctx: ctx.raw_json(CHAT, b'{"a": "' + b"x" * (1 << 21) + b'"}', key=None),
+            401,
+            "invalid_api_key",
+            None,
+        ),
+        id="request-no-key-oversized-body",
     ),
     # -- JSON itself --
     pytest.param(

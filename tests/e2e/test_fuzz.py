@@ -45,10 +45,8 @@ SEED = 12  # fixed: the same cases on every run
 # Fuzzing-phase cases per operation (the admin key's coverage phase adds about 1 800 of its own)
 MAX_EXAMPLES = {"admin": 12, "inference": 12, "anonymous": 4}
 KEYS: dict[str, str | None] = {"admin": ADMIN_KEY, "inference": API_KEY, "anonymous": None}
-# Every stateless check but two: `positive_data_acceptance` (a schema-valid request may still be
-# refused: a prompt may not fit the 64-token context, a tool_choice may name a tool not in `tools`)
-# and `unsupported_method`, until the edge answers 405 before it judges a body's Content-Type
-# (test_undeclared_method_before_media_type, a strict xfail: when it passes, add the check back).
+# Every stateless check but one: `positive_data_acceptance` (a schema-valid request may still be
+# refused: a prompt may not fit the 64-token context, a tool_choice may name a tool not in `tools`).
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,
@@ -58,6 +56,7 @@ CHECKS = [
     checks.negative_data_rejection,
     checks.ignored_auth,
     checks.allow_header_conformance,
+    checks.unsupported_method,
 ]
 STATS: Counter[tuple[str, str, int]] = Counter()  # (key, operation, status) -> cases
 
@@ -101,9 +100,6 @@ def test_undeclared_method_is_405_with_allow(fuzz_server: ServerProc) -> None:
         assert r.headers["allow"] == allow, (method, path)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="EdgeMiddleware judges Content-Type before routing; needs routing.method_allowed"
-)
 def test_undeclared_method_before_media_type(fuzz_server: ServerProc) -> None:
     """A method the path does not answer is a 405 whatever the body (RFC 9110), not a 415."""
     r = httpx.put(fuzz_server.url + "/v1/models", headers=headers(ADMIN_KEY), timeout=30)

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
+from server.api.auth import KeyRing
 from server.api.edge import EdgeMiddleware, printable
 from server.api.http_protocol import MAX_HEAD_BYTES
 
 Message = dict[str, Any]
+received: list[bool] = []  # one entry per receive() the middleware made in the last run
 
 
 def scope(method: str = "POST", path: str = "/v1/chat/completions", **extra: str) -> dict[str, Any]:
@@ -31,12 +33,13 @@ def scope(method: str = "POST", path: str = "/v1/chat/completions", **extra: str
 
 
 def run(
-    sc: dict[str, Any], chunks: list[Message | None], body_timeout: float = 0.05
+    sc: dict[str, Any], chunks: list[Message | None], body_timeout: float = 0.05, keys: KeyRing | None = None
 ) -> tuple[list[Message], list[bytes]]:
     """Drive the middleware: `chunks` are what receive() returns in turn (None: never returns).
     Returns what was sent and the bodies the app read."""
     sent: list[Message] = []
     seen: list[bytes] = []
+    received.clear()
 
     async def app(_: Any, receive: Callable[[], Any], send: Callable[[Message], Any]) -> None:
         body = b""
@@ -50,6 +53,7 @@ def run(
         await send({"type": "http.response.body", "body": b"{}"})
 
     async def receive() -> Message:
+        received.append(True)
         chunk = chunks.pop(0) if chunks else None
         if chunk is None:
             await asyncio.sleep(3600)
@@ -59,7 +63,9 @@ def run(
     async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(dict(message))
 
-    edge = EdgeMiddleware(app, max_request_bytes=1024, max_upload_bytes=4096, body_timeout=body_timeout)
+    edge = EdgeMiddleware(
+        app, max_request_bytes=1024, max_upload_bytes=4096, body_timeout=body_timeout, keys=keys
+    )
     asyncio.run(edge(sc, receive, send))
     return sent, seen
 
@@ -117,6 +123,43 @@ def test_both_framings_are_refused_and_close_the_connection() -> None:
     assert headers[b"connection"] == b"close"
 
 
+KEYS = KeyRing(["inference-key-0123456789"], ["admin-key-0123456789"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "raw"),
+    [
+        ({}, b'{"model": "x"}'),
+        ({"content-type": "text/plain"}, b"hello"),
+        ({"content-length": str(10**9)}, b"{}"),
+        ({}, b'{"a": '),
+        ({"authorization": "Bearer wrong-key-0123456789"}, b"[" * 300),
+        ({"authorization": "Basic aW5mZXJlbmNlLWtleQ=="}, b"{}"),
+    ],
+    ids=["no-key", "wrong-media-type", "oversized", "malformed-json", "wrong-key", "not-bearer"],
+)
+def test_a_body_without_a_valid_key_is_a_401_before_it_is_read(extra: dict[str, str], raw: bytes) -> None:
+    """The key is checked before the media type, the size and the JSON: a client without one gets
+    the same 401 whatever it sent, and the body is never received."""
+    sent, seen = run(scope(**extra), [chunk(raw)], keys=KEYS)
+    status, body, headers = answer(sent)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert body["error"]["type"] == "authentication_error" and headers[b"www-authenticate"] == b"Bearer"
+    assert not received and not seen
+
+
+@pytest.mark.parametrize("key", ["inference-key-0123456789", "admin-key-0123456789"])
+def test_a_valid_key_passes_to_the_usual_checks(key: str) -> None:
+    auth = {"authorization": f"Bearer {key}"}
+    assert answer(run(scope(**auth), [chunk(b'{"a": 1}')], keys=KEYS)[0])[0] == 200
+    status, body, _ = answer(
+        run(scope(**auth, **{"content-type": "text/plain"}), [chunk(b"x")], keys=KEYS)[0]
+    )
+    assert status == 415 and body["error"]["code"] == "unsupported_media_type"
+    # a GET has no body to protect: its route's own dependency answers (the stub app here)
+    assert answer(run(scope("GET", "/v1/models"), [chunk(b"")], keys=KEYS)[0])[0] == 200
+
+
 def test_an_oversized_head_is_a_431() -> None:
     sent, _ = run(scope("GET", "/health", authorization="Bearer " + "k" * MAX_HEAD_BYTES), [chunk(b"")])
     status, body, _ = answer(sent)
@@ -131,3 +174,22 @@ def test_the_access_log_escapes_the_path(caplog: pytest.LogCaptureFixture) -> No
     assert "\r" not in line and "\n" not in line and "\x1b" not in line
     assert "/x\\r\\nFORGED 200\\x1b[31m" in line
     assert printable("é" * 1000).endswith("...")
+
+
+def test_a_method_the_path_does_not_answer_is_a_405_before_its_media_type() -> None:
+    from fastapi import FastAPI
+
+    routed = FastAPI()
+
+    @routed.get("/v1/models")
+    async def models() -> dict[str, str]:
+        return {}
+
+    sc = scope("PUT", "/v1/models", **{"content-type": "text/plain"}) | {"app": routed}
+    sent, seen = run(sc, [chunk(b"x" * 5000)])
+    status, body, headers = answer(sent)
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    assert headers[b"allow"] == b"GET" and not received and not seen
+    # a path no route answers is left to the router (its 404), and an allowed method passes
+    assert answer(run(scope(path="/nowhere") | {"app": routed}, [chunk(b"{}")])[0])[0] == 200
+    assert answer(run(scope("GET", "/v1/models") | {"app": routed}, [chunk(b"")])[0])[0] == 200
