@@ -7,13 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from server.integrations.engine_proc import free_port
+from server.integrations.engine_proc import free_port, wait_until_ready
 
 
 @dataclass
@@ -73,18 +70,9 @@ def start(
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     server = LiveServer(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited during start-up:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server did not become ready:\n{server.log_tail()}")
+        wait_until_ready(server.url, proc, timeout, server.log_tail)
     except BaseException:
         server.stop()
         raise
+    return server

@@ -383,7 +383,9 @@ async def _gather(request: Request, job: _Job, obs: _Observer, rt: Runtime) -> J
     outcome = "aborted"
     outputs = _merged(rt, job.seqs)
     try:
-        async for i, out in outputs:
+        item: tuple[int, RequestOutput] | None = await _first(outputs, request)
+        while item is not None:
+            i, out = item
             obs.output(i, out)
             if out.error:
                 outcome = "error"
@@ -391,7 +393,10 @@ async def _gather(request: Request, job: _Job, obs: _Observer, rt: Runtime) -> J
             job.choices[i].add(out)
             if await request.is_disconnected():
                 return JSONResponse(_failure("client disconnected"), status_code=499)
+            item = await anext(outputs, None)
         outcome = "ok"
+    except _ClientGone:  # gone while queued or prefilled: the finally aborts it before it takes a slot
+        return JSONResponse(_failure("client disconnected"), status_code=499)
     finally:
         await outputs.aclose()
         obs.done(outcome)

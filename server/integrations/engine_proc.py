@@ -13,12 +13,13 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_until_ready(
+    url: str, proc: subprocess.Popen[bytes], timeout: float, log_tail: Callable[[], str] | None = None
+) -> None:
+    """Block until `url`/ready answers 200 (a server started as `proc`, outside Ray: benchmarks and
+    tests). RuntimeError when the process exits first, TimeoutError after `timeout` seconds; both
+    carry `log_tail()`."""
+
+    def tail() -> str:
+        return log_tail() if log_tail is not None else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} during start-up\n{tail()}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise TimeoutError(f"server did not become ready in {timeout:.0f}s\n{tail()}")
+
+
 def error_reply(status: int, message: str, code: str, type_: str = "server_error") -> Reply:
     """An error in the OpenAI envelope, for failures that have no child answer to pass through."""
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
@@ -79,14 +103,19 @@ def error_reply(status: int, message: str, code: str, type_: str = "server_error
     return Reply(Head(status, headers), json.dumps(body).encode())
 
 
-def internal_key(env: dict[str, str]) -> str | None:
-    """A key for the replica's own calls (warm-up, model list): the child reads the same env.
-    An inference key is preferred: the warm-up needs no more."""
-    for var in ("LORAPLEX_API_KEYS", "LORAPLEX_ADMIN_KEYS"):
-        keys = [k.strip() for k in env.get(var, "").split(",") if k.strip()]
-        if keys:
-            return keys[0]
-    return None
+KEY_VARS = ("LORAPLEX_API_KEYS", "LORAPLEX_ADMIN_KEYS", "LORAPLEX_KEYS", "LORAPLEX_KEYS_FILE")
+
+
+def with_internal_key(env: dict[str, str]) -> tuple[dict[str, str], str | None]:
+    """The child's environment and a key for the replica's own calls (warm-up, model list). When
+    any key is configured, a fresh random inference key is added to the child's LORAPLEX_API_KEYS:
+    the configured ones may be sha256 digests only (a keys document), and the replica should not
+    borrow a tenant's. With none configured the child is open and no key is needed."""
+    if not any(env.get(var, "").strip() for var in KEY_VARS):
+        return env, None
+    key = "sk-replica-" + secrets.token_urlsafe(32)
+    keys = ",".join(k for k in (env.get("LORAPLEX_API_KEYS", "").strip(), key) if k)
+    return {**env, "LORAPLEX_API_KEYS": keys}, key
 
 
 def _die_with_parent() -> None:
@@ -106,10 +135,9 @@ class EngineProcess:
     def __init__(self, adapters_dir: Path | None, serve_args: Sequence[str], env: dict[str, str]) -> None:
         self.adapters_dir = adapters_dir
         self.serve_args = list(serve_args)
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.env, key = with_internal_key({**os.environ, **env, "PYTHONUNBUFFERED": "1"})
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
-        key = internal_key(self.env)
         self._auth = {"authorization": f"Bearer {key}"} if key else {}
         # LLM replies may take minutes: only connecting is bounded. No pool limit: Serve's
         # max_ongoing_requests already bounds what one replica has in flight.

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from server.integrations.engine_proc import free_port
+from server.integrations.engine_proc import free_port, wait_until_ready
 
 BASE_ID = "SmolLM2-135M-Instruct"
 ADMIN_KEY = "admin-key-for-tests"
@@ -54,16 +53,13 @@ class ServerProc:
         else:
             with open(self.log, "ab") as out:
                 self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=out, stderr=out)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "server exited during start-up"
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("server did not become ready")
+        wait_until_ready(self.url, self.proc, 300, self._log_tail)
+        return self
+
+    def _log_tail(self, lines: int = 30) -> str:
+        if self.log is None:
+            return ""  # the server wrote to this process's own output
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def __enter__(self) -> ServerProc:
         try:

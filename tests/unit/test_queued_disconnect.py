@@ -1,5 +1,5 @@
-"""A streaming client that goes away while its request still waits for its first output (queued, or
-prefilling) aborts the request there: it must not keep its place and later take a slot for nothing
+"""A client that goes away while its request still waits for its first output (queued, or
+prefilling) aborts the request there, streamed or not: it must not keep its place and later take a slot for nothing
 (TGI drops a queued request whose receiver closed). Found by the soak: 60-odd clients cut at once
 left their queued requests to be scheduled, prefilled and only then aborted. Over the drain tests'
 harness: the real app, AsyncEngine and uvicorn, a scripted engine that gives no output until told."""
@@ -28,7 +28,10 @@ def char_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return load_tokenizer(path)
 
 
-def test_a_client_gone_while_its_request_waits_aborts_it(char_tokenizer: Any, tmp_path: Any) -> None:
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
+def test_a_client_gone_while_its_request_waits_aborts_it(
+    char_tokenizer: Any, tmp_path: Any, stream: bool
+) -> None:
     with serve(char_tokenizer, tmp_path) as served:
         engine = served.engine
         released = threading.Event()
@@ -42,7 +45,7 @@ def test_a_client_gone_while_its_request_waits_aborts_it(char_tokenizer: Any, tm
 
         engine.step = held  # type: ignore[method-assign]
         try:
-            body = json.dumps(chat_body(4, stream=True)).encode()
+            body = json.dumps(chat_body(4, stream=stream)).encode()
             url = urlsplit(served.url)
             with socket.create_connection((url.hostname, url.port), timeout=WAIT) as sock:
                 head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"

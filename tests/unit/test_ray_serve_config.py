@@ -96,3 +96,30 @@ def test_ray_serve_command_passes_serve_flags_to_the_children(monkeypatch: pytes
     cfg = RayServeArgs.model_validate(args)
     assert (cfg.replicas, cfg.max_loras, cfg.adapters_dir, cfg.num_gpus) == (3, 4, "/srv/store", 0)
     assert cfg.serve_args == ["--device", "cpu", "--batch-invariant", "--log-level", "warning"]
+
+
+def test_a_replica_calls_its_child_with_a_key_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keys document may hold digests only: the replica adds a random inference key of its own to
+    the child's environment instead of needing a plain one in LORAPLEX_API_KEYS."""
+    import hashlib
+    import json
+
+    from server.api.auth import KeyRing
+    from server.config import Settings
+    from server.integrations.engine_proc import KEY_VARS, with_internal_key
+
+    for var in KEY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert with_internal_key({"PATH": "/bin"}) == ({"PATH": "/bin"}, None)  # open server: no key
+    digest = hashlib.sha256(b"tenant-secret-0123456789").hexdigest()
+    doc = json.dumps({"keys": [{"name": "t", "sha256": digest, "adapters": ["team/*"]}]})
+    env, key = with_internal_key({"LORAPLEX_KEYS": doc})
+    assert key is not None and env["LORAPLEX_API_KEYS"] == key and env["LORAPLEX_KEYS"] == doc
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ring = KeyRing.from_settings(Settings.model_validate({}))
+    granted = ring.grant_of(key)
+    assert granted is not None and granted.role == "inference" and granted.patterns is None
+    assert ring.grant_of("tenant-secret-0123456789") is not None  # the tenant's key still works
+    env, again = with_internal_key({"LORAPLEX_API_KEYS": "user-key-0123456789"})
+    assert again != key and env["LORAPLEX_API_KEYS"] == f"user-key-0123456789,{again}"
