@@ -109,16 +109,34 @@ class ModelRunner:
 
     def _lm_head(self, hidden: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """Logits of `hidden` rows [N, H] -> [N, V]; the rows of a slot whose adapter saved its own
-        lm_head (modules_to_save) are computed with that copy instead."""
+        lm_head (modules_to_save) are computed with that copy, and only the other rows with the
+        base's (a row's logits do not depend on the rows beside it in the tiled mode, the only one
+        that promises bits)."""
         ctx = self.base.lora_context
-        logits = base_linear(hidden, self.base.model.lm_head, ctx.base_gemm)
+        lm_head = self.base.model.lm_head
+        heads: dict[int, dict[str, torch.Tensor]] = {}
         for slot in sorted(set(slots) & ctx.saved.keys()):
             head = ctx.saved[slot].get(self.lm_head_name)
-            if head is None:
-                continue
-            rows = torch.tensor([i for i, s in enumerate(slots) if s == slot], device=hidden.device)
+            if head is not None:
+                heads[slot] = head
+        if not heads:
+            return base_linear(hidden, lm_head, ctx.base_gemm)
+
+        def rows_of(wanted: set[int]) -> torch.Tensor:
+            picked = [i for i, s in enumerate(slots) if s in wanted]
+            return torch.tensor(picked, dtype=torch.int64, device=hidden.device)
+
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        rest = rows_of(set(slots) - heads.keys())
+        if len(rest):
+            parts.append((rest, base_linear(hidden.index_select(0, rest), lm_head, ctx.base_gemm)))
+        for slot, head in heads.items():
+            rows = rows_of({slot})
             own = dense_linear(hidden.index_select(0, rows), head["weight"], head.get("bias"), ctx.base_gemm)
-            logits.index_copy_(0, rows, own.to(logits.dtype))
+            parts.append((rows, own))
+        logits = hidden.new_empty(len(slots), parts[0][1].shape[1], dtype=parts[0][1].dtype)
+        for rows, values in parts:
+            logits.index_copy_(0, rows, values.to(logits.dtype))
         return logits
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor, slot_of: dict[str, int]) -> None:
