@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from server.lora.adapter import ModuleIA3, ModuleLoRA
-from server.lora.ops import LoRABatch, lora_rows, lora_runs, lora_shared
+from server.lora.ops import LoRABatch, lora_rows, lora_shared
 from server.model.base_gemm import BaseGemm, base_linear
 
 
@@ -163,12 +163,7 @@ class LoRALinear(nn.Module):
                 g = dora[slot] if slot in self.dora_slots else None
                 _add_rows(y2, x2, group, d, partial(lora_shared, A=A, B=B, scale=scale, slot=slot), g)
         elif self.loaded & batch.decode_active:
-            slots = batch.decode_slots
-            term = (
-                partial(lora_rows, A=A, B=B, scale=scale, slots=slots)
-                if batch.decode_runs is None
-                else partial(lora_runs, A=A, B=B, scale=scale, slots=slots, runs=batch.decode_runs)
-            )
+            term = partial(lora_rows, A=A, B=B, scale=scale, slots=batch.decode_slots)
             g = dora.index_select(0, batch.decode_slots) if self.dora_slots & batch.decode_active else None
             _add_rows(y2, x2, batch.decode_rows, d, term, g)
         for start, end, slot in batch.segments:

@@ -44,10 +44,6 @@ class LoRABatch:
     # When few adapters serve many decode rows: (slot, its rows; None = all decode rows) per slot,
     # computed with broadcast factors instead of one gathered copy per row (the same bits).
     decode_groups: tuple[tuple[int, torch.Tensor | None], ...] | None = None
-    # When the decode rows (in the order of decode_rows) fall into few runs of consecutive slots:
-    # (start, end, first slot) of each run, whose factors are a view of the slot buffers rather
-    # than a gathered copy per row (the same bits; see slot_runs).
-    decode_runs: tuple[tuple[int, int, int], ...] | None = None
     # A captured graph's batch: every layer launches its kernels whatever is loaded at capture time.
     always: bool = False
     # Slot of every row [T], only when a slot of the step uses DoRA or (IA)3 (their per-row vectors
@@ -78,14 +74,6 @@ class LoRABatch:
                  torch.tensor([i for i in rows if decode_slots[i] == slot], dtype=torch.int64).to(device))
                 for slot in sorted(decode_active)
             )  # fmt: skip
-        runs = None
-        if groups is None and rows:
-            ordered, runs = slot_runs(rows, [decode_slots[i] for i in rows])
-            if len(runs) * RUN_ROWS <= len(rows):
-                rows = ordered
-                every = every and rows == list(range(len(decode_slots)))
-            else:
-                runs = None
         active = decode_active | frozenset(s for _, _, s in segments)
         routed = per_row = None
         saved: list[tuple[int, torch.Tensor]] = []
@@ -108,35 +96,9 @@ class LoRABatch:
             decode_active=decode_active,
             sgmv=routed,
             decode_groups=groups,
-            decode_runs=runs,
             row_slots=per_row,
             saved_rows=tuple(saved),
         )
-
-
-# A run of consecutive slots replaces the gather when runs average at least this many rows: a
-# run costs two more small products, a gathered row a copy of its adapter's factors.
-RUN_ROWS = 4
-
-
-def slot_runs(rows: list[int], slots: list[int]) -> tuple[list[int], tuple[tuple[int, int, int], ...]]:
-    """Order `rows` (each with its slot, none 0) so that their slots form runs of consecutive slot
-    numbers, one row per slot in a run: rows are sorted by (how many earlier rows share the slot,
-    slot). Returns the ordered rows and (start, end, first slot) of each run over that order.
-    Slots 1..16 for 16 rows are one run; slots [1, 1, 2, 2] are the runs [1, 2] and [1, 2]."""
-    seen: dict[int, int] = {}
-    keyed = []
-    for row, slot in zip(rows, slots, strict=True):
-        keyed.append((seen.get(slot, 0), slot, row))
-        seen[slot] = seen.get(slot, 0) + 1
-    keyed.sort()
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    for i in range(1, len(keyed) + 1):
-        if i == len(keyed) or keyed[i][:2] != (keyed[i - 1][0], keyed[i - 1][1] + 1):
-            runs.append((start, i, keyed[start][1]))
-            start = i
-    return [row for _, _, row in keyed], tuple(runs)
 
 
 def lora_reference(
@@ -161,26 +123,6 @@ def lora_rows(
     t = torch.bmm(x.unsqueeze(1), a)  # [T, 1, in] -> [T, 1, R]
     y = torch.bmm(t, B.index_select(0, slots)).squeeze(1)  # [T, 1, R] -> [T, out]
     return y.mul_(scale.index_select(0, slots).unsqueeze(1))
-
-
-def lora_runs(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scale: torch.Tensor,
-    slots: torch.Tensor,
-    runs: tuple[tuple[int, int, int], ...],
-) -> torch.Tensor:
-    """Semantics: lora_rows, for rows whose slots form `runs` (see slot_runs). Each run's factors
-    are a slice of the slot buffers with the strides of lora_rows' gathered copy, so every row is
-    the same batch item of the same products, without the copy. x: [T, in], slots: [T] -> [T, out]"""
-    t = x.new_empty(x.shape[0], 1, A.shape[1])
-    out = x.new_empty(x.shape[0], 1, B.shape[2])
-    for start, end, first in runs:
-        last = first + end - start
-        torch.bmm(x[start:end].unsqueeze(1), A[first:last].transpose(1, 2), out=t[start:end])
-        torch.bmm(t[start:end], B[first:last], out=out[start:end])
-    return out.squeeze(1).mul_(scale.index_select(0, slots).unsqueeze(1))
 
 
 def lora_shared(

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.lora.ops import LoRABatch, lora_reference, lora_rows, lora_runs, lora_shared, slot_runs
+from server.lora.ops import LoRABatch, lora_reference, lora_rows, lora_shared
 from server.model.base_gemm import TILE, tiled_linear
 
 CPU = torch.device("cpu")
@@ -89,35 +89,6 @@ def test_lora_rows_alone_equal_batched(d_in: int, d_out: int) -> None:
         rows = torch.full((64,), slot)
         each = torch.cat([lora_rows(x[i : i + 1], A, B, scale, rows[:1]) for i in range(64)])
         assert torch.equal(lora_shared(x[:64], A, B, scale, slot), each)
-
-
-def test_slot_runs() -> None:
-    assert slot_runs([0, 1, 2], [1, 2, 3]) == ([0, 1, 2], ((0, 3, 1),))
-    assert slot_runs([0, 1, 2, 3], [2, 1, 2, 1]) == ([1, 0, 3, 2], ((0, 2, 1), (2, 4, 1)))
-    assert slot_runs([5, 6, 7], [4, 9, 5]) == ([5, 7, 6], ((0, 2, 4), (2, 3, 9)))
-    rows, runs = slot_runs(list(range(16)), [16 - i for i in range(16)])
-    assert rows == list(range(15, -1, -1)) and runs == ((0, 16, 1),)
-
-
-@pytest.mark.invariance
-@pytest.mark.parametrize(("d_in", "d_out"), SHAPES)
-def test_lora_runs_is_lora_rows_bitwise(d_in: int, d_out: int) -> None:
-    """Runs of consecutive slots read the factors through views with the gathered copy's strides:
-    every row gets the bits lora_rows gives it, whatever the runs."""
-    A, B, scale, _ = _slot_buffers(16, 16, d_in, d_out, seed=10)
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(64, d_in, generator=g)
-    for slots in (
-        list(range(1, 17)),
-        [3, 4, 5, 3, 4, 9, 16, 1],
-        [7],
-        torch.randint(1, 17, (64,), generator=g).tolist(),
-    ):
-        order, runs = slot_runs(list(range(len(slots))), slots)
-        rows, ordered = torch.tensor(order), torch.tensor([slots[i] for i in order])
-        got = lora_runs(x[rows], A, B, scale, ordered, runs)
-        assert torch.equal(got, lora_rows(x[rows], A, B, scale, ordered)), slots
-        assert torch.allclose(got, lora_reference(x[rows], A, B, scale, ordered), atol=1e-4)
 
 
 def test_tiled_linear_matches_plain() -> None:
@@ -209,36 +180,3 @@ def test_decode_groups_give_the_gathered_bits() -> None:
     with torch.no_grad():
         assert torch.equal(layer(x[:, 4:5])[0, 0], y_grouped[0, 4])
     assert y_only.shape == (1, 3, 80)
-
-
-@pytest.mark.invariance
-def test_slot_runs_give_the_gathered_bits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decode rows whose slots form few runs of consecutive slots are computed on views of the slot
-    buffers, in the runs' order; a step may take either way, so every row's output (DoRA's too) must
-    be the gathered path's bits."""
-    from torch import nn
-
-    import server.lora.ops as ops
-    from server.lora.adapter import ModuleLoRA
-    from server.lora.layer import LoRAContext, LoRALinear
-    from server.model.base_gemm import BaseGemm
-
-    ctx = LoRAContext(BaseGemm.TILED)
-    layer = LoRALinear(nn.Linear(96, 80), 8, 8, ctx, torch.float32)
-    g = torch.Generator().manual_seed(12)
-    for slot in range(1, 9):
-        magnitude = torch.rand(80, generator=g) + 0.5 if slot == 3 else None  # one DoRA slot
-        a, b = torch.randn(8, 96, generator=g), torch.randn(80, 8, generator=g)
-        layer.set_slot(slot, ModuleLoRA(A=a, B=b, scale=0.5, magnitude_scale=magnitude))
-    slots = [8, 0, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 0, 5]
-    x = torch.randn(1, len(slots), 96, generator=g)
-    extra = frozenset({3})
-    outputs = []
-    for run_rows in (4, 10**9):  # runs, then the gather
-        monkeypatch.setattr(ops, "RUN_ROWS", run_rows)
-        batch = LoRABatch.build(slots, [], CPU, extra_slots=extra)
-        assert (batch.decode_runs is not None) == (run_rows == 4)
-        ctx.batch = batch
-        with torch.no_grad():
-            outputs.append(layer(x))
-    assert torch.equal(outputs[0], outputs[1])
