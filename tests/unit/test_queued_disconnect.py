@@ -1,8 +1,9 @@
 """A client that goes away while its request still waits for its first output (queued, or
-prefilling) aborts the request there, streamed or not: it must not keep its place and later take a slot for nothing
-(TGI drops a queued request whose receiver closed). Found by the soak: 60-odd clients cut at once
-left their queued requests to be scheduled, prefilled and only then aborted. Over the drain tests'
-harness: the real app, AsyncEngine and uvicorn, a scripted engine that gives no output until told."""
+prefilling) aborts the request there, streamed or not: it must not keep its place and later take
+a slot for nothing (TGI drops a queued request whose receiver closed). Found by the soak: 60-odd
+clients cut at once left their queued requests to be scheduled, prefilled and only then aborted.
+Over the drain tests' harness: the real app, AsyncEngine and uvicorn, a scripted engine that gives
+no output until told."""
 
 from __future__ import annotations
 
