@@ -1,7 +1,9 @@
 """One chat request alone, the chat page's usual case: tokens/s of loraplex's engine against
 transformers' own `generate` on the same NF4 base (and PEFT `generate` for the adapter), with and
 without batch invariance. Each case generates the same number of greedy tokens from the same
-prompt, prefill included on both sides; cases are interleaved round by round.
+prompt, prefill included on both sides, timed from the request to its last token (the engine is
+built before, as a server's is; the stock model and PEFT are loaded before); cases are interleaved
+round by round.
 
     .venv/bin/python -m bench.single_stream [--rounds 5] [--tokens 48]
 """
@@ -9,6 +11,7 @@ prompt, prefill included on both sides; cases are interleaved round by round.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -26,13 +29,19 @@ PROMPT = "Tell me about the ocean and the animals that live in it."
 def engine_case(
     base: Any, registry: Any, loaded: list[Any], adapter: bool, mode: BaseGemm, tokens: int
 ) -> Callable[[], list[int]]:
+    """A request on a running engine, as a server gets it: the engine (its KV cache allocated, the
+    adapter in the host tier) is built here, outside the timed call; each call is a new request,
+    from its prompt to its last token, like `generate`'s. A call may also move the adapter into a
+    slot (this benchmark's engines share the base model's slots), a few tens of ms."""
     ids = base.chat_ids([{"role": "user", "content": PROMPT}])
     record = loaded[0][0] if adapter else None
+    eng = workload.engine(base, registry, max_loras=1, max_num_seqs=8, preload=loaded)
+    count = itertools.count()
 
     def run() -> list[int]:
         base.lora_context.base_gemm = mode
-        eng = workload.engine(base, registry, max_loras=1, max_num_seqs=8, preload=loaded)
-        return workload.drive(eng, [("r", record, ids)], tokens).tokens["r"]
+        rid = f"r{next(count)}"
+        return workload.drive(eng, [(rid, record, ids)], tokens).tokens[rid]
 
     return run
 
