@@ -1,4 +1,4 @@
-"""The one prepared GPU check (hot-path issue): four phases, JSON written after each, within 8 minutes.
+"""The one prepared GPU check (hot-path issue): five phases, JSON written after each, within 8 minutes.
 
     PYTHONUNBUFFERED=1 timeout 480 python3 -m bench.gpu_check --out $OUT
     .venv/bin/python -m bench.gpu_check --smoke        # the same code on tiny shapes, CPU, interpreter
@@ -13,6 +13,8 @@
    other's top-5).
 3. throughput: decode tok/s at batch 16/64/256 with 16 distinct rank-16 adapters on all seven
    projections vs base only, per backend set; then a Llama-3-8B-shaped model (4 layers) in NF4.
+4. methods, on the time left: DoRA, AdaLoRA, (IA)3, modules_to_save, prompt, P- and prefix tuning
+   on the 135M-shaped model, solo vs mixed per mode and against PEFT.
 Everything is made on the device: no weights are copied.
 """
 
@@ -515,12 +517,127 @@ def throughput(c: Check) -> dict[str, Any]:
     return out
 
 
+# -------------------------------------------------------------------------- 4: methods beyond LoRA
+def methods_phase(c: Check) -> dict[str, Any]:
+    """DoRA, AdaLoRA, (IA)3, modules_to_save, prompt, P- and prefix tuning (PEFT-made, every trained
+    tensor random) on the 135M-shaped model: solo vs one mixed batch of all of them and the base,
+    per mode, and the first mode's tokens against PEFT's (tests/peft_oracle.py's references for the
+    prompt-learning methods, whose PEFT `generate` is broken). Last: it runs on what time is left."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from server.lora.registry import AdapterRegistry
+    from server.model.base_gemm import BaseGemm
+    from server.model.loader import load_base, load_stock
+    from tests.peft_factory import every_method_configs, make_method_adapter
+    from tests.peft_oracle import reference_greedy
+
+    if c.left() < 90:
+        return {"skipped": "out of time"}
+    ckpt = _model(c, "smollm2", "tiny" if c.smoke else "smollm2-135m")
+
+    def factory() -> Any:
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+
+    dirs = {
+        name: make_method_adapter(factory, c.tmp / f"method-{name}", 10 + i, cfg)
+        for i, (name, cfg) in enumerate(every_method_configs().items())
+    }
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 500, n).tolist() for n in (24, 41)]
+    tokens = 16
+    modes: dict[str, dict[str, Any]] = {
+        "default": {},
+        "batch_invariant": {"base_gemm": BaseGemm.TILED},
+        "triton_flex": {"lora_backend": "triton", "attention": "flex"},
+    }
+    if c.smoke:  # the CPU rehearsal: the mode that promises bits there
+        modes = {"batch_invariant": modes["batch_invariant"]}
+    slots = len(dirs) + 1
+    out: dict[str, Any] = {}
+    first: tuple[dict[str, list[int]], dict[str, list[torch.Tensor]]] | None = None
+    method_of: dict[str, str] = {}
+    for mode, opts in modes.items():
+        if c.left() < 45:
+            out[mode] = "skipped: out of time"
+            continue
+        opts = dict(opts)
+        attention = opts.pop("attention", "torch")
+        try:
+            base = load_base(
+                ckpt, "rand-135m", quantization="nf4", device=c.dev.type, max_loras=slots, max_lora_rank=16,
+                **opts,
+            )  # fmt: skip
+            registry = AdapterRegistry(
+                base.linear_shapes, 16, saveable=base.saveable, max_saved_bytes=1 << 30, dims=base.dims
+            )
+            for name, d in dirs.items():
+                method_of[name] = registry.add_dir(name, d)[0].method
+            jobs = [
+                (f"{name or 'base'}/{p}", registry.resolve(name) if name else None, ids)
+                for name in (None, *dirs)
+                for p, ids in enumerate(prompts)
+            ]
+            engine = dict(attention_backend=attention, max_loras=slots)
+            solo_tokens: dict[str, list[int]] = {}
+            solo_logits: dict[str, list[torch.Tensor]] = {}
+            for job in jobs:
+                t, lg = _run(_engine(base, registry, **engine), [job], tokens)
+                solo_tokens |= t
+                solo_logits |= lg
+            mixed_tokens, mixed_logits = _run(
+                _engine(base, registry, max_num_seqs=32, **engine), jobs, tokens
+            )
+            out[mode] = {
+                "requests": len(jobs),
+                "solo_eq_mixed_tokens": sum(solo_tokens[r] == mixed_tokens[r] for r in solo_tokens),
+                "solo_eq_mixed_logits_bitwise": sum(
+                    all(torch.equal(a, b) for a, b in zip(solo_logits[r], mixed_logits[r], strict=True))
+                    for r in solo_logits
+                ),
+                "differs_from_base": sum(
+                    solo_tokens[f"{name}/{p}"] != solo_tokens[f"base/{p}"]
+                    for name in dirs
+                    for p in range(len(prompts))
+                ),
+            }
+            first = first or (solo_tokens, solo_logits)
+        except Exception:
+            out[mode] = {"error": traceback.format_exc()[-2000:]}
+        finally:
+            base = registry = None  # type: ignore[assignment]
+            gc.collect()
+            if c.dev.type == "cuda":
+                torch.cuda.empty_cache()
+    if first is None or c.left() < 30:
+        return out
+    ours, our_logits = first
+    refs: dict[str, Any] = {}
+    for name, d in dirs.items():
+        stock = load_stock(ckpt, "nf4")
+        stock.generation_config.eos_token_id = None  # the engine ran with ignore_eos
+        model = PeftModel.from_pretrained(stock, d).eval()
+        for p, ids in enumerate(prompts):
+            rid = f"{name}/{p}"
+            want = reference_greedy(model, method_of[name], ids, tokens)
+            diff = next((i for i, (a, b) in enumerate(zip(ours[rid], want, strict=True)) if a != b), None)
+            if diff is None:
+                refs[rid] = "identical"
+            else:
+                top = torch.topk(our_logits[rid][diff], 5).indices.tolist()
+                refs[rid] = {"first_diff": diff, "reference_pick_in_our_top5": want[diff] in top}
+        del model, stock
+        gc.collect()
+    out[f"vs_peft ({next(iter(modes))})"] = refs
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu_check"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds before remaining work is skipped")
-    ap.add_argument("--phases", default="probe,kernels,engine,throughput")
+    ap.add_argument("--phases", default="probe,kernels,engine,throughput,methods")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -535,6 +652,7 @@ def main() -> None:
         ("kernels", kernels),
         ("engine", engine_phase),
         ("throughput", throughput),
+        ("methods", methods_phase),
     ):
         if name in chosen:
             phase(name, c, fn)

@@ -83,3 +83,31 @@ def assert_refused_and_store_unchanged(registry: Any, store_dir: Path, bad: Path
     assert reason in str(info.value)
     assert files() == before
     assert [r.name for r in registry.records()] == names
+
+
+def every_method_configs(rank: int = 8, virtual_tokens: int = 8) -> dict[str, Any]:
+    """One PEFT config per method beyond plain LoRA that loraplex serves: DoRA, AdaLoRA, (IA)3,
+    LoRA with modules_to_save copies (lm_head, the input embedding, every norm), prompt tuning,
+    P-tuning and prefix tuning (the e2e test on SmolLM2 and bench/gpu_check.py's methods phase)."""
+    from peft import AdaLoraConfig, IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    v = virtual_tokens
+    return {
+        "dora": LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
+            init_lora_weights=False,
+        ),
+        "adalora": AdaLoraConfig(
+            init_r=rank + rank // 2, target_r=rank, lora_alpha=2 * rank,
+            target_modules=["q_proj", "k_proj", "up_proj"], total_step=10,
+        ),
+        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        # a tied base (SmolLM2) gets two copies, trained apart, as PEFT makes them
+        "saved": LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+            modules_to_save=["lm_head", "embed_tokens", "norm"],
+        ),
+        "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=v),
+        "ptuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=v, encoder_hidden_size=64),
+        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=v),
+    }  # fmt: skip

@@ -23,12 +23,18 @@ def _eos(peft_model: Any) -> set[int]:
     return set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
 
 
+def _device(peft_model: Any) -> torch.device:
+    return next(peft_model.parameters()).device
+
+
 def forward_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]:
     out: list[int] = []
     eos = _eos(peft_model)
+    dev = _device(peft_model)
     with torch.no_grad():
         while len(out) < new_tokens and not (out and out[-1] in eos):
-            out.append(int(peft_model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
+            logits = peft_model(input_ids=torch.tensor([ids + out], device=dev)).logits
+            out.append(int(logits[0, -1].argmax()))
     return out
 
 
@@ -44,7 +50,8 @@ def prefix_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]
         cache.update(k, v, i)
     stock = peft_model.get_base_model()
     pos = int(pairs[0][0].shape[-2])  # the prefix's length: the prompt starts after it
-    x = torch.tensor([ids])
+    dev = _device(peft_model)
+    x = torch.tensor([ids], device=dev)
     out: list[int] = []
     eos = _eos(peft_model)
     with torch.no_grad():
@@ -53,13 +60,13 @@ def prefix_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]
             logits = stock(
                 input_ids=x,
                 past_key_values=cache,
-                attention_mask=torch.ones(1, pos + n, dtype=torch.long),
-                position_ids=torch.arange(pos, pos + n).unsqueeze(0),
+                attention_mask=torch.ones(1, pos + n, dtype=torch.long, device=dev),
+                position_ids=torch.arange(pos, pos + n, device=dev).unsqueeze(0),
                 use_cache=True,
             ).logits
             out.append(int(logits[0, -1].argmax()))
             pos += n
-            x = torch.tensor([[out[-1]]])
+            x = torch.tensor([[out[-1]]], device=dev)
     return out
 
 
@@ -69,7 +76,7 @@ def reference_greedy(peft_model: Any, method: str, ids: list[int], new_tokens: i
         return prefix_greedy(peft_model, ids, new_tokens)
     if method in ("prompt_tuning", "p_tuning"):
         return forward_greedy(peft_model, ids, new_tokens)
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=_device(peft_model))
     with torch.no_grad():
         out = peft_model.generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False

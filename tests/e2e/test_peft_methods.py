@@ -7,7 +7,6 @@ one batch holding every method, a plain LoRA adapter and base requests at once."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -19,43 +18,12 @@ from server.model.loader import BaseModel
 from tests.drive import greedy
 from tests.e2e.conftest import BUFFER_SLOTS, MAX_RANK, nf4_reference
 from tests.e2e.server_proc import ADMIN_KEY, API_KEY, ServerProc, upload
-from tests.peft_factory import make_method_adapter
+from tests.peft_factory import every_method_configs, make_method_adapter
 from tests.peft_oracle import reference_greedy
 
 pytestmark = pytest.mark.e2e
 NEW_TOKENS = 32
 PLAIN = "qv-r4"  # a plain LoRA adapter of the session's registry
-
-
-def configs() -> dict[str, Any]:
-    from peft import (
-        AdaLoraConfig,
-        IA3Config,
-        LoraConfig,
-        PrefixTuningConfig,
-        PromptEncoderConfig,
-        PromptTuningConfig,
-    )
-
-    return {
-        "dora": LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
-            init_lora_weights=False,
-        ),
-        "adalora": AdaLoraConfig(
-            init_r=12, target_r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "up_proj"],
-            total_step=10,
-        ),
-        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-        # SmolLM2 ties lm_head to the input embedding; PEFT's two copies are trained apart
-        "saved": LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-            modules_to_save=["lm_head", "embed_tokens", "norm"],
-        ),
-        "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
-        "ptuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_hidden_size=64),
-        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
-    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +37,7 @@ def method_dirs(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
     return {
         name: make_method_adapter(factory, root / name, 10 + i, cfg)
-        for i, (name, cfg) in enumerate(configs().items())
+        for i, (name, cfg) in enumerate(every_method_configs().items())
     }
 
 

@@ -193,3 +193,21 @@ def test_gpu_check_smoke_kernels(tmp_path: Path) -> None:
         assert all(entry[key].values()), key
     assert entry["triton_fp32_rel_err"] < 1e-5
     assert kernels["flex_decode"]["row_alone_equals_batched"]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_methods(tmp_path: Path) -> None:
+    """The GPU check's methods phase rehearsed on the CPU (tiny shapes, batch-invariant mode): every
+    method beyond LoRA gives the same bits solo and in one mixed batch, and PEFT's tokens."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--smoke", "--phases", "methods", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2], capture_output=True)
+    methods = json.loads((tmp_path / "gpu_check.json").read_text())["methods"]
+    mode = methods["batch_invariant"]
+    assert mode["solo_eq_mixed_tokens"] == mode["solo_eq_mixed_logits_bitwise"] == mode["requests"] == 16
+    assert mode["differs_from_base"] >= 10  # each method changes the output of the random model
+    refs = methods["vs_peft (batch_invariant)"]
+    assert len(refs) == 14 and set(refs.values()) == {"identical"}, refs
