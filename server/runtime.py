@@ -15,6 +15,7 @@ from server.engine.grammar import GrammarCompiler
 from server.engine.sequence import SamplingParams, Sequence
 from server.errors import AdapterNotFoundError, MixError, RequestError
 from server.lora import mixing
+from server.lora.combination import CAT, Combination
 from server.lora.mixing import MixPart
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
@@ -48,12 +49,17 @@ class Runtime:
         model: str,
         may_use: Callable[[str], bool] = lambda _: True,
         adapters: list[MixPart] | None = None,
+        combination: Combination | None = None,
     ) -> AdapterRecord | None:
         """The `model` field of a request: the base id (None), an adapter's current version, or a
         mix of adapters (mixing.py) spelled in `model` or given as the `adapters` field (then
         `model` is the base id). An adapter the caller's key may not use is unknown to it (the same
         404, before any lookup: the store is not searched for another tenant's name); in a mix,
-        every part must be usable."""
+        every part must be usable. `combination` (the body field) applies to a mix only."""
+        if combination is not None and adapters is None and not mixing.is_spelling(model):
+            raise MixError(
+                "`combination` applies to a mix: give `adapters`, or spell the mix in `model`", "combination"
+            )
         if adapters is not None:
             if model != self.base.model_id:
                 if mixing.is_spelling(model):
@@ -71,7 +77,7 @@ class Runtime:
         else:
             return self._adapter(model, may_use, "model")
         records = [(self._adapter(p.name, may_use, param), p.weight) for p in parts]
-        return mixing.mix_record(records, self.registry.max_rank, param)
+        return mixing.mix_record(records, self.registry.max_rank, param, combination or CAT)
 
     def _adapter(self, name: str, may_use: Callable[[str], bool], param: str) -> AdapterRecord:
         if name == self.base.model_id:  # only a mix's part gets here with the base's id

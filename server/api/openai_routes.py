@@ -114,7 +114,7 @@ def _job(
 ) -> _Job:
     chat = isinstance(body, ChatCompletionRequest)
     prompting.check_limits(rt, body, max_tokens)
-    adapter = rt.resolve(body.model, may_use, body.mix_parts())
+    adapter = rt.resolve(body.model, may_use, body.mix_parts(), body.mix_combination())
     spec, param = prompting.constraint_spec(body)
     echo = isinstance(body, CompletionRequest) and body.echo
     if max_tokens == 0 and not echo:

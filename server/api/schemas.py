@@ -27,6 +27,7 @@ from pydantic_core import CoreSchema
 from server.api.structured import MAX_CHOICES, ResponseFormat, StructuredOutputs
 from server.api.tools import Tool, ToolCall, ToolChoice
 from server.errors import RequestError
+from server.lora.combination import Combination
 from server.lora.mixing import MAX_PARTS, MAX_WEIGHT, MixPart
 from server.lora.registry import MAX_NAME_LENGTH
 
@@ -156,6 +157,22 @@ class AdapterPart(Body):
     scale: float = Field(1.0, gt=0.0, le=MAX_WEIGHT)
 
 
+class CombinationRequest(Body):
+    """How a mix's parts combine (server/lora/combination.py): PEFT's add_weighted_adapter types."""
+
+    type: Literal["cat", "linear", "magnitude_prune", "ties"] = Field(
+        "cat",
+        description=(
+            "cat: the exact weighted sum of the parts' deltas (rank: their ranks summed); linear, "
+            "magnitude_prune, ties: PEFT's, on each LoRA factor (parts of one rank)"
+        ),
+    )
+    density: float = Field(
+        1.0, gt=0.0, le=1.0, description="fraction of each factor kept (magnitude_prune, ties)"
+    )
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+
 TokenId = Annotated[int, Doc({"minimum": 0, **setting(maximum="vocab_max")})]
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
@@ -172,6 +189,9 @@ class _Sampling(Body):
             "part's delta weighted by its scale, PEFT's add_weighted_adapter 'cat'; one part scales "
             "that adapter. The same as spelling `model` as name*scale+name*scale"
         ),
+    )
+    combination: CombinationRequest | None = Field(
+        None, description="how the parts of a mix (`adapters`, or spelled in `model`) combine; default cat"
     )
     max_tokens: int | None = Field(None, ge=0, json_schema_extra=setting(maximum="max_tokens_limit"))
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -247,6 +267,11 @@ class _Sampling(Body):
         if self.adapters is None:
             return None
         return [MixPart(a.name, a.scale) for a in self.adapters]
+
+    def mix_combination(self) -> Combination | None:
+        """The `combination` field for the mixing module (None: absent)."""
+        c = self.combination
+        return None if c is None else Combination(c.type, c.density, c.majority_sign_method)
 
     def stop_strings(self) -> tuple[str, ...]:
         """Empty strings are dropped (they would match everywhere)."""

@@ -6,7 +6,8 @@ Two spellings say the same thing. The `model` field, for clients that can set no
 body field `adapters: [{"name": "pirate", "scale": 0.6}, ...]`, with `model` the base model's id.
 Adapter names never hold `*` or `+` (registry.NAME_RE), so a `model` holding either is a mix.
 
-Semantics (linear mixing, exact: the sum of the parts' deltas, no TIES/DARE pruning):
+Semantics of the default combination, cat (exact: the sum of the parts' deltas; the `combination`
+body field chooses PEFT's linear, magnitude_prune or ties instead, combination.py):
 - one part, weight w: its factors A, B unchanged, each module's scale multiplied, scale' = w * scale
   (w = 1.0 leaves every bit as the adapter alone has it).
 - several parts: PEFT's `add_weighted_adapter(parts, weights, combination_type="cat")`, built with
@@ -43,6 +44,7 @@ import torch
 
 from server.errors import AdapterWeightsError, MixError
 from server.lora.adapter import AdapterWeights, ConfigReport, ModuleLoRA
+from server.lora.combination import CAT, Combination, combine_factors
 from server.lora.registry import MIX_VERSION_PREFIX, NAME_RE, AdapterRecord
 
 MAX_PARTS = 8
@@ -128,20 +130,32 @@ def _number(text: str, name: str, param: str) -> float:
     raise MixError(f"the weight {text!r} of {name!r} is not a decimal number (e.g. 0.5, 2, 1e-3)", param)
 
 
-def mix_record(parts: Sequence[tuple[AdapterRecord, float]], max_rank: int, param: str) -> AdapterRecord:
+def mix_record(
+    parts: Sequence[tuple[AdapterRecord, float]],
+    max_rank: int,
+    param: str,
+    combination: Combination = CAT,
+) -> AdapterRecord:
     """The virtual adapter of resolved parts (in name order). Refuses what cannot be mixed before
-    any weight is read: a part that is not plain LoRA, a combined rank above `max_rank`."""
+    any weight is read: a part that is not plain LoRA, a combined rank above `max_rank`, parts of
+    different ranks for a combination other than cat."""
     for record, _ in parts:
         if record.method not in PLAIN_METHODS or record.saved_modules:
             kind = record.method + (" with modules_to_save copies" if record.saved_modules else "")
             raise MixError(f"only plain LoRA adapters can be mixed: {record.name} is {kind}", param)
-    rank = sum(r.rank for r, _ in parts) if len(parts) > 1 else parts[0][0].rank
-    if rank > max_rank:
-        summed = " + ".join(f"{r.name} {r.rank}" for r, _ in parts)
+    how = _effective(combination, len(parts))
+    ranks = " + ".join(f"{r.name} {r.rank}" for r, _ in parts)
+    if how.type == "cat":
+        rank = sum(r.rank for r, _ in parts) if len(parts) > 1 else parts[0][0].rank
+    elif len({r.rank for r, _ in parts}) > 1:
         raise MixError(
-            f"the mix's combined rank {rank} ({summed}) is above --max-lora-rank {max_rank}", param
+            f"combination {how.type} needs parts of one rank (PEFT's rule), got {ranks}", "combination"
         )
-    key = "+".join(f"{r.version}*{w!r}" for r, w in parts)
+    else:
+        rank = parts[0][0].rank
+    if rank > max_rank:
+        raise MixError(f"the mix's combined rank {rank} ({ranks}) is above --max-lora-rank {max_rank}", param)
+    key = "+".join(f"{r.version}*{w!r}" for r, w in parts) + how.key()
     weights = {r.name: w for r, w in parts}
     return AdapterRecord(
         name=canonical([MixPart(r.name, w) for r, w in parts]),
@@ -150,23 +164,37 @@ def mix_record(parts: Sequence[tuple[AdapterRecord, float]], max_rank: int, para
         rank=rank,
         target_modules=tuple(sorted({t for r, _ in parts for t in r.target_modules})),
         size_bytes=0,
-        report=ConfigReport(honoured={"combination_type": _kind(parts), "parts": weights}),
+        report=ConfigReport(honoured=_honoured(how, len(parts), weights)),
         created=max(r.created for r, _ in parts),
         parts=tuple(parts),
+        combination=how,
     )
 
 
-def _kind(parts: Sequence[object]) -> str:
-    return "cat" if len(parts) > 1 else "scale"
+def _effective(combination: Combination, parts: int) -> Combination:
+    """One part is scaled whatever the combination (PEFT also falls back to one way for one part)."""
+    return CAT if parts == 1 else combination
 
 
-def combine(parts: Sequence[tuple[str, AdapterWeights, float]], max_rank: int) -> AdapterWeights:
-    """Semantics: the module docstring's. `parts` are (name, weights, weight) in name order."""
+def _honoured(how: Combination, parts: int, weights: dict[str, float]) -> dict[str, object]:
+    if parts == 1:
+        return {"combination_type": "scale", "parts": weights}
+    return {**how.describe(), "parts": weights}
+
+
+def combine(
+    parts: Sequence[tuple[str, AdapterWeights, float]],
+    max_rank: int,
+    combination: Combination = CAT,
+) -> AdapterWeights:
+    """Semantics: the module docstrings' (this one's and combination.py's). `parts` are (name,
+    weights, weight) in name order."""
     for name, weights, _ in parts:
         if not weights.is_plain_lora:
             kind = weights.method + (" with modules_to_save copies" if weights.saved else "")
             raise AdapterWeightsError(f"only plain LoRA adapters can be mixed: {name} is {kind}")
-    report = ConfigReport(honoured={"combination_type": _kind(parts), "parts": {n: w for n, _, w in parts}})
+    how = _effective(combination, len(parts))
+    report = ConfigReport(honoured=_honoured(how, len(parts), {n: w for n, _, w in parts}))
     if len(parts) == 1:
         _, weights, w = parts[0]
         return AdapterWeights(
@@ -175,12 +203,20 @@ def combine(parts: Sequence[tuple[str, AdapterWeights, float]], max_rank: int) -
     modules: dict[str, ModuleLoRA] = {}
     for key in dict.fromkeys(k for _, weights, _ in parts for k in weights.modules):
         present = [(weights.modules[key], w) for _, weights, w in parts if key in weights.modules]
-        # PEFT's very expression, left to right: A * weight * scaling, each product in float32
-        A = torch.cat([m.A * w * m.scale for m, w in present], dim=0)  # [sum r_i, in]
-        B = torch.cat([m.B for m, _ in present], dim=1)  # [out, sum r_i]
+        if how.type == "cat":
+            # PEFT's very expression, left to right: A * weight * scaling, each product in float32
+            A = torch.cat([m.A * w * m.scale for m, w in present], dim=0)  # [sum r_i, in]
+            B = torch.cat([m.B for m, _ in present], dim=1)  # [out, sum r_i]
+        else:
+            if len({m.A.shape[0] for m, _ in present}) > 1:
+                ranks = ", ".join(str(m.A.shape[0]) for m, _ in present)
+                raise AdapterWeightsError(f"{key}: combination {how.type} needs one rank, got {ranks}")
+            scaled = [w * m.scale for m, w in present]
+            A = combine_factors([m.A for m, _ in present], scaled, how)
+            B = combine_factors([m.B for m, _ in present], scaled, how)
         if A.shape[0] > max_rank:
             raise AdapterWeightsError(f"{key}: the mix's rank {A.shape[0]} is above {max_rank}")
-        if not torch.isfinite(A).all():
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise AdapterWeightsError(f"{key}: the weighted factors overflow float32")
         modules[key] = ModuleLoRA(A=A, B=B, scale=1.0)
     return AdapterWeights(modules=modules, report=report)

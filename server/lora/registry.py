@@ -20,6 +20,7 @@ from pathlib import Path
 
 from server.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError
 from server.lora.adapter import AdapterWeights, ConfigReport, LinearShape, ModelDims
+from server.lora.combination import CAT, Combination
 from server.lora.saved import SaveableModule
 from server.lora.store import FILES, GC_INTERVAL_SECONDS, AdapterStore
 
@@ -72,6 +73,7 @@ class AdapterRecord:
     virtual_tokens: int = 0  # prompt, P- and prefix tuning: positions a request gets before its prompt
     # A per-request mix (mixing.py): its parts and their weights, in name order; () for a stored adapter
     parts: tuple[tuple[AdapterRecord, float], ...] = ()
+    combination: Combination = CAT  # how a mix's parts combine
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -168,7 +170,8 @@ class AdapterRegistry:
         if record.parts:
             from server.lora.mixing import combine
 
-            return combine([(p.name, self.load(p), w) for p, w in record.parts], self.max_rank)
+            parts = [(p.name, self.load(p), w) for p, w in record.parts]
+            return combine(parts, self.max_rank, record.combination)
         if adapter_version(record.path) != record.version:
             raise AdapterWeightsError(f"adapter {record.name!r} changed on disk since it was registered")
         return self._parse(record.path)

@@ -93,6 +93,8 @@ def test_mixes_over_http(server: ServerProc, client: openai.OpenAI) -> None:
     metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     labels = re.findall(r'^loraplex:requests_total\{adapter="([^"]*)"', metrics, re.MULTILINE)
     assert {"pirate", "robot"} <= set(labels) and not any("*" in a or "+" in a for a in labels)
+    ties = reply(client, "robot*0.5+pirate*0.5", extra_body={"combination": {"type": "ties", "density": 0.5}})
+    assert ties[0] == MIX and ties[1]  # PEFT's ties on each factor: tests/unit/test_mixing.py checks the bits
     assert {m.id for m in client.models.list().data} == {BASE_ID, *PERSONAS}  # mixes are not listed
     assert client.models.retrieve("robot*0.5+pirate*0.5").id == MIX  # but a client may look one up
 
@@ -143,6 +145,16 @@ ERRORS: list[tuple[str, dict[str, Any], str, int, str, str]] = [
     ),
     ("pirate*0.5", {"adapters": [{"name": "robot"}]}, API_KEY, 400, "adapters", "not both"),
     ("pirate", {"adapters": [{"name": "robot"}]}, API_KEY, 400, "model", "must be the base model's id"),
+    ("pirate", {"combination": {"type": "ties"}}, API_KEY, 400, "combination", "applies to a mix"),
+    (
+        MIX,
+        {"combination": {"type": "ties", "density": 0}},
+        API_KEY,
+        400,
+        "combination.density",
+        "greater than 0",
+    ),
+    (MIX, {"combination": {"type": "dare_ties"}}, API_KEY, 400, "combination.type", "'cat', 'linear'"),
 ]
 
 

@@ -19,6 +19,7 @@ from server.engine.engine import LLMEngine
 from server.errors import AdapterNotFoundError, AdapterWeightsError, MixError
 from server.lora import mixing
 from server.lora.adapter import AdapterWeights, ConfigReport, ModuleIA3
+from server.lora.combination import Combination
 from server.lora.mixing import MixPart
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
@@ -195,6 +196,108 @@ def test_mix_factors_are_peft_cat_bit_for_bit(
     assert checked == len(mix.modules) > 0
     assert mix.modules["model.layers.0.self_attn.q_proj"].rank == 12  # both parts
     assert mix.modules["model.layers.0.mlp.down_proj"].rank == 2  # "all" alone (rank_pattern)
+
+
+COMBINATIONS = [
+    Combination("linear"),
+    Combination("magnitude_prune", density=0.4),
+    Combination("ties", density=0.5),
+    Combination("ties", density=0.7, majority_sign_method="frequency"),
+]
+
+
+def _peft_mixed(tiny_checkpoint: Callable[[str], Path], dirs: dict[str, Path], quant: str) -> Any:
+    from peft import PeftModel
+
+    names = sorted(dirs)
+    peft = PeftModel.from_pretrained(
+        hf_model(tiny_checkpoint("llama"), quant), dirs[names[0]], adapter_name=names[0]
+    )
+    for name in names[1:]:
+        peft.load_adapter(dirs[name], adapter_name=name)
+    return peft
+
+
+@pytest.mark.parametrize("how", COMBINATIONS, ids=lambda c: f"{c.type}-{c.density}-{c.majority_sign_method}")
+def test_mix_factors_are_peft_combinations_bit_for_bit(
+    registry: AdapterRegistry,
+    adapter_dirs: dict[str, Path],
+    tiny_checkpoint: Callable[[str], Path],
+    how: Combination,
+) -> None:
+    """PEFT's add_weighted_adapter linear, magnitude_prune and ties (both sign methods), applied to
+    each factor as PEFT does: the very tensors, module by module, including the modules only one
+    part targets (its factors alone, at their own rank)."""
+    weights = {"all": 0.3, "wide": 1.7}  # both rank 8 ("all" has a rank-2 down_proj of its own)
+    record = mixing.mix_record([(registry.resolve(n), w) for n, w in weights.items()], MAX_RANK, "model", how)
+    mix = registry.load(record)
+    assert record.rank == 8 and record.version != mixing.mix_record(record.parts, MAX_RANK, "model").version
+    assert mix.report.honoured["combination_type"] == how.type
+    peft = _peft_mixed(tiny_checkpoint, {n: adapter_dirs[n] for n in weights}, "none")
+    peft.add_weighted_adapter(
+        list(weights), list(weights.values()), "mix", combination_type=how.type, density=how.density,
+        majority_sign_method=how.majority_sign_method,
+    )  # fmt: skip
+    checked = 0
+    for name, module in peft.named_modules():
+        if not hasattr(module, "lora_A") or "mix" not in module.lora_A:
+            continue
+        key = name.removeprefix("base_model.model.")
+        A, B = module.lora_A["mix"].weight, module.lora_B["mix"].weight
+        ours = mix.modules[key]
+        assert torch.equal(ours.A, A) and torch.equal(ours.B, B), key
+        assert ours.scale == module.scaling["mix"] == 1.0
+        checked += 1
+    assert checked == len(mix.modules) > 0
+    assert mix.modules["model.layers.0.mlp.down_proj"].rank == 2
+    if how.type != "linear":  # pruning kept the density's share of a factor both parts target
+        A = mix.modules["model.layers.0.self_attn.k_proj"].A
+        assert 0 < int((A != 0).sum()) < A.numel()
+
+
+def test_a_ties_mix_gives_peft_tokens(
+    base: BaseModel,
+    registry: AdapterRegistry,
+    adapter_dirs: dict[str, Path],
+    tiny_checkpoint: Callable[[str], Path],
+) -> None:
+    """A ties mix served by the engine (beside its cat twin and its parts) decodes PEFT's greedy
+    tokens with add_weighted_adapter(..., "ties") on the same NF4 base, and differs from the cat mix."""
+    how = Combination("ties", density=0.5)
+    parts = [(registry.resolve(n), 0.8) for n in ("all", "wide")]
+    ties = mixing.mix_record(parts, MAX_RANK, "model", how)
+    cat = mixing.mix_record(parts, MAX_RANK, "model")
+    assert ties.name == cat.name and ties.version != cat.version  # one spelling, two adapters
+    jobs = [
+        (f"{n}/{p}", r, prompt_ids(base, t))
+        for n, r in (("ties", ties), ("cat", cat))
+        for p, t in enumerate(PROMPTS)
+    ]
+    _, tokens = run(base, registry, jobs)
+    peft = _peft_mixed(tiny_checkpoint, {n: adapter_dirs[n] for n in ("all", "wide")}, "nf4")
+    peft.add_weighted_adapter(["all", "wide"], [0.8, 0.8], "mix", combination_type="ties", density=0.5)
+    peft.set_adapter("mix")
+    for p, text in enumerate(PROMPTS):
+        x = torch.tensor([prompt_ids(base, text)])
+        with torch.no_grad():
+            out = peft.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=TOKENS, do_sample=False)
+        assert tokens[f"ties/{p}"] == out[0, x.shape[1] :].tolist(), f"prompt {p}: ties mix != PEFT"
+    assert any(tokens[f"ties/{p}"] != tokens[f"cat/{p}"] for p in range(len(PROMPTS)))
+
+
+def test_combinations_are_refused_where_they_do_not_apply(runtime: Runtime) -> None:
+    ties = Combination("ties", density=0.5)
+    with pytest.raises(MixError, match=r"one rank \(PEFT's rule\), got all 8 \+ qv 4") as e:
+        runtime.resolve("all+qv", combination=ties)
+    assert e.value.param == "combination"
+    for model in ("qv", "tiny"):
+        with pytest.raises(MixError, match="applies to a mix") as e:
+            runtime.resolve(model, combination=ties)
+        assert e.value.param == "combination"
+    one = runtime.resolve("qv*0.5", combination=ties)  # one part is scaled, whatever the combination
+    assert one is not None and one.version == runtime.resolve("qv*0.5").version  # type: ignore[union-attr]
+    given = runtime.resolve("tiny", adapters=[MixPart("all", 1.0), MixPart("wide", 1.0)], combination=ties)
+    assert given == runtime.resolve("all+wide", combination=ties)
 
 
 def test_a_part_that_is_not_plain_lora_is_refused(registry: AdapterRegistry, runtime: Runtime) -> None:
