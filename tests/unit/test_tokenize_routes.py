@@ -390,7 +390,11 @@ def test_cors_preflight_from_an_allowed_origin(tokenizer: Any, tmp_path: Path) -
     )
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
     assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+    # edge refusals carry the CORS headers too: no key (401, judged first), then a wrong media type
     r = client.post("/tokenize", content=b"x", headers={"Origin": ORIGIN, "Content-Type": "text/plain"})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN
+    keyed = {"Origin": ORIGIN, "Content-Type": "text/plain", "Authorization": "Bearer k"}
+    r = client.post("/tokenize", content=b"x", headers=keyed)
     assert r.status_code == 415 and r.headers["access-control-allow-origin"] == ORIGIN
     r = client.post("/tokenize", json={"prompt": "x"}, headers={"Origin": "http://evil.test"})
     assert "access-control-allow-origin" not in r.headers
