@@ -169,31 +169,22 @@ def test_mix_factors_are_peft_cat_bit_for_bit(
 ) -> None:
     """The mix's A and B are the very tensors PEFT's add_weighted_adapter(..., "cat") builds, module by
     module (PEFT pads A and B to the summed rank with zeros: those rows and columns are zero)."""
-    from peft import PeftModel
 
     weights = {"all": 0.3, "qv": 1.7}
     mix = registry.load(
         mixing.mix_record([(registry.resolve(n), w) for n, w in weights.items()], MAX_RANK, "model")
     )
-    peft = PeftModel.from_pretrained(
-        hf_model(tiny_checkpoint("llama"), "none"), adapter_dirs["all"], adapter_name="all"
-    )
-    peft.load_adapter(adapter_dirs["qv"], adapter_name="qv")
+    peft = _peft_mixed(tiny_checkpoint, {n: adapter_dirs[n] for n in weights}, "none")
     peft.add_weighted_adapter(list(weights), list(weights.values()), "mix", combination_type="cat")
-    checked = 0
-    for name, module in peft.named_modules():
-        if not hasattr(module, "lora_A") or "mix" not in module.lora_A:
-            continue
-        key = name.removeprefix("base_model.model.")
-        A, B = module.lora_A["mix"].weight, module.lora_B["mix"].weight
-        assert module.scaling["mix"] == 1.0
+    theirs = _mix_factors(peft)
+    for key, (A, B, scaling) in theirs.items():
+        assert scaling == 1.0
         ours = mix.modules[key]
         r = ours.rank
         assert torch.equal(ours.A, A[:r]) and torch.equal(ours.B, B[:, :r]), key
         assert not A[r:].any() and not B[:, r:].any()
         assert ours.scale == 1.0
-        checked += 1
-    assert checked == len(mix.modules) > 0
+    assert len(theirs) == len(mix.modules) > 0
     assert mix.modules["model.layers.0.self_attn.q_proj"].rank == 12  # both parts
     assert mix.modules["model.layers.0.mlp.down_proj"].rank == 2  # "all" alone (rank_pattern)
 
@@ -218,6 +209,30 @@ def _peft_mixed(tiny_checkpoint: Callable[[str], Path], dirs: dict[str, Path], q
     return peft
 
 
+def _peft_greedy(peft: Any, base: BaseModel, texts: list[str]) -> list[list[int]]:
+    """PEFT's greedy tokens (its active adapter) for each text, TOKENS of them."""
+    out = []
+    for text in texts:
+        x = torch.tensor([prompt_ids(base, text)])
+        with torch.no_grad():
+            ids = peft.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=TOKENS, do_sample=False)
+        out.append(ids[0, x.shape[1] :].tolist())
+    return out
+
+
+def _mix_factors(peft: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The adapter "mix" PEFT's add_weighted_adapter made: (lora_A, lora_B, scaling) by module key."""
+    return {
+        name.removeprefix("base_model.model."): (
+            m.lora_A["mix"].weight,
+            m.lora_B["mix"].weight,
+            m.scaling["mix"],
+        )
+        for name, m in peft.named_modules()
+        if hasattr(m, "lora_A") and "mix" in m.lora_A
+    }
+
+
 @pytest.mark.parametrize("how", COMBINATIONS, ids=lambda c: f"{c.type}-{c.density}-{c.majority_sign_method}")
 def test_mix_factors_are_peft_combinations_bit_for_bit(
     registry: AdapterRegistry,
@@ -238,17 +253,12 @@ def test_mix_factors_are_peft_combinations_bit_for_bit(
         list(weights), list(weights.values()), "mix", combination_type=how.type, density=how.density,
         majority_sign_method=how.majority_sign_method,
     )  # fmt: skip
-    checked = 0
-    for name, module in peft.named_modules():
-        if not hasattr(module, "lora_A") or "mix" not in module.lora_A:
-            continue
-        key = name.removeprefix("base_model.model.")
-        A, B = module.lora_A["mix"].weight, module.lora_B["mix"].weight
+    theirs = _mix_factors(peft)
+    for key, (A, B, scaling) in theirs.items():
         ours = mix.modules[key]
         assert torch.equal(ours.A, A) and torch.equal(ours.B, B), key
-        assert ours.scale == module.scaling["mix"] == 1.0
-        checked += 1
-    assert checked == len(mix.modules) > 0
+        assert ours.scale == scaling == 1.0
+    assert len(theirs) == len(mix.modules) > 0
     assert mix.modules["model.layers.0.mlp.down_proj"].rank == 2
     if how.type != "linear":  # pruning kept the density's share of a factor both parts target
         A = mix.modules["model.layers.0.self_attn.k_proj"].A
@@ -277,11 +287,8 @@ def test_a_ties_mix_gives_peft_tokens(
     peft = _peft_mixed(tiny_checkpoint, {n: adapter_dirs[n] for n in ("all", "wide")}, "nf4")
     peft.add_weighted_adapter(["all", "wide"], [0.8, 0.8], "mix", combination_type="ties", density=0.5)
     peft.set_adapter("mix")
-    for p, text in enumerate(PROMPTS):
-        x = torch.tensor([prompt_ids(base, text)])
-        with torch.no_grad():
-            out = peft.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=TOKENS, do_sample=False)
-        assert tokens[f"ties/{p}"] == out[0, x.shape[1] :].tolist(), f"prompt {p}: ties mix != PEFT"
+    for p, want in enumerate(_peft_greedy(peft, base, PROMPTS)):
+        assert tokens[f"ties/{p}"] == want, f"prompt {p}: ties mix != PEFT"
     assert any(tokens[f"ties/{p}"] != tokens[f"cat/{p}"] for p in range(len(PROMPTS)))
 
 
@@ -379,7 +386,6 @@ def test_mix_gives_peft_cat_tokens(
 ) -> None:
     """`all*0.5+qv*0.5` greedy == PEFT's add_weighted_adapter(["all", "qv"], [0.5, 0.5], "cat") on the
     same NF4 base; and the mix is neither of its parts nor the base."""
-    from peft import PeftModel
 
     mix = mixing.mix_record([(registry.resolve(n), 0.5) for n in ("all", "qv")], MAX_RANK, "model")
     assert mix.name == MIX and mix.rank == 12
@@ -395,17 +401,11 @@ def test_mix_gives_peft_cat_tokens(
     ]
     _, tokens = run(base, registry, jobs)
 
-    peft = PeftModel.from_pretrained(
-        hf_model(tiny_checkpoint("llama"), "nf4"), adapter_dirs["all"], adapter_name="all"
-    )
-    peft.load_adapter(adapter_dirs["qv"], adapter_name="qv")
+    peft = _peft_mixed(tiny_checkpoint, {n: adapter_dirs[n] for n in ("all", "qv")}, "nf4")
     peft.add_weighted_adapter(["all", "qv"], [0.5, 0.5], "mix", combination_type="cat")
     peft.set_adapter("mix")
-    for p, text in enumerate(PROMPTS[:2]):
-        x = torch.tensor([prompt_ids(base, text)])
-        with torch.no_grad():
-            out = peft.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=TOKENS, do_sample=False)
-        assert tokens[f"mix/{p}"] == out[0, x.shape[1] :].tolist(), f"prompt {p}: mix != PEFT cat"
+    for p, want in enumerate(_peft_greedy(peft, base, PROMPTS[:2])):
+        assert tokens[f"mix/{p}"] == want, f"prompt {p}: mix != PEFT cat"
     for other in ("all", "qv", "base"):
         assert any(tokens[f"mix/{p}"] != tokens[f"{other}/{p}"] for p in range(2)), other
 
