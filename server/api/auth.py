@@ -177,11 +177,17 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+# where the edge leaves the grant it found for a request with a body, so that the route's
+# `require` does not hash every configured key a second time. Not `grant`: a route without
+# `require` must still fail closed in `grant()`, whatever the edge did.
+EDGE_GRANT = "edge_grant"
+
+
 def authenticate(keys: KeyRing, authorization: str) -> Grant:
     """The grant of the key an Authorization header carries; AuthError (401) when it carries none
     that is configured. The edge calls it before it reads a request body (an unauthenticated
-    client gets its 401 without the server parsing what it sent), each route's `require` again
-    for the grant and the scope."""
+    client gets its 401 without the server parsing what it sent) and leaves the grant under
+    EDGE_GRANT; each route's `require` takes it from there, or calls this itself."""
     if keys.open:
         return OPEN
     kind, _, token = authorization.partition(" ")
@@ -195,7 +201,9 @@ def authenticate(keys: KeyRing, authorization: str) -> Grant:
 
 def require(scope: Scope) -> Callable[[Request], Coroutine[Any, Any, None]]:
     async def check(request: Request) -> None:
-        granted = authenticate(request.app.state.keys, request.headers.get("authorization", ""))
+        granted: Grant | None = getattr(request.state, EDGE_GRANT, None)
+        if granted is None:
+            granted = authenticate(request.app.state.keys, request.headers.get("authorization", ""))
         if scope == "admin" and granted.role != "admin":
             raise AuthError("This endpoint needs an admin key.", 403)
         request.state.grant = granted

@@ -25,7 +25,7 @@ import pydantic_core
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.auth import AuthError, KeyRing, authenticate
+from server.api.auth import EDGE_GRANT, AuthError, KeyRing, authenticate
 from server.api.http_protocol import MAX_HEAD_BYTES
 from server.api.routing import not_allowed
 from server.errors import LoraplexError
@@ -115,13 +115,14 @@ class EdgeMiddleware:
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 if self.keys is not None:
                     try:
-                        authenticate(self.keys, headers.get("authorization", ""))
+                        granted = authenticate(self.keys, headers.get("authorization", ""))
                     except AuthError as e:
                         challenge = [(b"www-authenticate", b"Bearer")]
                         await _error(
                             send_with_id, 401, str(e), "invalid_api_key", "authentication_error", challenge
                         )
                         return
+                    scope["state"][EDGE_GRANT] = granted
                 allow = not_allowed(scope)
                 if allow is not None:  # RFC 9110: a 405 whatever the body, so before its media type
                     message = (

@@ -232,6 +232,31 @@ def test_tokenizer_routes_need_an_inference_key(tokenizer: Any, tmp_path: Path) 
         assert r.status_code == 200, r.text
 
 
+def test_a_request_with_a_body_is_authenticated_once(
+    tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge's grant reaches the route's `require`: one hash-and-compare per request, and the
+    scope is still judged by the route (an inference key on an admin route: 403)."""
+    from server.api.auth import KeyRing
+
+    app = make_app(tokenizer, tmp_path, api_keys="inf-key", admin_keys="adm-key")
+    client = TestClient(app, raise_server_exceptions=False)
+    looked_up: list[str] = []
+    real = KeyRing.grant_of
+
+    def counted(self: KeyRing, key: str) -> Any:
+        looked_up.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(KeyRing, "grant_of", counted)
+    inference = {"Authorization": "Bearer inf-key"}
+    assert client.post("/tokenize", json={"prompt": "x"}, headers=inference).status_code == 200
+    assert client.get("/tokenizer_info", headers=inference).status_code == 200
+    assert looked_up == ["inf-key", "inf-key"]
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "a"}, headers=inference)
+    assert_envelope(r, 403)
+
+
 # -- error envelopes ----------------------------------------------------------------------------
 
 
