@@ -27,7 +27,7 @@ from pydantic_core import CoreSchema
 from server.api.structured import MAX_CHOICES, ResponseFormat, StructuredOutputs
 from server.api.tools import Tool, ToolCall, ToolChoice
 from server.errors import RequestError
-from server.lora.combination import Combination
+from server.lora.combination import MAX_SEED, Combination, CombinationType
 from server.lora.mixing import MAX_PARTS, MAX_WEIGHT, MixPart
 from server.lora.registry import MAX_NAME_LENGTH
 
@@ -160,17 +160,23 @@ class AdapterPart(Body):
 class CombinationRequest(Body):
     """How a mix's parts combine (server/lora/combination.py): PEFT's add_weighted_adapter types."""
 
-    type: Literal["cat", "linear", "magnitude_prune", "ties"] = Field(
+    type: CombinationType = Field(
         "cat",
         description=(
             "cat: the exact weighted sum of the parts' deltas (rank: their ranks summed); linear, "
-            "magnitude_prune, ties: PEFT's, on each LoRA factor (parts of one rank)"
+            "magnitude_prune, ties, dare_linear, dare_ties: PEFT's, on each LoRA factor (parts of one rank)"
         ),
     )
     density: float = Field(
-        1.0, gt=0.0, le=1.0, description="fraction of each factor kept (magnitude_prune, ties)"
+        1.0, gt=0.0, le=1.0, description="fraction of each factor kept (magnitude_prune, ties, dare_*)"
     )
-    majority_sign_method: Literal["total", "frequency"] = "total"
+    majority_sign_method: Literal["total", "frequency"] = Field("total", description="ties, dare_ties")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="of DARE's random masks: one seed, one mix, rebuilt bit for bit (dare_linear, dare_ties)",
+    )
 
 
 TokenId = Annotated[int, Doc({"minimum": 0, **setting(maximum="vocab_max")})]
@@ -271,7 +277,7 @@ class _Sampling(Body):
     def mix_combination(self) -> Combination | None:
         """The `combination` field for the mixing module (None: absent)."""
         c = self.combination
-        return None if c is None else Combination(c.type, c.density, c.majority_sign_method)
+        return None if c is None else Combination(c.type, c.density, c.majority_sign_method, c.seed)
 
     def stop_strings(self) -> tuple[str, ...]:
         """Empty strings are dropped (they would match everywhere)."""

@@ -7,7 +7,8 @@ body field `adapters: [{"name": "pirate", "scale": 0.6}, ...]`, with `model` the
 Adapter names never hold `*` or `+` (registry.NAME_RE), so a `model` holding either is a mix.
 
 Semantics of the default combination, cat (exact: the sum of the parts' deltas; the `combination`
-body field chooses PEFT's linear, magnitude_prune or ties instead, combination.py):
+body field chooses PEFT's linear, magnitude_prune, ties, dare_linear or dare_ties instead,
+combination.py):
 - one part, weight w: its factors A, B unchanged, each module's scale multiplied, scale' = w * scale
   (w = 1.0 leaves every bit as the adapter alone has it).
 - several parts: PEFT's `add_weighted_adapter(parts, weights, combination_type="cat")`, built with
@@ -212,8 +213,9 @@ def combine(
                 ranks = ", ".join(str(m.A.shape[0]) for m, _ in present)
                 raise AdapterWeightsError(f"{key}: combination {how.type} needs one rank, got {ranks}")
             scaled = [w * m.scale for m, w in present]
-            A = combine_factors([m.A for m, _ in present], scaled, how)
-            B = combine_factors([m.B for m, _ in present], scaled, how)
+            generator = how.generator(key)  # shared by A then B, PEFT's order of draws
+            A = combine_factors([m.A for m, _ in present], scaled, how, generator)
+            B = combine_factors([m.B for m, _ in present], scaled, how, generator)
         if A.shape[0] > max_rank:
             raise AdapterWeightsError(f"{key}: the mix's rank {A.shape[0]} is above {max_rank}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):

@@ -95,6 +95,10 @@ def test_mixes_over_http(server: ServerProc, client: openai.OpenAI) -> None:
     assert {"pirate", "robot"} <= set(labels) and not any("*" in a or "+" in a for a in labels)
     ties = reply(client, "robot*0.5+pirate*0.5", extra_body={"combination": {"type": "ties", "density": 0.5}})
     assert ties[0] == MIX and ties[1]  # PEFT's ties on each factor: tests/unit/test_mixing.py checks the bits
+    dare = {"type": "dare_ties", "density": 0.5, "seed": 3}
+    assert reply(client, MIX, extra_body={"combination": dare}) == reply(
+        client, MIX, extra_body={"combination": dare}
+    )
     assert {m.id for m in client.models.list().data} == {BASE_ID, *PERSONAS}  # mixes are not listed
     assert client.models.retrieve("robot*0.5+pirate*0.5").id == MIX  # but a client may look one up
 
@@ -154,7 +158,8 @@ ERRORS: list[tuple[str, dict[str, Any], str, int, str, str]] = [
         "combination.density",
         "greater than 0",
     ),
-    (MIX, {"combination": {"type": "dare_ties"}}, API_KEY, 400, "combination.type", "'cat', 'linear'"),
+    (MIX, {"combination": {"type": "svd"}}, API_KEY, 400, "combination.type", "'cat', 'linear'"),
+    (MIX, {"combination": {"type": "dare_ties", "seed": -1}}, API_KEY, 400, "combination.seed", "0"),
 ]
 
 

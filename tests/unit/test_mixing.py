@@ -19,7 +19,7 @@ from server.engine.engine import LLMEngine
 from server.errors import AdapterNotFoundError, AdapterWeightsError, MixError
 from server.lora import mixing
 from server.lora.adapter import AdapterWeights, ConfigReport, ModuleIA3
-from server.lora.combination import Combination
+from server.lora.combination import RANDOM, Combination, mask_seed
 from server.lora.mixing import MixPart
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
@@ -194,6 +194,8 @@ COMBINATIONS = [
     Combination("magnitude_prune", density=0.4),
     Combination("ties", density=0.5),
     Combination("ties", density=0.7, majority_sign_method="frequency"),
+    Combination("dare_linear", density=0.5, seed=7),
+    Combination("dare_ties", density=0.6, majority_sign_method="frequency", seed=2**63 - 1),
 ]
 
 
@@ -220,6 +222,20 @@ def _peft_greedy(peft: Any, base: BaseModel, texts: list[str]) -> list[list[int]
     return out
 
 
+def _seed_peft_per_module(peft: Any, seed: int) -> None:
+    """PEFT draws DARE's masks from torch's global generator, module after module; seed it before
+    each module with the seed loraplex gives that module's own generator."""
+    lora_model = peft.base_model
+    keys = {id(m): name.removeprefix("base_model.model.") for name, m in peft.named_modules()}
+    merge = lora_model._generalized_task_arithmetic_weighted_adapter
+
+    def seeded(combination_type: str, adapters: Any, weights: Any, target: Any, *rest: Any) -> Any:
+        torch.manual_seed(mask_seed(seed, keys[id(target)]))
+        return merge(combination_type, adapters, weights, target, *rest)
+
+    lora_model._generalized_task_arithmetic_weighted_adapter = seeded
+
+
 def _mix_factors(peft: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """The adapter "mix" PEFT's add_weighted_adapter made: (lora_A, lora_B, scaling) by module key."""
     return {
@@ -240,15 +256,18 @@ def test_mix_factors_are_peft_combinations_bit_for_bit(
     tiny_checkpoint: Callable[[str], Path],
     how: Combination,
 ) -> None:
-    """PEFT's add_weighted_adapter linear, magnitude_prune and ties (both sign methods), applied to
-    each factor as PEFT does: the very tensors, module by module, including the modules only one
-    part targets (its factors alone, at their own rank)."""
+    """PEFT's add_weighted_adapter linear, magnitude_prune, ties (both sign methods) and DARE,
+    applied to each factor as PEFT does: the very tensors, module by module, including the modules
+    only one part targets (its factors alone, at their own rank). DARE's masks: PEFT's global
+    generator seeded per module as loraplex seeds each module's own."""
     weights = {"all": 0.3, "wide": 1.7}  # both rank 8 ("all" has a rank-2 down_proj of its own)
     record = mixing.mix_record([(registry.resolve(n), w) for n, w in weights.items()], MAX_RANK, "model", how)
     mix = registry.load(record)
     assert record.rank == 8 and record.version != mixing.mix_record(record.parts, MAX_RANK, "model").version
     assert mix.report.honoured["combination_type"] == how.type
     peft = _peft_mixed(tiny_checkpoint, {n: adapter_dirs[n] for n in weights}, "none")
+    if how.type in RANDOM:
+        _seed_peft_per_module(peft, how.seed)
     peft.add_weighted_adapter(
         list(weights), list(weights.values()), "mix", combination_type=how.type, density=how.density,
         majority_sign_method=how.majority_sign_method,
@@ -263,6 +282,22 @@ def test_mix_factors_are_peft_combinations_bit_for_bit(
     if how.type != "linear":  # pruning kept the density's share of a factor both parts target
         A = mix.modules["model.layers.0.self_attn.k_proj"].A
         assert 0 < int((A != 0).sum()) < A.numel()
+
+
+def test_a_dare_mix_is_rebuilt_from_its_seed(registry: AdapterRegistry) -> None:
+    """The same seed builds the same factors every time the mix is built (a server drops a mix from
+    its cache and builds it again); another seed is another mix, with its own version."""
+    parts = [(registry.resolve(n), w) for n, w in (("all", 0.3), ("wide", 1.7))]
+
+    def built(seed: int) -> tuple[str, dict[str, torch.Tensor]]:
+        record = mixing.mix_record(parts, MAX_RANK, "model", Combination("dare_linear", 0.5, seed=seed))
+        mix = registry.load(record)
+        return record.version, {k: torch.cat([m.A.flatten(), m.B.flatten()]) for k, m in mix.modules.items()}
+
+    (v1, once), (v1_again, again), (v2, other) = built(1), built(1), built(2)
+    assert v1 == v1_again != v2
+    assert all(torch.equal(once[k], again[k]) for k in once)
+    assert all(not torch.equal(once[k], other[k]) for k in once if k in other and once[k].numel() > 64)
 
 
 def test_a_ties_mix_gives_peft_tokens(
