@@ -121,7 +121,9 @@ class Settings(BaseSettings):
     )
     kv_cache_tokens: int = Field(32768, ge=256, description="KV cache capacity in tokens")
     block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
-    max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+    max_queue: int = Field(
+        256, ge=1, description="sequences in flight (each prompt x n choice is one) before 429"
+    )
     drain_timeout: float = Field(
         30.0,
         ge=0,

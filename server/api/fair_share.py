@@ -5,7 +5,8 @@ like the drain's count. The caller is the presented bearer key, hashed (the key 
 kept); a server without keys counts per client address instead, so one local script still cannot
 starve a browser. A request with n choices counts once: the engine's own queue bound (--max-queue)
 already counts sequences. Over the limit the answer is 429 `too_many_concurrent_requests` with
-Retry-After, before the body is read, so a refused request costs nothing. An invalid key is
+Retry-After, before the request is parsed or queued (the edge has already read its body, within
+--max-request-bytes), so a refused request costs little. An invalid key is
 counted too, but only against itself, and it is refused with 401 a moment later."""
 
 from __future__ import annotations

@@ -272,6 +272,11 @@ def check_limits(
         )
     if body.n > s.max_n:
         raise RequestError(f"n {body.n} is above this server's limit of {s.max_n}", "n")
+    if body.n > s.max_queue:  # never admitted whole (--max-n may be set above --max-queue): not a 429
+        raise RequestError(
+            f"n={body.n} sequences are more than this server holds in flight ({s.max_queue}, --max-queue)",
+            "n",
+        )
     if body.best_of is not None and body.best_of != body.n:
         raise RequestError("best_of other than n is not supported (each choice is returned)", "best_of")
     if len(body.stop_strings()) > s.max_stop:

@@ -257,6 +257,18 @@ def test_a_request_with_a_body_is_authenticated_once(
     assert_envelope(r, 403)
 
 
+def test_more_choices_than_the_queue_holds_is_a_400(tokenizer: Any, tmp_path: Path) -> None:
+    """A request that could never be admitted whole is a 400 naming the field, not a 429 that a
+    retry would meet again (--max-n may be set above --max-queue)."""
+    client = TestClient(make_app(tokenizer, tmp_path, max_queue=2), raise_server_exceptions=False)
+    chat = {"model": BASE_ID, "messages": [{"role": "user", "content": "hi"}], "n": 3}
+    err = assert_envelope(client.post("/v1/chat/completions", json=chat), 400, "n")
+    assert "--max-queue" in err["message"]
+    completion = {"model": BASE_ID, "prompt": ["a", "b"], "n": 2}
+    err = assert_envelope(client.post("/v1/completions", json=completion), 400, "prompt")
+    assert "2 prompts x n=2 make 4 sequences" in err["message"]
+
+
 # -- error envelopes ----------------------------------------------------------------------------
 
 
