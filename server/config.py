@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None, description="Local HF checkpoint dir (Llama/Qwen2/Mistral); default SmolLM2"
     )
+    served_model_name: str | None = Field(
+        None,
+        # no '*' or '+' (they spell a mix), nothing a log line or a URL would have to escape
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
+        description="the base model's id in the API (vLLM's flag; default: the checkpoint's name)",
+    )
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="Base weights: NF4 + double quant, or none"
     )

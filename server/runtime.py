@@ -111,6 +111,7 @@ class Runtime:
 
 def build_runtime(settings: Settings) -> Runtime:
     path, model_id = resolve_model(settings.model, settings.cache_dir)
+    model_id = settings.served_model_name or model_id
     backends = select_backends(
         resolve_device(settings.device),
         lora=settings.lora_backend,
@@ -158,6 +159,8 @@ def build_runtime(settings: Settings) -> Runtime:
     log.info("%d adapters restored from %s", len(restored), settings.store_dir)
     if settings.import_adapters is not None and settings.import_adapters.is_dir():
         registry.scan(settings.import_adapters)
+    if any(r.name == model_id for r in registry.records()):  # the base's id resolves first
+        log.warning("the adapter named %r is shadowed by the base model's id; rename one of them", model_id)
     engine = LLMEngine(base, registry, config)
     async_engine = AsyncEngine(engine, config.max_queue)
     return Runtime(settings, base, registry, engine, async_engine)
