@@ -30,6 +30,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description
             )
             continue
+        if typing.get_origin(ann) is list:  # vLLM's form: --lora-modules a=/x b=/y
+            parser.add_argument(flag, dest=name, nargs="+", default=None, help=field.description)
+            continue
         if typing.get_origin(ann) is typing.Literal:
             choices = list(args)
         elif ann is int or int in args:
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(getattr(ns, "log_level", "info"), settings.log_format)
 
     from server.api.auth import KeysFileError
-    from server.errors import BackendError, ModelNotFoundError
+    from server.errors import BackendError, ModelNotFoundError, StartupAdapterError
 
     try:
         if ns.command in TRAINING_COMMANDS:
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("loraplex").info("model %s ready at %s", model_id, path)
             return 0
         return _serve(settings, ns.log_level)
-    except (ModelNotFoundError, BackendError, KeysFileError) as e:
+    except (ModelNotFoundError, BackendError, KeysFileError, StartupAdapterError) as e:
         logging.getLogger("loraplex").error("%s", e)
         return 2
 
@@ -182,6 +185,8 @@ def _ray_serve(ns: argparse.Namespace, settings: Settings) -> int:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             child.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            child += [flag, *map(str, value)]
         else:
             child += [flag, str(value)]
     gpus = ns.num_gpus

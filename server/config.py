@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     import_adapters: Path | None = Field(
         None, description="PEFT adapter dirs under this dir are imported at start"
     )
+    lora_modules: list[str] = Field(
+        default_factory=list,
+        description="vLLM's: adapters registered at start, each name=path or a JSON object "
+        '{"name", "path"}; a bad one stops the start',
+    )
     adapter_import_dirs: str = Field(
         "", description="comma-separated dirs /v1/load_lora_adapter may read from"
     )

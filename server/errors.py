@@ -15,6 +15,10 @@ class BackendError(LoraplexError):
     """A compute backend, or a combination of backends and device, that cannot run here."""
 
 
+class StartupAdapterError(LoraplexError):
+    """An adapter the operator named at start (--lora-modules) cannot be registered."""
+
+
 class AdapterError(LoraplexError):
     """An adapter cannot be used. `field` names the config key or tensor at fault, when there is one."""
 

@@ -14,7 +14,7 @@ from server.engine.engine import LLMEngine
 from server.engine.grammar import GrammarCompiler
 from server.engine.sequence import SamplingParams, Sequence
 from server.errors import AdapterNotFoundError, MixError, RequestError
-from server.lora import mixing
+from server.lora import mixing, startup_modules
 from server.lora.combination import CAT, Combination
 from server.lora.mixing import MixPart
 from server.lora.registry import AdapterRecord, AdapterRegistry
@@ -159,6 +159,9 @@ def build_runtime(settings: Settings) -> Runtime:
     log.info("%d adapters restored from %s", len(restored), settings.store_dir)
     if settings.import_adapters is not None and settings.import_adapters.is_dir():
         registry.scan(settings.import_adapters)
+    if settings.lora_modules:
+        named = startup_modules.register(registry, settings.lora_modules, model_id)
+        log.info("--lora-modules: %s", ", ".join(f"{r.name} ({r.version[:12]})" for r in named))
     if any(r.name == model_id for r in registry.records()):  # the base's id resolves first
         log.warning("the adapter named %r is shadowed by the base model's id; rename one of them", model_id)
     engine = LLMEngine(base, registry, config)

@@ -1,0 +1,102 @@
+"""vLLM's start-up flags: --served-model-name (the id clients send for the base model) and
+--lora-modules (adapters named at start), from a runtime built as `loraplex serve` builds it, over
+the real app; their refusals; the flag's command-line and environment forms."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from server.api.app import create_app
+from server.cli import _add_settings_flags, _settings
+from server.config import Settings
+from server.errors import StartupAdapterError
+from server.lora import startup_modules
+from server.runtime import Runtime, build_runtime
+
+SERVED = "acme/tiny-llama:v1"
+
+
+def runtime_with(checkpoint: Path, cache: Path, **extra: Any) -> Runtime:
+    fields = {"model": str(checkpoint), "quantization": "none", "device": "cpu", "cache_dir": cache}
+    return build_runtime(
+        Settings.model_validate({**fields, "kv_cache_tokens": 256, "api_keys": "", "admin_keys": "", **extra})
+    )
+
+
+def test_served_name_and_lora_modules(
+    tiny_checkpoint: Callable[[str], Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    checkpoint = tiny_checkpoint("llama")
+    modules = [
+        f"persona-a={adapters['a']}",
+        json.dumps({"name": "team/b", "path": str(adapters["b"]), "base_model_name": "meta-llama/x"}),
+    ]
+    runtime = runtime_with(checkpoint, tmp_path, served_model_name=SERVED, lora_modules=modules)
+    try:
+        client = TestClient(create_app(runtime), raise_server_exceptions=False)  # no lifespan: no engine loop
+        listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert set(listed) == {SERVED, "persona-a", "team/b"}
+        assert listed["team/b"]["parent"] == SERVED and listed["team/b"]["root"] == "team/b"
+        assert client.get(f"/v1/models/{SERVED}").status_code == 200
+        assert client.post("/tokenize", json={"model": SERVED, "prompt": "hi"}).status_code == 200
+        r = client.post("/tokenize", json={"model": checkpoint.name, "prompt": "hi"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    finally:
+        runtime.engine.cache.close()
+
+
+@pytest.mark.parametrize("name", ["a+b", "a*2", " a", "a b", "", "-a", "a\n", "x" * 129])
+def test_a_served_name_that_would_spell_a_mix_or_need_escaping_is_refused(name: str) -> None:
+    with pytest.raises(ValidationError, match="served_model_name"):
+        Settings.model_validate({"served_model_name": name})
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (["pirate"], "expected name=path"),
+        (["=/x"], "needs a name and a path"),
+        (["p="], "needs a name and a path"),
+        (['{"name": "p"'], "not valid JSON"),
+        (['{"name": "p", "path": "/x", "rank": 8}'], "unknown ['rank']"),
+        (['{"name": "p", "path": 3}'], "needs a name and a path"),
+        (["p=/x", "p=/y"], "'p' is named twice"),
+    ],
+)
+def test_malformed_lora_modules_are_refused(entries: list[str], message: str) -> None:
+    with pytest.raises(StartupAdapterError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        startup_modules.parse(entries)
+
+
+def test_a_lora_module_that_cannot_be_registered_stops_the_start(
+    tiny_checkpoint: Callable[[str], Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["a"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    checkpoint = tiny_checkpoint("llama")
+    for modules, says in (
+        ([f"x={broken}"], f"--lora-modules x={broken}: "),
+        ([f"x={tmp_path / 'absent'}"], "not a directory"),
+        ([f"tiny={adapters['a']}"], "is the base model's id"),
+    ):
+        with pytest.raises(StartupAdapterError, match=says):
+            runtime_with(checkpoint, tmp_path / "cache", served_model_name="tiny", lora_modules=modules)
+
+
+def test_lora_modules_on_the_command_line_and_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser()
+    _add_settings_flags(parser)
+    ns = parser.parse_args(["--lora-modules", "a=/x", '{"name": "b", "path": "/y"}', "--max-loras", "2"])
+    assert _settings(ns).lora_modules == ["a=/x", '{"name": "b", "path": "/y"}']
+    monkeypatch.setenv("LORAPLEX_LORA_MODULES", '["a=/x", "b=/y"]')
+    assert Settings.model_validate({}).lora_modules == ["a=/x", "b=/y"]
