@@ -88,6 +88,7 @@ def test_ray_serve_command_passes_serve_flags_to_the_children(monkeypatch: pytes
 
     monkeypatch.setattr(ray_serve, "run_local", run_local)
     argv = ["ray-serve", "--replicas", "3", "--device", "cpu", "--batch-invariant", "--port", "9001"]
+    argv += ["--lora-modules", "a=/p/a", '{"name": "b", "path": "/p/b c"}']
     assert (
         cli.main([*argv, "--max-loras", "4", "--adapters-dir", "/srv/store", "--log-level", "warning"]) == 0
     )
@@ -95,7 +96,8 @@ def test_ray_serve_command_passes_serve_flags_to_the_children(monkeypatch: pytes
     assert (host, port) == ("127.0.0.1", 9001)
     cfg = RayServeArgs.model_validate(args)
     assert (cfg.replicas, cfg.max_loras, cfg.adapters_dir, cfg.num_gpus) == (3, 4, "/srv/store", 0)
-    assert cfg.serve_args == ["--device", "cpu", "--batch-invariant", "--log-level", "warning"]
+    modules = ["--lora-modules", "a=/p/a", '{"name": "b", "path": "/p/b c"}']  # one argument each
+    assert cfg.serve_args == ["--device", "cpu", *modules, "--batch-invariant", "--log-level", "warning"]
 
 
 def test_a_replica_calls_its_child_with_a_key_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
