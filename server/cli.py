@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(getattr(ns, "log_level", "info"), settings.log_format)
 
     from server.api.auth import KeysFileError
-    from server.errors import BackendError, ModelNotFoundError, StartupAdapterError
+    from server.errors import BackendError, ModelNotFoundError, StartupError
 
     try:
         if ns.command in TRAINING_COMMANDS:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("loraplex").info("model %s ready at %s", model_id, path)
             return 0
         return _serve(settings, ns.log_level)
-    except (ModelNotFoundError, BackendError, KeysFileError, StartupAdapterError) as e:
+    except (ModelNotFoundError, BackendError, KeysFileError, StartupError) as e:
         logging.getLogger("loraplex").error("%s", e)
         return 2
 

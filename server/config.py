@@ -33,6 +33,11 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
         description="the base model's id in the API (vLLM's flag; default: the checkpoint's name)",
     )
+    chat_template: str | None = Field(
+        None,
+        description="vLLM's: a Jinja chat template, or a file holding one, used instead of the "
+        "tokenizer's (for a checkpoint without one, or to fix one)",
+    )
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="Base weights: NF4 + double quant, or none"
     )

@@ -15,7 +15,11 @@ class BackendError(LoraplexError):
     """A compute backend, or a combination of backends and device, that cannot run here."""
 
 
-class StartupAdapterError(LoraplexError):
+class StartupError(LoraplexError):
+    """A start-up setting that cannot be used (the process exits 2, naming it)."""
+
+
+class StartupAdapterError(StartupError):
     """An adapter the operator named at start (--lora-modules) cannot be registered."""
 
 

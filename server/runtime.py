@@ -19,6 +19,7 @@ from server.lora.combination import CAT, Combination
 from server.lora.mixing import MixPart
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
+from server.model.chat_template import load_chat_template
 from server.model.loader import BaseModel, load_base, resolve_device
 from server.model.source import resolve_model
 
@@ -112,6 +113,8 @@ class Runtime:
 def build_runtime(settings: Settings) -> Runtime:
     path, model_id = resolve_model(settings.model, settings.cache_dir)
     model_id = settings.served_model_name or model_id
+    # checked before the model loads: a bad template stops the start in a moment
+    template = None if settings.chat_template is None else load_chat_template(settings.chat_template)
     backends = select_backends(
         resolve_device(settings.device),
         lora=settings.lora_backend,
@@ -131,6 +134,9 @@ def build_runtime(settings: Settings) -> Runtime:
         base_gemm=backends.base_gemm,
         lora_backend=backends.lora,
     )
+    if template is not None:  # before anything reads the tokenizer's template
+        base.tokenizer.chat_template = template
+        log.info("chat template: --chat-template, in place of the tokenizer's")
     config = EngineConfig(
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,

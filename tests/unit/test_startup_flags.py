@@ -1,11 +1,13 @@
-"""vLLM's start-up flags: --served-model-name (the id clients send for the base model) and
---lora-modules (adapters named at start), from a runtime built as `loraplex serve` builds it, over
-the real app; their refusals; the flag's command-line and environment forms."""
+"""vLLM's start-up flags: --served-model-name (the id clients send for the base model),
+--lora-modules (adapters named at start) and --chat-template (the operator's template), from a
+runtime built as `loraplex serve` builds it, over the real app; their refusals; the command-line
+and environment forms of a list flag."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +20,9 @@ from pydantic import ValidationError
 from server.api.app import create_app
 from server.cli import _add_settings_flags, _settings
 from server.config import Settings
-from server.errors import StartupAdapterError
+from server.errors import StartupAdapterError, StartupError
 from server.lora import startup_modules
+from server.model.chat_template import load_chat_template
 from server.runtime import Runtime, build_runtime
 
 SERVED = "acme/tiny-llama:v1"
@@ -100,3 +103,44 @@ def test_lora_modules_on_the_command_line_and_in_the_environment(monkeypatch: py
     assert _settings(ns).lora_modules == ["a=/x", '{"name": "b", "path": "/y"}']
     monkeypatch.setenv("LORAPLEX_LORA_MODULES", '["a=/x", "b=/y"]')
     assert Settings.model_validate({}).lora_modules == ["a=/x", "b=/y"]
+
+
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("as_file", [True, False], ids=["file", "inline"])
+def test_the_operators_chat_template_replaces_the_tokenizers(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, as_file: bool
+) -> None:
+    value = TEMPLATE
+    if as_file:
+        (tmp_path / "chat.jinja").write_text(TEMPLATE)
+        value = str(tmp_path / "chat.jinja")
+    runtime = runtime_with(tiny_checkpoint("llama"), tmp_path / "cache", chat_template=value)
+    try:
+        client = TestClient(create_app(runtime), raise_server_exceptions=False)
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        body = {"messages": messages, "add_generation_prompt": True, "return_token_strs": True}
+        r = client.post("/tokenize", json=body)
+        assert r.status_code == 200, r.text
+        text = "".join(r.json()["token_strs"])
+        assert text == "<system>be brief<user>hi<assistant>"
+        assert client.get("/tokenizer_info").json()["chat_template"] == TEMPLATE
+    finally:
+        runtime.engine.cache.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("templates/chat.jinja", "neither a file nor a Jinja template"),
+        ("{% for m in messages %}{{ m }}", "line 1: Unexpected end of template"),
+        ("{{ messages[0] }", "line 1: unexpected '}'"),
+    ],
+)
+def test_a_chat_template_that_cannot_be_used_stops_the_start(value: str, says: str) -> None:
+    with pytest.raises(StartupError, match=re.escape(says)):
+        load_chat_template(value)
