@@ -137,6 +137,10 @@ def build_runtime(settings: Settings) -> Runtime:
     if template is not None:  # before anything reads the tokenizer's template
         base.tokenizer.chat_template = template
         log.info("chat template: --chat-template, in place of the tokenizer's")
+    elif not getattr(base.tokenizer, "chat_template", None):
+        log.warning(
+            "the tokenizer has no chat template: chat requests get a 400 until --chat-template is given"
+        )
     config = EngineConfig(
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,

@@ -73,6 +73,12 @@ def render_chat(rt: Runtime, body: ChatTemplateRequest) -> list[int]:
         raise RequestError(
             "a per-request chat_template is not supported: the model's own is used", "chat_template"
         )
+    if not getattr(rt.base.tokenizer, "chat_template", None):
+        raise RequestError(
+            f"the model {rt.model_id!r} has no chat template: send a prompt to /v1/completions, or "
+            "start the server with --chat-template",
+            "messages",
+        )
     messages: list[dict[str, Any]] = []
     for m in body.messages:
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}

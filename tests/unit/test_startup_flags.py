@@ -144,3 +144,26 @@ def test_the_operators_chat_template_replaces_the_tokenizers(
 def test_a_chat_template_that_cannot_be_used_stops_the_start(value: str, says: str) -> None:
     with pytest.raises(StartupError, match=re.escape(says)):
         load_chat_template(value)
+
+
+def test_without_any_chat_template_a_chat_request_is_a_400_that_says_what_to_do(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "no-template"
+    shutil.copytree(tiny_checkpoint("llama"), checkpoint)
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    for f in checkpoint.glob("chat_template*"):
+        f.unlink()
+    runtime = runtime_with(checkpoint, tmp_path / "cache")
+    try:
+        client = TestClient(create_app(runtime), raise_server_exceptions=False)
+        chat = {"model": "no-template", "messages": [{"role": "user", "content": "hi"}]}
+        for path in ("/v1/chat/completions", "/tokenize"):
+            r = client.post(path, json=chat)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+            assert "--chat-template" in r.json()["error"]["message"]
+        assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 200
+    finally:
+        runtime.engine.cache.close()
