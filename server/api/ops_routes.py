@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics: no auth, so probes and scrapers need no key."""
+"""Liveness, readiness, version and metrics: no auth, so probes and scrapers need no key."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.api.responses import Health, Readiness, answers, probe
+from server import __version__
+from server.api.responses import Health, Readiness, Version, answers, probe
 from server.runtime import Runtime
 
 router = APIRouter()
@@ -36,6 +37,12 @@ async def ready(request: Request) -> JSONResponse:
     if request.app.state.ready and request.app.state.runtime.async_engine.alive:
         return JSONResponse({"status": "ready"})
     return JSONResponse({"status": "not ready"}, status_code=503, headers={"Retry-After": "1"})
+
+
+@router.get("/version", response_model=None, responses=answers(Version))
+async def version() -> JSONResponse:
+    """vLLM's: what some clients and dashboards read to name the server they talk to."""
+    return JSONResponse({"version": __version__})
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=answers(None, text="Prometheus text"))

@@ -236,6 +236,10 @@ class Readiness(BaseModel):
     status: Literal["ready", "not ready", "draining"]
 
 
+class Version(BaseModel):
+    version: str = Field(description="loraplex's")
+
+
 # -- declaring them -----------------------------------------------------------------------------------
 
 WHY = {

@@ -146,6 +146,7 @@ ENDPOINTS = [
     Endpoint("GET", "/health", "open", 200),
     Endpoint("GET", "/ready", "open", 200),
     Endpoint("GET", "/metrics", "open", 200),
+    Endpoint("GET", "/version", "open", 200),
     Endpoint("GET", "/v1/models", "inference", 200),
     Endpoint("POST", "/v1/chat/completions", "inference", 200, json=chat_body()),
     Endpoint(

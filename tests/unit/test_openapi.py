@@ -30,6 +30,7 @@ STATUSES: dict[tuple[str, str], set[str]] = {
     ("get", "/health"): {"503"},
     ("get", "/ready"): {"503"},
     ("get", "/metrics"): set(),
+    ("get", "/version"): set(),
     ("get", "/v1/models"): {"401"},
     ("get", "/v1/models/{model_id}"): {"401", "404"},
     ("post", "/v1/chat/completions"): BODY | {"401", "404", "429", "503"},
