@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         description="vLLM's: a Jinja chat template, or a file holding one, used instead of the "
         "tokenizer's (for a checkpoint without one, or to fix one)",
     )
+    generation_config: Literal["auto", "vllm"] = Field(
+        "auto",
+        description="vLLM's: auto applies the checkpoint's generation_config.json sampling defaults to "
+        "requests that do not set them; vllm ignores it",
+    )
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="Base weights: NF4 + double quant, or none"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from server.config import EngineConfig, Settings
@@ -20,6 +20,7 @@ from server.lora.mixing import MixPart
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
 from server.model.chat_template import load_chat_template
+from server.model.generation_defaults import load_generation_defaults
 from server.model.loader import BaseModel, load_base, resolve_device
 from server.model.source import resolve_model
 
@@ -33,6 +34,8 @@ class Runtime:
     registry: AdapterRegistry
     engine: LLMEngine
     async_engine: AsyncEngine
+    # the checkpoint's sampling defaults (generation_defaults.py): for fields a request leaves out
+    generation_defaults: dict[str, float] = field(default_factory=dict)
 
     @cached_property
     def grammar(self) -> GrammarCompiler:
@@ -115,6 +118,9 @@ def build_runtime(settings: Settings) -> Runtime:
     model_id = settings.served_model_name or model_id
     # checked before the model loads: a bad template stops the start in a moment
     template = None if settings.chat_template is None else load_chat_template(settings.chat_template)
+    defaults = load_generation_defaults(path) if settings.generation_config == "auto" else {}
+    if defaults:
+        log.info("sampling defaults from the checkpoint's generation config: %s", defaults)
     backends = select_backends(
         resolve_device(settings.device),
         lora=settings.lora_backend,
@@ -176,4 +182,4 @@ def build_runtime(settings: Settings) -> Runtime:
         log.warning("the adapter named %r is shadowed by the base model's id; rename one of them", model_id)
     engine = LLMEngine(base, registry, config)
     async_engine = AsyncEngine(engine, config.max_queue)
-    return Runtime(settings, base, registry, engine, async_engine)
+    return Runtime(settings, base, registry, engine, async_engine, defaults)

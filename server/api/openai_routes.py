@@ -131,6 +131,8 @@ def _job(
             if max_tokens is not None
             else prompting.default_max_tokens(rt, len(prompt.ids), chat)
         )
+        if "max_tokens" in rt.generation_defaults:  # the checkpoint's max_new_tokens bounds all, as in vLLM
+            limit = min(limit, int(rt.generation_defaults["max_tokens"]))
         for j in range(body.n):
             i = p_index * body.n + j
             params = prompting.sampling_params(

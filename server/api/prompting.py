@@ -243,18 +243,23 @@ def sampling_params(
     for t, param in named:
         if not 0 <= t < vocab:
             raise RequestError(f"token id {t} is outside the vocabulary [0, {vocab})", param)
+    given, defaults = body.model_fields_set, rt.generation_defaults
+
+    def field(name: str) -> Any:  # the request's value, else the checkpoint's default, else ours
+        return getattr(body, name) if name in given or name not in defaults else defaults[name]
+
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
+        temperature=field("temperature"),
+        top_p=field("top_p"),
+        top_k=max(int(field("top_k")), 0),  # vLLM's -1 is our 0 (off), as the schema reads it
+        min_p=field("min_p"),
         seed=None if body.seed is None else (body.seed + index) % 2**63,
         stop=body.stop_strings(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
         min_tokens=min(body.min_tokens, max_tokens),
-        repetition_penalty=body.repetition_penalty,
+        repetition_penalty=field("repetition_penalty"),
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logit_bias=bias,

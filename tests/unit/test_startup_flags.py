@@ -1,5 +1,6 @@
 """vLLM's start-up flags: --served-model-name (the id clients send for the base model),
---lora-modules (adapters named at start) and --chat-template (the operator's template), from a
+--lora-modules (adapters named at start), --chat-template (the operator's template) and
+--generation-config (the checkpoint's sampling defaults), from a
 runtime built as `loraplex serve` builds it, over the real app; their refusals; the command-line
 and environment forms of a list flag."""
 
@@ -17,7 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from server.api import openai_routes, prompting
 from server.api.app import create_app
+from server.api.schemas import ChatCompletionRequest
 from server.cli import _add_settings_flags, _settings
 from server.config import Settings
 from server.errors import StartupAdapterError, StartupError
@@ -167,3 +170,64 @@ def test_without_any_chat_template_a_chat_request_is_a_400_that_says_what_to_do(
         assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 200
     finally:
         runtime.engine.cache.close()
+
+
+GENERATION = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "max_new_tokens": 7}
+
+
+def checkpoint_with_generation_config(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, **config: Any
+) -> Path:
+    checkpoint = tmp_path / "with-generation-config"
+    shutil.copytree(tiny_checkpoint("llama"), checkpoint)
+    (checkpoint / "generation_config.json").write_text(json.dumps({"do_sample": True, **config}))
+    return checkpoint
+
+
+def test_the_checkpoints_generation_config_fills_what_a_request_leaves_out(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """vLLM's --generation-config auto: temperature, top_p, top_k, repetition_penalty from the
+    checkpoint where the request is silent (a field sent with our default's value still wins), and
+    max_new_tokens bounding every request's max_tokens; `vllm` ignores the file."""
+    checkpoint = checkpoint_with_generation_config(tiny_checkpoint, tmp_path, **GENERATION)
+    runtime = runtime_with(checkpoint, tmp_path / "cache")
+    messages = [{"role": "user", "content": "hi"}]
+
+    def params(rt: Runtime, **extra: Any) -> tuple[float, float, int, float]:
+        body = ChatCompletionRequest.model_validate({"model": rt.model_id, "messages": messages, **extra})
+        p = prompting.sampling_params(rt, body, 3, 0, max_tokens=5, logprobs=None, prompt_logprobs=None)
+        return p.temperature, p.top_p, p.top_k, p.repetition_penalty
+
+    try:
+        assert params(runtime) == (0.6, 0.9, 20, 1.1)
+        assert params(runtime, temperature=1.0, top_k=-1) == (1.0, 0.9, 0, 1.1)
+        for asked in (None, 20):  # the route's own job building: the sequences' limits
+            body = ChatCompletionRequest.model_validate({"model": runtime.model_id, "messages": messages})
+            job = openai_routes._job(
+                runtime, body, [prompting.chat_prompt(runtime, body)], asked, lambda _: True
+            )
+            assert [seq.params.max_tokens for seq in job.seqs] == [7], asked
+    finally:
+        runtime.engine.cache.close()
+    plain = runtime_with(checkpoint, tmp_path / "cache", generation_config="vllm")
+    try:
+        assert params(plain) == (1.0, 1.0, 0, 1.0)
+    finally:
+        plain.engine.cache.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"temperature": 3.0}, "temperature 3.0"),
+        ({"top_p": 0}, "top_p 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens 0"),
+    ],
+)
+def test_a_generation_config_no_request_could_send_stops_the_start(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, config: dict[str, Any], says: str
+) -> None:
+    checkpoint = checkpoint_with_generation_config(tiny_checkpoint, tmp_path, **config)
+    with pytest.raises(StartupError, match=says):
+        runtime_with(checkpoint, tmp_path / "cache")
