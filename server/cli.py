@@ -8,6 +8,9 @@ import sys
 import typing
 from pathlib import Path
 
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
 from server.config import Settings
 
 # Keys on a command line are visible to every user of the machine (ps); env only.
@@ -58,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_ray_serve_command(sub)
     _add_training_commands(sub)
     ns = parser.parse_args(argv)
-    settings = _settings(ns)
+    try:
+        settings = _settings(ns)
+    except (ValidationError, SettingsError) as e:  # a flag or a LORAPLEX_ variable: say which, exit 2
+        sys.stderr.write(f"loraplex: invalid settings: {e}\n")
+        return 2
     from server.api.logs import configure
 
     configure(getattr(ns, "log_level", "info"), settings.log_format)
@@ -173,6 +180,9 @@ def _ray_serve(ns: argparse.Namespace, settings: Settings) -> int:
     --host/--port, until Ctrl-C or SIGTERM."""
     import os
 
+    from server.lora.startup_modules import check
+
+    check(settings.lora_modules, settings.served_model_name)  # before Ray starts: each child would die of it
     try:
         from server.integrations.ray_serve import run_local
     except ImportError as e:

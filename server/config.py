@@ -3,12 +3,13 @@ the engine gets a frozen dataclass validated on construction (server/engine/conf
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.engine.config import EngineConfig
 
@@ -38,16 +39,19 @@ class Settings(BaseSettings):
         description="vLLM's: a Jinja chat template, or a file holding one, used instead of the "
         "tokenizer's (for a checkpoint without one, or to fix one)",
     )
-    generation_config: Literal["auto", "vllm"] = Field(
+    generation_config: str = Field(
         "auto",
+        min_length=1,
         description="vLLM's: auto applies the checkpoint's generation_config.json sampling defaults to "
-        "requests that do not set them; vllm ignores it",
+        "requests that do not set them; vllm ignores it; or a directory holding one",
     )
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="Base weights: NF4 + double quant, or none"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "half", "float"] = Field(
+        "auto", description="compute dtype (half, float: vLLM's names for float16, float32)"
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models live here")
     adapters_dir: Path | None = Field(None, description="the adapter store (default: CACHE_DIR/adapters)")
     store_rescan_seconds: float = Field(
@@ -60,7 +64,7 @@ class Settings(BaseSettings):
     import_adapters: Path | None = Field(
         None, description="PEFT adapter dirs under this dir are imported at start"
     )
-    lora_modules: list[str] = Field(
+    lora_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="vLLM's: adapters registered at start, each name=path or a JSON object "
         '{"name", "path"}; a bad one stops the start',
@@ -151,6 +155,29 @@ class Settings(BaseSettings):
         description="on SIGTERM/SIGINT, seconds requests in flight have to finish before they are "
         "aborted (0: abort at once); a second signal exits without waiting",
     )
+
+    @field_validator("served_model_name", "chat_template", "model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        """LORAPLEX_X= (set, empty) means unset, as a shell script that clears a variable means."""
+        return None if v == "" else v
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _modules(cls, v: Any) -> Any:
+        """The environment's forms: a JSON list, one JSON object, or name=path entries separated by
+        whitespace (vLLM's command-line form); empty is none. A list (the command line) as it is."""
+        if not isinstance(v, str):
+            return v
+        text = v.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a JSON list ({e.msg})") from None
+        return [text] if text.startswith("{") else text.split()
 
     @property
     def store_dir(self) -> Path:

@@ -19,8 +19,8 @@ from server.lora.combination import CAT, Combination
 from server.lora.mixing import MixPart
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
+from server.model import generation_defaults
 from server.model.chat_template import load_chat_template
-from server.model.generation_defaults import load_generation_defaults
 from server.model.loader import BaseModel, load_base, resolve_device
 from server.model.source import resolve_model
 
@@ -118,7 +118,8 @@ def build_runtime(settings: Settings) -> Runtime:
     model_id = settings.served_model_name or model_id
     # checked before the model loads: a bad template stops the start in a moment
     template = None if settings.chat_template is None else load_chat_template(settings.chat_template)
-    defaults = load_generation_defaults(path) if settings.generation_config == "auto" else {}
+    defaults = generation_defaults.resolve(settings.generation_config, path)
+    modules = startup_modules.check(settings.lora_modules, model_id)
     if defaults:
         log.info("sampling defaults from the checkpoint's generation config: %s", defaults)
     backends = select_backends(
@@ -175,8 +176,8 @@ def build_runtime(settings: Settings) -> Runtime:
     log.info("%d adapters restored from %s", len(restored), settings.store_dir)
     if settings.import_adapters is not None and settings.import_adapters.is_dir():
         registry.scan(settings.import_adapters)
-    if settings.lora_modules:
-        named = startup_modules.register(registry, settings.lora_modules, model_id)
+    if modules:
+        named = startup_modules.register(registry, modules)
         log.info("--lora-modules: %s", ", ".join(f"{r.name} ({r.version[:12]})" for r in named))
     if any(r.name == model_id for r in registry.records()):  # the base's id resolves first
         log.warning("the adapter named %r is shadowed by the base model's id; rename one of them", model_id)

@@ -40,14 +40,22 @@ def parse(entries: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def register(registry: AdapterRegistry, entries: list[str], base_id: str) -> list[AdapterRecord]:
-    """Validate and register every entry (an unchanged one keeps its version)."""
-    records = []
-    for name, directory in parse(entries):
+def check(entries: list[str], base_id: str | None = None) -> list[tuple[str, Path]]:
+    """What can be checked before the model loads (a typo should not cost a model load): the form,
+    that each directory exists, and that no name is the base model's id."""
+    named = parse(entries)
+    for name, directory in named:
         if name == base_id:
             raise StartupAdapterError(f"{_FLAG} {name!r} is the base model's id; choose another name")
         if not directory.is_dir():
             raise StartupAdapterError(f"{_FLAG} {name}={directory}: not a directory")
+    return named
+
+
+def register(registry: AdapterRegistry, named: list[tuple[str, Path]]) -> list[AdapterRecord]:
+    """Validate and register every checked entry (an unchanged one keeps its version)."""
+    records = []
+    for name, directory in named:
         try:
             records.append(registry.add_dir(name, directory)[0])
         except AdapterError as e:

@@ -1,8 +1,9 @@
-"""The checkpoint's own sampling defaults (vLLM's `--generation-config auto`): the temperature,
-top_p, top_k, min_p and repetition_penalty of its generation_config.json apply to a request that
-does not set them, and max_new_tokens bounds every request's max_tokens (vLLM's reading of it).
-A value outside what a request may send stops the start: the server would otherwise refuse
-nothing and sample from a distribution no request could ask for."""
+"""The checkpoint's own sampling defaults (vLLM's `--generation-config`): the temperature, top_p,
+top_k, min_p and repetition_penalty of its generation_config.json apply to a request that does not
+set them, and max_new_tokens bounds every request's max_tokens. Read as vLLM reads it: only the
+values that differ from the installed transformers' GenerationConfig defaults count (vLLM takes
+its to_diff_dict()). A value outside what a request may send stops the
+start: the server would otherwise sample from a distribution no request could ask for."""
 
 from __future__ import annotations
 
@@ -22,6 +23,19 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
 _INTEGERS = ("top_k", "max_new_tokens")
 
 
+def resolve(setting: str, checkpoint: Path) -> dict[str, float]:
+    """`--generation-config`: auto (the checkpoint's file), vllm (none), or a directory holding a
+    generation_config.json (the operator's choice of path, never a request's)."""
+    if setting == "vllm":
+        return {}
+    if setting == "auto":
+        return load_generation_defaults(checkpoint)
+    folder = Path(setting).expanduser()
+    if not (folder / FILE).is_file():
+        raise StartupError(f"--generation-config {setting}: no {FILE} there (or auto, or vllm)")
+    return load_generation_defaults(folder)
+
+
 def load_generation_defaults(checkpoint: Path) -> dict[str, float]:
     """The defaults the checkpoint's generation_config.json sets (none: {}), max_new_tokens named
     max_tokens."""
@@ -29,11 +43,15 @@ def load_generation_defaults(checkpoint: Path) -> dict[str, float]:
     if not path.is_file():
         return {}
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StartupError(f"{path}: cannot read it ({e}); --generation-config vllm ignores it") from None
-    if not isinstance(config, dict):
+    if not isinstance(raw, dict):
         raise StartupError(f"{path}: not a JSON object")
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig().to_dict()
+    config = {k: v for k, v in raw.items() if k not in defaults or v != defaults[k]}
     out: dict[str, float] = {}
     for name, (low, high, closed) in _BOUNDS.items():
         value = config.get(name)

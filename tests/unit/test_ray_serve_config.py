@@ -3,6 +3,7 @@ command, without starting Ray (the app itself: tests/e2e/test_ray_serve.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,9 @@ def test_build_app_args() -> None:
         RayServeArgs.model_validate({"max_num_seqs": 32, "max_ongoing_requests": 5})  # Serve's default
 
 
-def test_ray_serve_command_passes_serve_flags_to_the_children(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_serve_command_passes_serve_flags_to_the_children(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     pytest.importorskip("ray")
     from server import cli
     from server.integrations import ray_serve
@@ -88,7 +91,14 @@ def test_ray_serve_command_passes_serve_flags_to_the_children(monkeypatch: pytes
 
     monkeypatch.setattr(ray_serve, "run_local", run_local)
     argv = ["ray-serve", "--replicas", "3", "--device", "cpu", "--batch-invariant", "--port", "9001"]
-    argv += ["--lora-modules", "a=/p/a", '{"name": "b", "path": "/p/b c"}']
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b c").mkdir()
+    modules = [
+        "--lora-modules",
+        f"a={tmp_path / 'a'}",
+        json.dumps({"name": "b", "path": str(tmp_path / "b c")}),
+    ]
+    argv += modules
     assert (
         cli.main([*argv, "--max-loras", "4", "--adapters-dir", "/srv/store", "--log-level", "warning"]) == 0
     )
@@ -96,8 +106,10 @@ def test_ray_serve_command_passes_serve_flags_to_the_children(monkeypatch: pytes
     assert (host, port) == ("127.0.0.1", 9001)
     cfg = RayServeArgs.model_validate(args)
     assert (cfg.replicas, cfg.max_loras, cfg.adapters_dir, cfg.num_gpus) == (3, 4, "/srv/store", 0)
-    modules = ["--lora-modules", "a=/p/a", '{"name": "b", "path": "/p/b c"}']  # one argument each
+    # one argument per entry: a space inside a path survives
     assert cfg.serve_args == ["--device", "cpu", *modules, "--batch-invariant", "--log-level", "warning"]
+    calls.clear()  # a module that cannot be found stops ray-serve before Ray starts
+    assert cli.main(["ray-serve", "--lora-modules", f"x={tmp_path / 'absent'}"]) == 2 and not calls
 
 
 def test_a_replica_calls_its_child_with_a_key_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:

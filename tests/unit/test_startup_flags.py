@@ -60,7 +60,7 @@ def test_served_name_and_lora_modules(
         runtime.engine.cache.close()
 
 
-@pytest.mark.parametrize("name", ["a+b", "a*2", " a", "a b", "", "-a", "a\n", "x" * 129])
+@pytest.mark.parametrize("name", ["a+b", "a*2", " a", "a b", "-a", "a\n", "x" * 129])
 def test_a_served_name_that_would_spell_a_mix_or_need_escaping_is_refused(name: str) -> None:
     with pytest.raises(ValidationError, match="served_model_name"):
         Settings.model_validate({"served_model_name": name})
@@ -104,8 +104,6 @@ def test_lora_modules_on_the_command_line_and_in_the_environment(monkeypatch: py
     _add_settings_flags(parser)
     ns = parser.parse_args(["--lora-modules", "a=/x", '{"name": "b", "path": "/y"}', "--max-loras", "2"])
     assert _settings(ns).lora_modules == ["a=/x", '{"name": "b", "path": "/y"}']
-    monkeypatch.setenv("LORAPLEX_LORA_MODULES", '["a=/x", "b=/y"]')
-    assert Settings.model_validate({}).lora_modules == ["a=/x", "b=/y"]
 
 
 TEMPLATE = (
@@ -139,7 +137,8 @@ def test_the_operators_chat_template_replaces_the_tokenizers(
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        ("templates/chat.jinja", "neither a file nor a Jinja template"),
+        ("templates/chat.jinja", "looks like a path, but no such file"),
+        ("{{ messages | tojsonn }}", "No filter named 'tojsonn'"),
         ("{% for m in messages %}{{ m }}", "line 1: Unexpected end of template"),
         ("{{ messages[0] }", "line 1: unexpected '}'"),
     ],
@@ -231,3 +230,55 @@ def test_a_generation_config_no_request_could_send_stops_the_start(
     checkpoint = checkpoint_with_generation_config(tiny_checkpoint, tmp_path, **config)
     with pytest.raises(StartupError, match=says):
         runtime_with(checkpoint, tmp_path / "cache")
+
+
+def test_an_inline_template_is_read_as_vllm_reads_it(tmp_path: Path) -> None:
+    """Backslash escapes decoded (a one-line template written for vLLM), non-ASCII text kept; a file
+    is read as it is; transformers' own tags (generation) compile."""
+    assert load_chat_template("{{ 'é' }}\\n{% generation %}x{% endgeneration %}") == (
+        "{{ 'é' }}\n{% generation %}x{% endgeneration %}"
+    )
+    (tmp_path / "t.jinja").write_text("{{ 'a' }}\\n")
+    assert load_chat_template(str(tmp_path / "t.jinja")) == "{{ 'a' }}\\n"
+
+
+def test_generation_config_from_a_directory_of_the_operators(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    from server.model import generation_defaults
+
+    folder = checkpoint_with_generation_config(tiny_checkpoint, tmp_path, temperature=0.3, top_k=50)
+    checkpoint = tiny_checkpoint("llama")
+    assert generation_defaults.resolve(str(folder), checkpoint) == {"temperature": 0.3, "top_k": 50}
+    assert generation_defaults.resolve("vllm", folder) == {}
+    with pytest.raises(StartupError, match=re.escape("no generation_config.json there")):
+        generation_defaults.resolve(str(tmp_path), checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("value", "entries"),
+    [
+        ("", []),
+        ("a=/x  b=/y", ["a=/x", "b=/y"]),
+        ('{"name": "a", "path": "/x y"}', ['{"name": "a", "path": "/x y"}']),
+        ('["a=/x", "b=/y"]', ["a=/x", "b=/y"]),
+    ],
+)
+def test_lora_modules_in_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, entries: list[str]
+) -> None:
+    monkeypatch.setenv("LORAPLEX_LORA_MODULES", value)
+    assert Settings.model_validate({}).lora_modules == entries
+
+
+def test_bad_settings_exit_2_naming_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    monkeypatch.setenv("LORAPLEX_LORA_MODULES", "[not json")
+    assert main(["prepare-model"]) == 2
+    assert "lora_modules" in capsys.readouterr().err
+    monkeypatch.setenv("LORAPLEX_LORA_MODULES", "")
+    monkeypatch.setenv("LORAPLEX_SERVED_MODEL_NAME", "")  # empty: unset
+    assert Settings.model_validate({}).served_model_name is None
