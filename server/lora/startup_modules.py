@@ -60,4 +60,6 @@ def register(registry: AdapterRegistry, named: list[tuple[str, Path]]) -> list[A
             records.append(registry.add_dir(name, directory)[0])
         except AdapterError as e:
             raise StartupAdapterError(f"{_FLAG} {name}={directory}: {e}") from None
+        except OSError as e:  # unreadable files: the operator's to fix, not a traceback
+            raise StartupAdapterError(f"{_FLAG} {name}={directory}: {e.strerror} ({e.filename})") from None
     return records
