@@ -65,9 +65,16 @@ def _log_line_forging(ctx: Ctx) -> Reply:
 
 
 def _log_not_forged(ctx: Ctx, _: Reply) -> None:
+    # the access line is written after the response is sent, and reaches the file through the
+    # child's pipe: the reply can arrive first, so wait (bounded) for the line before judging
+    escaped = "/x\\r\\nFORGED GET /v1/models 200 404"
+    deadline = time.monotonic() + 30
     lines = ctx.log.read_text(errors="replace").splitlines()
+    while not any(escaped in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lines = ctx.log.read_text(errors="replace").splitlines()
     assert not any(line.startswith("FORGED") for line in lines), "the access log printed a raw CR LF"
-    assert any("/x\\r\\nFORGED GET /v1/models 200 404" in line for line in lines)
+    assert any(escaped in line for line in lines), "the escaped access line never came"
 
 
 def _slowloris_head(ctx: Ctx) -> Reply:
