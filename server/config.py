@@ -8,12 +8,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.engine.config import EngineConfig
 
 __all__ = ["EngineConfig", "Settings", "default_cache_dir"]
+
+# no '*' or '+' (they spell a mix), nothing a log line or a URL would have to escape
+ServedName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
 
 
 def default_cache_dir() -> Path:
@@ -28,11 +31,10 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None, description="Local HF checkpoint dir (Llama/Qwen2/Mistral); default SmolLM2"
     )
-    served_model_name: str | None = Field(
-        None,
-        # no '*' or '+' (they spell a mix), nothing a log line or a URL would have to escape
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
-        description="the base model's id in the API (vLLM's flag; default: the checkpoint's name)",
+    served_model_name: Annotated[list[ServedName], NoDecode] = Field(
+        default_factory=list,
+        description="vLLM's: the base model's id in the API (default: the checkpoint's name); names "
+        "after the first are aliases a request may send, answered under the first",
     )
     chat_template: str | None = Field(
         None,
@@ -156,7 +158,7 @@ class Settings(BaseSettings):
         "aborted (0: abort at once); a second signal exits without waiting",
     )
 
-    @field_validator("served_model_name", "chat_template", "model", mode="before")
+    @field_validator("chat_template", "model", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         """LORAPLEX_X= (set, empty) means unset, as a shell script that clears a variable means."""
@@ -178,6 +180,29 @@ class Settings(BaseSettings):
             except json.JSONDecodeError as e:
                 raise ValueError(f"not a JSON list ({e.msg})") from None
         return [text] if text.startswith("{") else text.split()
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        """The environment's forms: names separated by whitespace (vLLM's command-line form) or a
+        JSON list; empty is none. A list (the command line) as it is."""
+        if not isinstance(v, str):
+            return v
+        text = v.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a JSON list ({e.msg})") from None
+        return text.split()
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        twice = sorted({n for n in v if v.count(n) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} named twice")
+        return v
 
     @property
     def store_dir(self) -> Path:

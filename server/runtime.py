@@ -36,6 +36,9 @@ class Runtime:
     async_engine: AsyncEngine
     # the checkpoint's sampling defaults (generation_defaults.py): for fields a request leaves out
     generation_defaults: dict[str, float] = field(default_factory=dict)
+    # --served-model-name's names after the first: requests may send them for the base model,
+    # which answers, lists its adapters under and counts in metrics by the first (vLLM's reading)
+    aliases: tuple[str, ...] = ()
 
     @cached_property
     def grammar(self) -> GrammarCompiler:
@@ -47,6 +50,13 @@ class Runtime:
     @property
     def model_id(self) -> str:
         return self.base.model_id
+
+    @property
+    def base_names(self) -> tuple[str, ...]:
+        return (self.base.model_id, *self.aliases)
+
+    def is_base(self, name: str) -> bool:
+        return name == self.base.model_id or name in self.aliases
 
     def resolve(
         self,
@@ -65,7 +75,7 @@ class Runtime:
                 "`combination` applies to a mix: give `adapters`, or spell the mix in `model`", "combination"
             )
         if adapters is not None:
-            if model != self.base.model_id:
+            if not self.is_base(model):
                 if mixing.is_spelling(model):
                     raise MixError(
                         "give a mix either in `adapters` or spelled in `model`, not both", "adapters"
@@ -74,7 +84,7 @@ class Runtime:
                     f"with `adapters`, `model` must be the base model's id {self.base.model_id!r}", "model"
                 )
             parts, param = mixing.check_parts(adapters, "adapters"), "adapters"
-        elif model == self.base.model_id:
+        elif self.is_base(model):
             return None
         elif mixing.is_spelling(model):
             parts, param = mixing.parse(model), "model"
@@ -84,7 +94,7 @@ class Runtime:
         return mixing.mix_record(records, self.registry.max_rank, param, combination or CAT)
 
     def _adapter(self, name: str, may_use: Callable[[str], bool], param: str) -> AdapterRecord:
-        if name == self.base.model_id:  # only a mix's part gets here with the base's id
+        if self.is_base(name):  # only a mix's part gets here with the base's id
             raise MixError(f"the base model {name!r} cannot be part of a mix: name adapters only", param)
         if not may_use(name):
             raise AdapterNotFoundError(name, param)
@@ -115,11 +125,12 @@ class Runtime:
 
 def build_runtime(settings: Settings) -> Runtime:
     path, model_id = resolve_model(settings.model, settings.cache_dir)
-    model_id = settings.served_model_name or model_id
+    names = settings.served_model_name or [model_id]
+    model_id = names[0]
     # checked before the model loads: a bad template stops the start in a moment
     template = None if settings.chat_template is None else load_chat_template(settings.chat_template)
     defaults = generation_defaults.resolve(settings.generation_config, path)
-    modules = startup_modules.check(settings.lora_modules, model_id)
+    modules = startup_modules.check(settings.lora_modules, names)
     if defaults:
         log.info("sampling defaults from the checkpoint's generation config: %s", defaults)
     backends = select_backends(
@@ -179,8 +190,8 @@ def build_runtime(settings: Settings) -> Runtime:
     if modules:
         named = startup_modules.register(registry, modules)
         log.info("--lora-modules: %s", ", ".join(f"{r.name} ({r.version[:12]})" for r in named))
-    if any(r.name == model_id for r in registry.records()):  # the base's id resolves first
-        log.warning("the adapter named %r is shadowed by the base model's id; rename one of them", model_id)
+    for shadowed in sorted({r.name for r in registry.records()} & set(names)):  # the base resolves first
+        log.warning("the adapter named %r is shadowed by the base model's id; rename one of them", shadowed)
     engine = LLMEngine(base, registry, config)
     async_engine = AsyncEngine(engine, config.max_queue)
-    return Runtime(settings, base, registry, engine, async_engine, defaults)
+    return Runtime(settings, base, registry, engine, async_engine, defaults, tuple(names[1:]))

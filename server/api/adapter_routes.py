@@ -60,7 +60,7 @@ def describe(rt: Runtime, record: AdapterRecord) -> dict[str, Any]:
 def _check_new_name(request: Request, rt: Runtime, name: str) -> None:
     check_name(name)
     check_manageable(request, name)
-    if name == rt.model_id:
+    if rt.is_base(name):
         raise AdapterError(f"{name!r} is the base model's id; choose another adapter name", "name")
 
 

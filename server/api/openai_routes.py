@@ -38,10 +38,10 @@ def _rt(request: Request) -> Runtime:
     return rt
 
 
-def _base_entry(request: Request) -> dict[str, Any]:
+def _base_entry(request: Request, name: str) -> dict[str, Any]:
     rt = _rt(request)
     return {
-        "id": rt.model_id,
+        "id": name,
         "object": "model",
         "created": int(request.app.state.started),
         "owned_by": "loraplex",
@@ -66,7 +66,9 @@ def _adapter_entry(rt: Runtime, r: AdapterRecord) -> dict[str, Any]:
 @router.get("/v1/models", response_model=None, responses=answers(responses.ModelList, *INFERENCE))
 async def models(request: Request) -> dict[str, Any]:
     rt, may_use = _rt(request), grant(request).may_use
-    data = [_base_entry(request)] + [_adapter_entry(rt, r) for r in rt.registry.records() if may_use(r.name)]
+    data = [_base_entry(request, name) for name in rt.base_names] + [
+        _adapter_entry(rt, r) for r in rt.registry.records() if may_use(r.name)
+    ]
     return {"object": "list", "data": data}
 
 
@@ -83,7 +85,7 @@ async def model(model_id: str, request: Request) -> dict[str, Any]:
     except MixError:
         # a retrieve names a model: a spelling that is no valid mix is no model here (OpenAI's 404)
         raise AdapterNotFoundError(model_id) from None
-    return _base_entry(request) if adapter is None else _adapter_entry(rt, adapter)
+    return _base_entry(request, model_id) if adapter is None else _adapter_entry(rt, adapter)
 
 
 @dataclass
@@ -162,8 +164,9 @@ def _job(
                     choice=body.tool_choice if isinstance(body, ChatCompletionRequest) else None,
                 )
             )
-    # a mix answers with its canonical spelling, whichever way the request gave it
-    model = adapter.name if adapter is not None else body.model
+    # a mix answers with its canonical spelling, whichever way the request gave it; the base with
+    # its first name, whichever alias the request sent (vLLM's answer)
+    model = adapter.name if adapter is not None else rt.model_id
     return _Job(job_id, chat, model, adapter, seqs, choices, body.n)
 
 

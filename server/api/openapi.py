@@ -77,7 +77,7 @@ def document(app: FastAPI, runtime: Runtime) -> dict[str, Any]:
         schemas.pop(name, None)
     if not app.state.keys.open:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    resolved: dict[str, Any] = _resolve(doc, settings_of(runtime), runtime.model_id)
+    resolved: dict[str, Any] = _resolve(doc, settings_of(runtime), runtime.base_names)
     return resolved
 
 
@@ -97,13 +97,13 @@ def _operation(op: dict[str, Any], open_: bool) -> None:
             op["security"] = [{"bearer": []}]
 
 
-def _resolve(node: Any, settings: dict[str, Any], model_id: str) -> Any:
+def _resolve(node: Any, settings: dict[str, Any], base_names: tuple[str, ...]) -> Any:
     """The document with every placeholder replaced by its value."""
     if isinstance(node, list):
-        return [_resolve(x, settings, model_id) for x in node]
+        return [_resolve(x, settings, base_names) for x in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _resolve(v, settings, model_id) for k, v in node.items() if k not in (SETTING, MODEL_ID)}
+    out = {k: _resolve(v, settings, base_names) for k, v in node.items() if k not in (SETTING, MODEL_ID)}
     for keyword, name in node.get(SETTING, {}).items():
         out[keyword] = settings[name]
     if out.pop(ADAPTER_NAME, False):
@@ -113,11 +113,11 @@ def _resolve(node: Any, settings: dict[str, Any], model_id: str) -> Any:
         # the same set as the patterns alone when the id is a valid name; the first branch makes
         # generated requests (and readers) find the base model; the last is a mix's spelling
         out["anyOf"] = [
-            {"const": model_id},
+            {"const": base_names[0]} if len(base_names) == 1 else {"enum": list(base_names)},
             {"pattern": adapter_name_pattern()},
             {"pattern": spelling_pattern(), "description": "a mix of adapters: name*weight+name*weight"},
         ]
-        out["examples"] = [model_id]
+        out["examples"] = [base_names[0]]
     return out
 
 

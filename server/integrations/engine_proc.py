@@ -197,10 +197,11 @@ class EngineProcess:
         r = await self._client.post(f"{self.url}/v1/completions", json=body, headers=self._auth)
         return r.status_code
 
-    async def base_model_id(self) -> str:
+    async def base_model_ids(self) -> frozenset[str]:
+        """The base model's ids (--served-model-name's first name and its aliases)."""
         r = await self._client.get(f"{self.url}/v1/models", headers=self._auth)
         r.raise_for_status()
-        return next(str(m["id"]) for m in r.json()["data"] if m.get("parent") is None)
+        return frozenset(str(m["id"]) for m in r.json()["data"] if m.get("parent") is None)
 
     def _request(self, call: Call) -> httpx.Request:
         headers = [(k, v) for k, v in call.headers if k.lower() not in _REQUEST_DROP]

@@ -98,8 +98,8 @@ class LoraplexReplica:
         async for item in self._engine.stream(call, self._extra):
             yield item
 
-    async def base_model_id(self) -> str:
-        return await self._engine.base_model_id()
+    async def base_model_ids(self) -> frozenset[str]:
+        return await self._engine.base_model_ids()
 
     async def info(self) -> dict[str, Any]:
         """Which replica and child this is (operators and the end-to-end test use it)."""
@@ -162,15 +162,15 @@ class LoraplexIngress:
 
     def __init__(self, replica: DeploymentHandle) -> None:
         self._replica = replica
-        self._base_id: str | None = None
+        self._base_ids: frozenset[str] | None = None
 
-    async def _base(self) -> str | None:
-        if self._base_id is None:
+    async def _base(self) -> frozenset[str]:
+        if self._base_ids is None:
             try:
-                self._base_id = await self._replica.base_model_id.remote()
+                self._base_ids = await self._replica.base_model_ids.remote()
             except Exception as e:  # retried on the next request
                 log.warning("base model id unknown yet: %r", e)
-        return self._base_id
+        return self._base_ids or frozenset()
 
     @ingress_app.post("/v1/chat/completions")
     @ingress_app.post("/v1/completions")
@@ -178,7 +178,7 @@ class LoraplexIngress:
         call = await _call(request)
         model, stream = _peek(call.body)
         handle = self._replica
-        if model is not None and model != await self._base():
+        if model is not None and model not in await self._base():
             handle = handle.options(multiplexed_model_id=model)
         return await self._send(handle, call, stream)
 

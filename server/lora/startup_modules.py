@@ -6,6 +6,7 @@ line, a named adapter that cannot be registered stops the start: the operator as
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from server.errors import AdapterError, StartupAdapterError
@@ -40,12 +41,12 @@ def parse(entries: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def check(entries: list[str], base_id: str | None = None) -> list[tuple[str, Path]]:
+def check(entries: list[str], base_names: Sequence[str] = ()) -> list[tuple[str, Path]]:
     """What can be checked before the model loads (a typo should not cost a model load): the form,
-    that each directory exists, and that no name is the base model's id."""
+    that each directory exists, and that no name is one of the base model's ids."""
     named = parse(entries)
     for name, directory in named:
-        if name == base_id:
+        if name in base_names:
             raise StartupAdapterError(f"{_FLAG} {name!r} is the base model's id; choose another name")
         if not directory.is_dir():
             raise StartupAdapterError(f"{_FLAG} {name}={directory}: not a directory")

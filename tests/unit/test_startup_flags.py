@@ -60,10 +60,64 @@ def test_served_name_and_lora_modules(
         runtime.engine.cache.close()
 
 
+def test_aliases_after_the_first_served_name_reach_the_base_model(
+    tiny_checkpoint: Callable[[str], Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """vLLM's reading of several names: a request may send any of them; the base answers, lists
+    its adapters and is counted under the first; each name is a base card in /v1/models; no
+    adapter may take one."""
+    checkpoint = tiny_checkpoint("llama")
+    names = [SERVED, "tiny", "acme/alias"]
+    with pytest.raises(StartupAdapterError, match="'acme/alias' is the base model's id"):
+        runtime_with(
+            checkpoint, tmp_path, served_model_name=names, lora_modules=[f"acme/alias={adapters['a']}"]
+        )
+    runtime = runtime_with(checkpoint, tmp_path, served_model_name=names, lora_modules=[f"a={adapters['a']}"])
+    try:
+        assert runtime.model_id == SERVED and runtime.base_names == tuple(names)
+        client = TestClient(create_app(runtime), raise_server_exceptions=False)
+        listed = client.get("/v1/models").json()["data"]
+        assert [(m["id"], m["parent"], m["root"]) for m in listed] == [
+            (SERVED, None, SERVED),
+            ("tiny", None, SERVED),
+            ("acme/alias", None, SERVED),
+            ("a", SERVED, "a"),
+        ]
+        card = client.get("/v1/models/acme/alias")
+        assert card.status_code == 200 and card.json()["id"] == "acme/alias"
+        messages = [{"role": "user", "content": "hi"}]
+        for sent in names:
+            body = ChatCompletionRequest.model_validate({"model": sent, "messages": messages})
+            job = openai_routes._job(runtime, body, [prompting.chat_prompt(runtime, body)], 2, lambda _: True)
+            assert job.adapter is None and job.model == SERVED, sent
+        mix = {"model": "tiny", "messages": messages, "adapters": [{"name": "a", "weight": 0.5}]}
+        body = ChatCompletionRequest.model_validate(mix)
+        job = openai_routes._job(runtime, body, [prompting.chat_prompt(runtime, body)], 2, lambda _: True)
+        assert job.adapter is not None and job.model == job.adapter.name
+        r = client.post("/tokenize", json={"model": "tiny+a", "prompt": "hi"})
+        assert r.status_code == 400 and "cannot be part of a mix" in r.json()["error"]["message"]
+        model_field = client.get("/openapi.json").json()["components"]["schemas"]["ChatCompletionRequest"]
+        assert {"enum": names} in model_field["properties"]["model"]["anyOf"]
+    finally:
+        runtime.engine.cache.close()
+
+
 @pytest.mark.parametrize("name", ["a+b", "a*2", " a", "a b", "-a", "a\n", "x" * 129])
 def test_a_served_name_that_would_spell_a_mix_or_need_escaping_is_refused(name: str) -> None:
     with pytest.raises(ValidationError, match="served_model_name"):
-        Settings.model_validate({"served_model_name": name})
+        Settings.model_validate({"served_model_name": [name]})
+
+
+def test_served_names_on_the_command_line_and_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser()
+    _add_settings_flags(parser)
+    assert _settings(parser.parse_args(["--served-model-name", "a", "b/c"])).served_model_name == ["a", "b/c"]
+    for value, names in (("", []), ("a", ["a"]), (" a  b ", ["a", "b"]), ('["a", "b"]', ["a", "b"])):
+        monkeypatch.setenv("LORAPLEX_SERVED_MODEL_NAME", value)
+        assert Settings.model_validate({}).served_model_name == names, value
+    monkeypatch.setenv("LORAPLEX_SERVED_MODEL_NAME", "a b a")
+    with pytest.raises(ValidationError, match="'a' named twice"):
+        Settings.model_validate({})
 
 
 @pytest.mark.parametrize(
@@ -281,4 +335,4 @@ def test_bad_settings_exit_2_naming_them(
     assert "lora_modules" in capsys.readouterr().err
     monkeypatch.setenv("LORAPLEX_LORA_MODULES", "")
     monkeypatch.setenv("LORAPLEX_SERVED_MODEL_NAME", "")  # empty: unset
-    assert Settings.model_validate({}).served_model_name is None
+    assert Settings.model_validate({}).served_model_name == []
