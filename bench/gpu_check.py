@@ -155,7 +155,8 @@ def _kernels_at(c: Check, din: int, dout: int, ms: list[int]) -> dict[str, Any]:
         triton_ok = False
     s, r, dev = 17, 16, c.dev
     g = torch.Generator(device=dev).manual_seed(0)
-    A = torch.randn(s, r, din, device=dev, generator=g) / din**0.5
+    # [S, R, in] over rank-innermost storage, as the LoRA layers keep it (server/lora/ops.py)
+    A = (torch.randn(s, din, r, device=dev, generator=g) / din**0.5).transpose(1, 2)
     B = torch.randn(s, r, dout, device=dev, generator=g) * 0.1
     A[0], B[0] = 0.0, 0.0
     scale = torch.full((s,), 2.0, device=dev)

@@ -20,7 +20,7 @@ from bench import workload
 from bench.report import save, table
 from server.engine.sequence import SamplingParams, Sequence
 from server.lora.adapter import AdapterWeights
-from server.lora.ops import lora_rows
+from server.lora.ops import LoRABatch, lora_bag, lora_rows
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.model.loader import BaseModel
 
@@ -135,16 +135,22 @@ def main() -> None:
 
 def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
     """The grouped low-rank products of one 16-adapter decode step, timed alone: every LoRA layer's
-    per-token products (lora_rows) on 16 rows, one per slot the engine filled, without the base
-    model around it. Each row is multiplied by its own slot's factors only."""
+    per-token products in the engine's form for the device (lora_bag on CPU, lora_rows on CUDA) on
+    16 rows, one per slot the engine filled, without the base model around it. Each row is
+    multiplied by its own slot's factors only."""
     layers = list(base.lora_layers.values())
     n = max(DISTINCT)
-    slots = torch.tensor([1 + i % n for i in range(BATCH)], device=base.device)
+    slot_list = [1 + i % n for i in range(BATCH)]
+    slots = torch.tensor(slot_list, device=base.device)
     xs = [torch.randn(BATCH, layer.in_features, device=base.device) for layer in layers]
 
     def run() -> None:
+        bag = LoRABatch.build(slot_list, [], base.device).bag  # built once per step, as the engine does
         for layer, x in zip(layers, xs, strict=True):
-            lora_rows(x, layer.lora_A, layer.lora_B, layer.lora_scale, slots)
+            if bag is not None:
+                lora_bag(x, layer.lora_A, layer.lora_B, layer.lora_scale, bag)
+            else:
+                lora_rows(x, layer.lora_A, layer.lora_B, layer.lora_scale, slots)
 
     run()
     times = []

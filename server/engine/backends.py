@@ -1,6 +1,7 @@
 """The one place that chooses the compute backends, once, at start-up, and logs the choice.
 
-- LoRA term: `torch` (per-token products in plain torch: the CPU default and the oracle) or
+- LoRA term: `torch` (per-token products in plain torch: the CPU default and the oracle; on CPU
+  as embedding-bag sums over the slot factors read in place, on CUDA as `bmm` items) or
   `triton` (our SGMV kernels; CUDA, or the interpreter under TRITON_INTERPRET=1 for tests). `auto`
   picks torch until bench/gpu_check.py has verified the kernels on a GPU.
 - Attention: `torch` (per-sequence SDPA over the paged cache: the CPU default and the oracle) or

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from server.lora.adapter import ModuleIA3, ModuleLoRA
-from server.lora.ops import LoRABatch, lora_rows, lora_shared
+from server.lora.ops import LoRABatch, lora_bag, lora_rows, lora_shared
 from server.model.base_gemm import BaseGemm, base_linear
 
 
@@ -43,7 +43,7 @@ class LoRALinear(nn.Module):
     all-zero slot 0, so loading an adapter is a copy, never an allocation.
     """
 
-    lora_A: torch.Tensor  # [S + 1, R, in]
+    lora_A: torch.Tensor  # [S + 1, R, in], stored [S + 1, in, R] (see ops.py)
     lora_B: torch.Tensor  # [S + 1, R, out]
     lora_scale: torch.Tensor  # [S + 1]
     lora_rank: torch.Tensor  # [S + 1] int32, each slot's true rank (the Triton kernels skip the padding)
@@ -62,7 +62,9 @@ class LoRALinear(nn.Module):
         device = next(base.parameters()).device
         self.register_buffer(
             "lora_A",
-            torch.zeros(num_slots + 1, max_rank, self.in_features, dtype=dtype, device=device),
+            torch.zeros(num_slots + 1, self.in_features, max_rank, dtype=dtype, device=device).transpose(
+                1, 2
+            ),
             persistent=False,
         )
         self.register_buffer(
@@ -155,6 +157,11 @@ class LoRALinear(nn.Module):
                 y2.mul_(dora.index_select(0, rows))
             return y
         x2 = x.reshape(-1, self.in_features).to(A.dtype)
+        if batch.bag is not None:  # CPU: every row with an adapter in one pair of bag sums
+            bag = batch.bag
+            g = dora.index_select(0, bag.slots) if self.dora_slots & batch.active else None
+            _add_rows(y2, x2, bag.rows, bag.num_rows, partial(lora_bag, A=A, B=B, scale=scale, rows=bag), g)
+            return y
         d = batch.num_decode
         if batch.decode_groups is not None:
             for slot, group in batch.decode_groups:

@@ -1,17 +1,23 @@
-"""The grouped low-rank term: a plain-torch reference and the row-invariant product the torch backend uses.
+"""The grouped low-rank term: a plain-torch reference and the row-invariant products the torch backend uses.
 
 Slot buffers (one set per target projection, slot 0 all zeros = "no adapter"):
-    A: [S, R, in]    rows [:r] of slot s hold the adapter's lora_A ([r, in]); the rest are zero
+    A: [S, R, in]    rows [:r] of slot s hold the adapter's lora_A ([r, in]); the rest are zero.
+                     Stored rank-innermost (A.transpose(1, 2) is contiguous [S, in, R]): the CPU
+                     path reads it as a table of [R]-rows, the others take it through its strides
     B: [S, R, out]   rows [:r] hold lora_B transposed ([r, out]); the rest are zero
     scale: [S]       lora_alpha / r (or / sqrt(r) with rsLoRA), per projection
 R is max_lora_rank; adapters of lower rank are zero-padded, so padding adds exact zeros.
 
-Batch invariance by construction: every token's term is its own pair of matrix products,
-[1, in] @ [in, R] then [1, R] @ [R, out], one batch item of a `bmm` each. Their shapes come from
-the model and `max_lora_rank` only, never from how many tokens or adapters share the step, so the
-order in which each output is summed cannot change with the batch. (A dense product over the
-step's slots reduces over (number of slots) * R columns: its blocking, and so its rounding, changed
-with the adapter mix, which broke solo == mixed on AVX2 kernels.)
+Batch invariance by construction: every token's term is its own pair of products, x[t] @ A[s].T
+then @ B[s], whose shapes come from the model and `max_lora_rank` only, never from how many tokens
+or adapters share the step, so the order in which each output is summed cannot change with the
+batch. (A dense product over the step's slots reduces over (number of slots) * R columns: its
+blocking, and so its rounding, changed with the adapter mix, which broke solo == mixed on AVX2.)
+Two forms of it, one per device, never mixed in one engine:
+- on CPU, lora_bag: each product is one bag of torch's embedding_bag, the weighted sum of the
+  factor rows of the token's slot read in place, in index order. A gathered copy of the factors
+  per token (lora_rows) wrote and read them twice more: at 16 adapters that was most of the term.
+- on CUDA, lora_rows / lora_shared: one `bmm` item per token over gathered or broadcast factors.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from server.lora.segments import Segments, build_segments
 
@@ -46,6 +53,8 @@ class LoRABatch:
     decode_groups: tuple[tuple[int, torch.Tensor | None], ...] | None = None
     # A captured graph's batch: every layer launches its kernels whatever is loaded at capture time.
     always: bool = False
+    # CPU: every row with an adapter, for lora_bag (then the decode and segment fields go unused)
+    bag: BagRows | None = None
     # Slot of every row [T], only when a slot of the step uses DoRA or (IA)3 (their per-row vectors
     # are gathered by it); None keeps a plain-LoRA step free of the gather.
     row_slots: torch.Tensor | None = None
@@ -61,14 +70,22 @@ class LoRABatch:
         extra_slots: frozenset[int] | set[int] = frozenset(),
         num_rows: int = 0,
         saved_slots: frozenset[int] | set[int] = frozenset(),
+        bag: bool | None = None,
     ) -> LoRABatch:
         """`num_rows`: rows of the packed batch (at least every decode row and segment).
-        `saved_slots` (a subset of `extra_slots`): slots holding modules_to_save copies."""
+        `saved_slots` (a subset of `extra_slots`): slots holding modules_to_save copies.
+        `bag`: the torch backend's form, lora_bag or the bmm products; None: the device's (the
+        bag on CPU). Tests choose it to run the CUDA form on a CPU."""
         rows = [i for i, s in enumerate(decode_slots) if s]
         decode_active = frozenset(decode_slots[i] for i in rows)
         every = len(rows) == len(decode_slots)
+        if bag is None:
+            bag = device.type == "cpu"
+        rows_for_bag = BagRows.build(decode_slots, segments, device) if bag and not sgmv else None
         groups = None
-        if len(decode_active) == 1 or (rows and len(decode_active) * 8 <= len(rows)):
+        if rows_for_bag is None and (
+            len(decode_active) == 1 or (rows and len(decode_active) * 8 <= len(rows))
+        ):
             groups = tuple(
                 (slot, None if every and len(decode_active) == 1 else
                  torch.tensor([i for i in rows if decode_slots[i] == slot], dtype=torch.int64).to(device))
@@ -96,6 +113,7 @@ class LoRABatch:
             decode_active=decode_active,
             sgmv=routed,
             decode_groups=groups,
+            bag=rows_for_bag,
             row_slots=per_row,
             saved_rows=tuple(saved),
         )
@@ -119,7 +137,7 @@ def lora_rows(
 ) -> torch.Tensor:
     """Semantics: lora_reference, each row with its own slot's factors gathered beside it.
     x: [T, in], slots: [T] -> [T, out]"""
-    a = A.index_select(0, slots).transpose(1, 2)  # [T, in, R]
+    a = A.transpose(1, 2).index_select(0, slots)  # [T, in, R]
     t = torch.bmm(x.unsqueeze(1), a)  # [T, 1, in] -> [T, 1, R]
     y = torch.bmm(t, B.index_select(0, slots)).squeeze(1)  # [T, 1, R] -> [T, out]
     return y.mul_(scale.index_select(0, slots).unsqueeze(1))
@@ -135,3 +153,61 @@ def lora_shared(
     t = torch.bmm(x.unsqueeze(1), A[slot].T.expand(n, -1, -1))  # [n, 1, in] -> [n, 1, R]
     y = torch.bmm(t, B[slot].expand(n, -1, -1)).squeeze(1)  # -> [n, out]
     return y.mul_(scale[slot])
+
+
+@dataclass(frozen=True, slots=True)
+class BagRows:
+    """The step's rows with an adapter, for lora_bag: built once per step, shared by every layer,
+    with each bag layout (one per factor width) made the first time a layer asks for it."""
+
+    rows: torch.Tensor | None  # [N] rows with an adapter, ascending; None: rows [0, N)
+    slots: torch.Tensor  # [N] int64 slot of each
+    layouts: dict[int, tuple[torch.Tensor, torch.Tensor]]  # width -> (indices, offsets)
+
+    @staticmethod
+    def build(decode_slots: list[int], segments: list[tuple[int, int, int]], device: torch.device) -> BagRows:
+        n = max([len(decode_slots), *(end for _, end, _ in segments)])
+        row_slots = np.zeros(n, dtype=np.int64)
+        row_slots[: len(decode_slots)] = decode_slots
+        for start, end, slot in segments:
+            row_slots[start:end] = slot
+        rows = np.flatnonzero(row_slots)
+        every = len(rows) == n
+        return BagRows(
+            rows=None if every else torch.from_numpy(rows).to(device),
+            slots=torch.from_numpy(row_slots[rows]).to(device),
+            layouts={},
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.slots.shape[0])
+
+    def layout(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bag t of a [S * width, d] table: rows slot[t] * width + 0 .. width - 1, in that order."""
+        if width not in self.layouts:
+            first = self.slots * width
+            index = (first.unsqueeze(1) + torch.arange(width, device=first.device)).reshape(-1)
+            offsets = torch.arange(self.num_rows, device=first.device) * width
+            self.layouts[width] = (index, offsets)
+        return self.layouts[width]
+
+
+def lora_bag(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, rows: BagRows
+) -> torch.Tensor:
+    """Semantics: lora_reference over rows.slots. x: [N, in] (the rows, contiguous) -> [N, out]
+
+    x[t] @ A[s].T is sum_k x[t, k] * A[s].T[k]: the weighted sum of `in` rows of A's [S * in, R]
+    table (its storage, rank innermost), one bag per token, summed in k order by one thread: the
+    same arithmetic whatever else the step holds. Then the same with B's [S * R, out] table and
+    the rank-wide result as weights. The factors are read in place, never copied per token."""
+    rank = A.shape[1]
+    index, offsets = rows.layout(A.shape[2])
+    table = A.transpose(1, 2).reshape(-1, rank)  # a view: the storage is [S, in, R]
+    t = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=x.reshape(-1))
+    index, offsets = rows.layout(rank)
+    y = F.embedding_bag(
+        index, B.reshape(-1, B.shape[2]), offsets, mode="sum", per_sample_weights=t.reshape(-1)
+    )
+    return y.mul_(scale.index_select(0, rows.slots).unsqueeze(1))

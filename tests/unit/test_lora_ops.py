@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.lora.ops import LoRABatch, lora_reference, lora_rows, lora_shared
+from server.lora.ops import BagRows, LoRABatch, lora_bag, lora_reference, lora_rows, lora_shared
 from server.model.base_gemm import TILE, tiled_linear
 
 CPU = torch.device("cpu")
@@ -48,12 +48,75 @@ def test_lora_rows_matches_reference() -> None:
 
 def test_lora_shared_is_lora_rows_bitwise() -> None:
     A, B, scale, _ = _slot_buffers(5, 8, 576, 192, seed=3)
+    A = stored(A)  # the layer's layout: both products then read [in, R] contiguous
     x = torch.randn(40, 576, generator=torch.Generator().manual_seed(4))
     for slot in range(1, 6):
         slots = torch.full((40,), slot)
         got = lora_shared(x, A, B, scale, slot)
         assert torch.allclose(got, lora_reference(x, A, B, scale, slots), atol=1e-4)
         assert torch.equal(got, lora_rows(x, A, B, scale, slots))
+
+
+def stored(A: torch.Tensor) -> torch.Tensor:
+    """A as the layer stores it: [S, R, in] over rank-innermost storage."""
+    return A.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def bag_rows(slots: list[int]) -> BagRows:
+    return BagRows.build(slots, [], CPU)
+
+
+def test_lora_bag_matches_reference() -> None:
+    A, B, scale, _ = _slot_buffers(5, 8, 24, 40)
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, 21):
+        slots = torch.randint(1, 6, (t,), generator=g)
+        x = torch.randn(t, 24, generator=g)
+        want = lora_reference(x, A, B, scale, slots)
+        for a in (A, stored(A)):
+            got = lora_bag(x, a, B, scale, bag_rows(slots.tolist()))
+            assert torch.allclose(got, want, atol=1e-5), f"T={t}"
+
+
+def test_bag_rows_keep_the_rows_with_an_adapter() -> None:
+    rows = BagRows.build([0, 2, 1], [(3, 7, 4), (7, 9, 0)], CPU)
+    assert rows.rows is not None and rows.rows.tolist() == [1, 2, 3, 4, 5, 6]
+    assert rows.slots.tolist() == [2, 1, 4, 4, 4, 4]
+    index, offsets = rows.layout(3)
+    assert index[:6].tolist() == [6, 7, 8, 3, 4, 5] and offsets.tolist() == [0, 3, 6, 9, 12, 15]
+    every = BagRows.build([3, 1], [(2, 4, 2)], CPU)
+    assert every.rows is None and every.slots.tolist() == [3, 1, 2, 2]
+    assert LoRABatch.build([0, 2, 1], [(3, 7, 4)], CPU).bag is not None  # the CPU's path
+    assert LoRABatch.build([0, 2, 1], [], CPU, sgmv=True).bag is None
+
+
+@pytest.mark.invariance
+@pytest.mark.parametrize(("d_in", "d_out"), SHAPES)
+def test_lora_bag_alone_equal_batched(d_in: int, d_out: int) -> None:
+    """Each row's term is the same bits alone, in any batch size, in any order, with any mix,
+    and in a prefill chunk of its slot."""
+    A, B, scale, _ = _slot_buffers(8, 16, d_in, d_out, seed=5)
+    A = stored(A)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(max(ROW_COUNTS), d_in, generator=g)
+    slots = torch.randint(1, 9, (x.shape[0],), generator=g)
+
+    def term(xs: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
+        return lora_bag(xs, A, B, scale, bag_rows(ss.tolist()))
+
+    alone = torch.cat([term(x[i : i + 1], slots[i : i + 1]) for i in range(64)])
+    assert torch.allclose(alone, lora_reference(x[:64], A, B, scale, slots[:64]), rtol=1e-4, atol=1e-3)
+    for t in ROW_COUNTS:
+        m = min(t, 64)
+        assert torch.equal(term(x[:t], slots[:t])[:m], alone[:m]), (
+            f"T={t}: a row's term changed with the batch"
+        )
+    perm = torch.randperm(64, generator=g)
+    assert torch.equal(term(x[:64][perm], slots[:64][perm]), alone[perm])
+    for slot in (1, 8):  # a prefill chunk on one slot: the same bits as each of its rows alone
+        chunk = BagRows.build([], [(0, 64, slot)], CPU)
+        each = torch.cat([term(x[i : i + 1], torch.tensor([slot])) for i in range(64)])
+        assert torch.equal(lora_bag(x[:64], A, B, scale, chunk), each)
 
 
 def test_lora_batch_build() -> None:
@@ -75,6 +138,7 @@ def test_lora_batch_build() -> None:
 def test_lora_rows_alone_equal_batched(d_in: int, d_out: int) -> None:
     """Each row's term is the same bits alone, in any batch size, in any order, with any mix."""
     A, B, scale, _ = _slot_buffers(8, 16, d_in, d_out, seed=5)
+    A = stored(A)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(max(ROW_COUNTS), d_in, generator=g)
     slots = torch.randint(0, 9, (x.shape[0],), generator=g)
@@ -161,11 +225,11 @@ def test_decode_groups_give_the_gathered_bits() -> None:
             slot, ModuleLoRA(A=torch.randn(8, 96, generator=g), B=torch.randn(80, 8, generator=g), scale=0.5)
         )
     slots = [1, 0, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]  # 17 adapter rows, 2 adapters
-    grouped = LoRABatch.build(slots, [], CPU)
+    grouped = LoRABatch.build(slots, [], CPU, bag=False)  # the CUDA form, here on the CPU
     assert grouped.decode_groups is not None and [s for s, _ in grouped.decode_groups] == [1, 2]
-    gathered = LoRABatch.build(slots[:9], [], CPU)  # 8 adapter rows, 2 adapters: gathered
+    gathered = LoRABatch.build(slots[:9], [], CPU, bag=False)  # 8 adapter rows, 2 adapters: gathered
     assert gathered.decode_groups is None
-    only = LoRABatch.build([2, 2, 2], [], CPU)
+    only = LoRABatch.build([2, 2, 2], [], CPU, bag=False)
     assert only.decode_groups is not None and only.decode_groups[0][1] is None  # all rows: a slice
     x = torch.randn(1, len(slots), 96, generator=g)
     with torch.no_grad():
@@ -176,7 +240,7 @@ def test_decode_groups_give_the_gathered_bits() -> None:
         ctx.batch = only
         y_only = layer(x[:, :3])
     assert torch.equal(y_grouped[0, :9], y_gathered[0])
-    ctx.batch = LoRABatch.build([2], [], CPU)
+    ctx.batch = LoRABatch.build([2], [], CPU, bag=False)
     with torch.no_grad():
         assert torch.equal(layer(x[:, 4:5])[0, 0], y_grouped[0, 4])
     assert y_only.shape == (1, 3, 80)

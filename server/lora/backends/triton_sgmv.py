@@ -43,7 +43,7 @@ def _segment(
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, t_ptr, rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, rank_ptr,
-    K, stride_xm, stride_as, stride_ar, stride_tm,
+    K, stride_xm, stride_as, stride_ar, stride_ak, stride_tm,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0)
@@ -63,7 +63,7 @@ def _shrink_kernel(
             x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
         )
         a = tl.load(
-            a_ptr + slot.to(tl.int64) * stride_as + r[None, :] * stride_ar + k[:, None],
+            a_ptr + slot.to(tl.int64) * stride_as + r[None, :] * stride_ar + k[:, None] * stride_ak,
             mask=r_ok[None, :] & k_ok[:, None],
             other=0.0,
         )  # [BLOCK_K, BLOCK_R]
@@ -134,7 +134,7 @@ def sgmv_shrink(
     block_k, _, block_r = block_sizes(x.shape[1], 1, a.shape[1])
     _shrink_kernel[(seg_slot.shape[0],)](
         x, a, t, rows, seg_start, seg_len, seg_slot, ranks,
-        x.shape[1], x.stride(0), a.stride(0), a.stride(1), t.stride(0),
+        x.shape[1], x.stride(0), a.stride(0), a.stride(1), a.stride(2), t.stride(0),
         BLOCK_M=SEGMENT, BLOCK_K=block_k, BLOCK_R=block_r, IEEE=a.dtype == torch.float32,
     )  # fmt: skip
 
