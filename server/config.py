@@ -186,6 +186,8 @@ class Settings(BaseSettings):
     def _names(cls, v: Any) -> Any:
         """The environment's forms: names separated by whitespace (vLLM's command-line form) or a
         JSON list; empty is none. A list (the command line) as it is."""
+        if isinstance(v, list):  # the command line; `--served-model-name ""` is unset, as before
+            return [n for n in v if n != ""]
         if not isinstance(v, str):
             return v
         text = v.strip()

@@ -184,11 +184,14 @@ class BagRows:
         return int(self.slots.shape[0])
 
     def layout(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bag t of a [S * width, d] table: rows slot[t] * width + 0 .. width - 1, in that order."""
+        """Bag t of a [S * width, d] table: rows slot[t] * width + 0 .. width - 1, in that order.
+        int32 (embedding_bag takes it): N * width entries per width, 4 bytes each, for the step."""
         if width not in self.layouts:
-            first = self.slots * width
-            index = (first.unsqueeze(1) + torch.arange(width, device=first.device)).reshape(-1)
-            offsets = torch.arange(self.num_rows, device=first.device) * width
+            first = (self.slots * width).to(torch.int32)
+            index = (
+                first.unsqueeze(1) + torch.arange(width, dtype=torch.int32, device=first.device)
+            ).reshape(-1)
+            offsets = torch.arange(self.num_rows, dtype=torch.int32, device=first.device) * width
             self.layouts[width] = (index, offsets)
         return self.layouts[width]
 
@@ -204,7 +207,8 @@ def lora_bag(
     the rank-wide result as weights. The factors are read in place, never copied per token."""
     rank = A.shape[1]
     index, offsets = rows.layout(A.shape[2])
-    table = A.transpose(1, 2).reshape(-1, rank)  # a view: the storage is [S, in, R]
+    assert A.transpose(1, 2).is_contiguous(), "A must be stored rank-innermost (LoRALinear's buffer)"
+    table = A.transpose(1, 2).view(-1, rank)
     t = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=x.reshape(-1))
     index, offsets = rows.layout(rank)
     y = F.embedding_bag(

@@ -168,20 +168,22 @@
     const models = (body && body.data) || [];
     const base = models.find((m) => !m.parent) || models[0];
     baseId = base ? base.id : null;
+    // the base model's aliases (--served-model-name a b) are not personas: one "Base model" entry
+    const shown = models.filter((m) => m === base || m.parent);
     const wanted = select || el.persona.value || localStorage.getItem(PERSONA_STORE) || "";
     el.persona.replaceChildren();
-    for (const m of models) {
+    for (const m of shown) {
       const opt = document.createElement("option");
       opt.value = m.id;
       opt.textContent = m.id === baseId ? "Base model" : m.id;
       opt.title = m.id === baseId ? m.id : "LoRA adapter on " + (m.parent || baseId);
       el.persona.append(opt);
     }
-    const ids = models.map((m) => m.id);
+    const ids = shown.map((m) => m.id);
     el.persona.value = ids.includes(wanted) ? wanted : baseId || "";
     if (lastPersona === null || !history.length) lastPersona = el.persona.value;
     localStorage.setItem(PERSONA_STORE, el.persona.value);
-    const n = models.length - (base ? 1 : 0);
+    const n = shown.length - (base ? 1 : 0);
     el.modelsStatus.textContent = n === 1 ? "1 persona available." : n + " personas available.";
     el.persona.dataset.state = "ready";
   }

@@ -49,7 +49,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
             shutil.copy(SHIPPED / name / file, imports / name / file)
     with ServerProc(
         tmp_path_factory.mktemp("store"),
-        args=["--import-adapters", str(imports)],
+        # an alias of the base (vLLM's several served names) is no persona of its own
+        args=["--import-adapters", str(imports), "--served-model-name", BASE_ID, "smol-alias"],
         env={"LORAPLEX_ADMIN_KEYS": ADMIN_KEY},
     ) as proc:
         yield proc
@@ -127,6 +128,7 @@ def test_chat_switching_personas_keeps_the_history(page: Page, artifacts_dir: Pa
     assert options.nth(0).get_attribute("value") == BASE_ID
     expect(options.nth(0)).to_have_text("Base model")
     assert sorted(options.nth(i).get_attribute("value") or "" for i in (1, 2)) == [PERSONA_A, PERSONA_B]
+    expect(page.locator("#persona-hint")).to_have_text("2 personas available.")
     expect(page.locator("#upload-submit")).to_be_enabled()
     # a key survives a reload (localStorage)
     page.reload()

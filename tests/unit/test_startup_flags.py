@@ -112,6 +112,7 @@ def test_served_names_on_the_command_line_and_in_the_environment(monkeypatch: py
     parser = argparse.ArgumentParser()
     _add_settings_flags(parser)
     assert _settings(parser.parse_args(["--served-model-name", "a", "b/c"])).served_model_name == ["a", "b/c"]
+    assert _settings(parser.parse_args(["--served-model-name", ""])).served_model_name == []
     for value, names in (("", []), ("a", ["a"]), (" a  b ", ["a", "b"]), ('["a", "b"]', ["a", "b"])):
         monkeypatch.setenv("LORAPLEX_SERVED_MODEL_NAME", value)
         assert Settings.model_validate({}).served_model_name == names, value
