@@ -12,7 +12,7 @@
 - Batch invariance (`--batch-invariant`): each token's output is the same bits alone or in any
   batch. It is off by default, chosen by the numbers (bench/single_stream.py): on CPU the 16-row
   tiles make a lone request pay for 16 rows, about 0.5-0.7x transformers' `generate` where the
-  plain matmul reaches 0.94-1.11x; from 16 rows up both cost the same. Off, the LoRA term and the
+  plain matmul reaches 1.00-1.06x; from 16 rows up both cost the same. Off, the LoRA term and the
   prefill chunking stay invariant; only the base and lm_head matmuls may differ in the last bits.
 """
 
