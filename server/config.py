@@ -19,6 +19,17 @@ __all__ = ["EngineConfig", "Settings", "default_cache_dir"]
 ServedName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
 
 
+def _env_list(text: str) -> list[Any]:
+    """A list setting's value in the environment: a JSON list, or entries separated by whitespace
+    (vLLM's command-line form); empty is none."""
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a JSON list ({e.msg})") from None
+    return text.split()
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LORAPLEX_CACHE_DIR") or Path.home() / ".cache" / "loraplex")
 
@@ -172,14 +183,7 @@ class Settings(BaseSettings):
         if not isinstance(v, str):
             return v
         text = v.strip()
-        if not text:
-            return []
-        if text.startswith("["):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not a JSON list ({e.msg})") from None
-        return [text] if text.startswith("{") else text.split()
+        return [text] if text.startswith("{") else _env_list(text)
 
     @field_validator("served_model_name", mode="before")
     @classmethod
@@ -188,15 +192,7 @@ class Settings(BaseSettings):
         JSON list; empty is none. A list (the command line) as it is."""
         if isinstance(v, list):  # the command line; `--served-model-name ""` is unset, as before
             return [n for n in v if n != ""]
-        if not isinstance(v, str):
-            return v
-        text = v.strip()
-        if text.startswith("["):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not a JSON list ({e.msg})") from None
-        return text.split()
+        return _env_list(v.strip()) if isinstance(v, str) else v
 
     @field_validator("served_model_name")
     @classmethod

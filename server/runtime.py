@@ -56,7 +56,7 @@ class Runtime:
         return (self.base.model_id, *self.aliases)
 
     def is_base(self, name: str) -> bool:
-        return name == self.base.model_id or name in self.aliases
+        return name in self.base_names
 
     def resolve(
         self,

@@ -81,7 +81,12 @@ class LoRABatch:
         every = len(rows) == len(decode_slots)
         if bag is None:
             bag = device.type == "cpu"
-        rows_for_bag = BagRows.build(decode_slots, segments, device) if bag and not sgmv else None
+        bag = bag and not sgmv
+        active = decode_active | frozenset(s for _, _, s in segments)
+        row_slots = (
+            _row_slots(decode_slots, segments, num_rows) if bag or sgmv or active & extra_slots else None
+        )
+        rows_for_bag = BagRows.of(row_slots, device) if bag and row_slots is not None else None
         groups = None
         if rows_for_bag is None and (
             len(decode_active) == 1 or (rows and len(decode_active) * 8 <= len(rows))
@@ -91,15 +96,9 @@ class LoRABatch:
                  torch.tensor([i for i in rows if decode_slots[i] == slot], dtype=torch.int64).to(device))
                 for slot in sorted(decode_active)
             )  # fmt: skip
-        active = decode_active | frozenset(s for _, _, s in segments)
         routed = per_row = None
         saved: list[tuple[int, torch.Tensor]] = []
-        if sgmv or active & extra_slots:
-            n = max([num_rows, len(decode_slots), *(end for _, end, _ in segments)])
-            row_slots = np.zeros(n, dtype=np.int64)
-            row_slots[: len(decode_slots)] = decode_slots
-            for start, end, slot in segments:
-                row_slots[start:end] = slot
+        if row_slots is not None and (sgmv or active & extra_slots):
             routed = build_segments(row_slots, device) if sgmv else None
             per_row = torch.from_numpy(row_slots).to(device) if active & extra_slots else None
             for slot in sorted(active & saved_slots):
@@ -117,6 +116,18 @@ class LoRABatch:
             row_slots=per_row,
             saved_rows=tuple(saved),
         )
+
+
+def _row_slots(
+    decode_slots: list[int], segments: list[tuple[int, int, int]], num_rows: int = 0
+) -> np.ndarray:
+    """The slot of every row of the packed batch (0: no adapter): decode rows, then the chunks."""
+    n = max([num_rows, len(decode_slots), *(end for _, end, _ in segments)])
+    row_slots = np.zeros(n, dtype=np.int64)
+    row_slots[: len(decode_slots)] = decode_slots
+    for start, end, slot in segments:
+        row_slots[start:end] = slot
+    return row_slots
 
 
 def lora_reference(
@@ -166,13 +177,13 @@ class BagRows:
 
     @staticmethod
     def build(decode_slots: list[int], segments: list[tuple[int, int, int]], device: torch.device) -> BagRows:
-        n = max([len(decode_slots), *(end for _, end, _ in segments)])
-        row_slots = np.zeros(n, dtype=np.int64)
-        row_slots[: len(decode_slots)] = decode_slots
-        for start, end, slot in segments:
-            row_slots[start:end] = slot
+        return BagRows.of(_row_slots(decode_slots, segments), device)
+
+    @staticmethod
+    def of(row_slots: np.ndarray, device: torch.device) -> BagRows:
+        """From the slot of every row of the packed batch (LoRABatch.build's, made once per step)."""
         rows = np.flatnonzero(row_slots)
-        every = len(rows) == n
+        every = len(rows) == len(row_slots)
         return BagRows(
             rows=None if every else torch.from_numpy(rows).to(device),
             slots=torch.from_numpy(row_slots[rows]).to(device),
