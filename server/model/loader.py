@@ -18,7 +18,7 @@ from server.lora.adapter import LinearShape, ModelDims
 from server.lora.dora import dense_weight
 from server.lora.layer import LoRAContext, LoRALinear
 from server.lora.saved import SaveableModule, SavedModuleHook, saveable_modules
-from server.model.base_gemm import BaseGemm, RowTiled
+from server.model.base_gemm import BaseGemm, RowTiled, keep_block_scales
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ def load_base(
     }
     layers: dict[str, LoRALinear] = {}
     for name, linear in linears.items():
+        if base_gemm is not BaseGemm.BNB:  # BNB: the module's own kernels, which decode them inside
+            keep_block_scales(linear)
         parent_name, _, child = name.rpartition(".")
         # fp32 factors whatever the compute dtype: PEFT computes the term in the adapter's fp32
         # (autocast_adapter_dtype) and casts before the add.

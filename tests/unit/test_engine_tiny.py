@@ -156,6 +156,27 @@ def test_engine_matches_hf_and_peft(
     assert any(solo[f"qv/{p}"] != solo[f"None/{p}"] for p in range(len(PROMPTS)))
 
 
+def test_block_scales_decoded_once_give_bitsandbytes_weights(tiny_checkpoint: Callable[[str], Path]) -> None:
+    """The plain and tiled modes keep each NF4 weight's double-quantized block scales decoded; the
+    weights they dequantize are bitsandbytes' own, bit for bit. The bnb mode keeps none."""
+    import bitsandbytes.functional as bnbf
+
+    from server.model.base_gemm import DECODED_STATE, dequantized_weight
+
+    path = tiny_checkpoint("llama")
+    for mode in (BaseGemm.PLAIN, TILED, BaseGemm.BNB):
+        base = load_base(path, "tiny", quantization="nf4", device="cpu", max_loras=1, base_gemm=mode)
+        for name, layer in base.lora_layers.items():
+            weight: Any = layer.base.weight  # a bitsandbytes Params4bit
+            assert weight.quant_state.nested, f"{name}: not double-quantized"
+            kept = getattr(layer.base, DECODED_STATE, None)
+            assert (kept is None) == (mode is BaseGemm.BNB), f"{mode}: {name}"
+            if kept is not None:
+                assert not kept.nested and kept.absmax.dtype == torch.float32
+                want = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+                assert torch.equal(dequantized_weight(layer.base, torch.float32), want), name
+
+
 @pytest.fixture(scope="module")
 def llama(tiny_checkpoint: Callable[[str], Path]) -> BaseModel:
     return load_base(
