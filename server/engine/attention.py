@@ -32,6 +32,16 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeContexts:
+    """The cache slots of every decode sequence's context, concatenated: each layer gathers them all
+    with one index_select per cache instead of one per sequence, then attends each sequence to its
+    own slice (the same values, laid out as a gather of its own would lay them out)."""
+
+    slots: torch.Tensor  # [sum of L] the sequences' context slots, one after the other
+    bounds: tuple[tuple[int, int], ...]  # per decode row: its [start, end) in `slots`
+
+
+@dataclass(frozen=True, slots=True)
 class FlexPlan:
     """What the flex backend needs for one step (see attn_flex)."""
 
@@ -43,8 +53,8 @@ class FlexPlan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     num_decode: int
-    # the torch backend: per decode sequence [L] cache slots of its context; prefill chunks
-    decode_kv: tuple[torch.Tensor, ...] = ()
+    # the torch backend: every decode sequence's cache slots of its context; prefill chunks
+    decode_kv: DecodeContexts | None = None
     prefills: tuple[PrefillChunk, ...] = ()
     flex: FlexPlan | None = None
     # prefix tuning: (cache slots [n], the slot's prefix [layers, 2, V, KVH, hd], virtual positions
@@ -103,11 +113,14 @@ def paged_attention(
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, hd]
     # One call per decode sequence: padding sequences to a common length changes the softmax's
     # reduction order, so a padded batch would not give exactly the tokens of a solo run.
-    for i, kv_slots in enumerate(meta.decode_kv):
-        qd = q[:, i : i + 1].unsqueeze(0)  # [1, H, 1, hd]
-        kd = k_cache[kv_slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, hd]
-        vd = v_cache[kv_slots].transpose(0, 1).unsqueeze(0)
-        out[i] = F.scaled_dot_product_attention(qd, kd, vd, scale=scaling, enable_gqa=True)[0, :, 0]
+    if meta.decode_kv is not None:
+        k_all = k_cache.index_select(0, meta.decode_kv.slots)  # [sum of L, KVH, hd]
+        v_all = v_cache.index_select(0, meta.decode_kv.slots)
+        for i, (lo, hi) in enumerate(meta.decode_kv.bounds):
+            qd = q[:, i : i + 1].unsqueeze(0)  # [1, H, 1, hd]
+            kd = k_all[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, hd]
+            vd = v_all[lo:hi].transpose(0, 1).unsqueeze(0)
+            out[i] = F.scaled_dot_product_attention(qd, kd, vd, scale=scaling, enable_gqa=True)[0, :, 0]
     for chunk in meta.prefills:
         s, n = chunk.start, chunk.length
         qp = q[:, s : s + n].unsqueeze(0)  # [1, H, n, hd]

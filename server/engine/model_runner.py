@@ -13,7 +13,7 @@ from server.engine.graphs import DecodeGraphs, PaddedDecode
 from server.engine.logprobs import prompt_logprobs
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
-from server.engine.step_inputs import StepInputBuilder, StepInputs, to_device
+from server.engine.step_inputs import StepInputBuilder, StepInputs, decode_contexts, to_device
 from server.lora.ops import LoRABatch
 from server.lora.saved import dense_linear
 from server.model.base_gemm import base_linear
@@ -212,9 +212,7 @@ class ModelRunner:
                 slot_mapping, p.bucket, flex=FlexPlan(self.flex, self.flex.prepare(p.tables, []))
             )
         else:
-            meta = AttentionMetadata(
-                slot_mapping, p.bucket, decode_kv=tuple(to_device(c, dev) for c in p.contexts)
-            )
+            meta = AttentionMetadata(slot_mapping, p.bucket, decode_kv=decode_contexts(p.contexts, dev))
         ctx = self.base.lora_context
         batch = LoRABatch.build(p.adapter_slots.tolist(), [], dev, sgmv=ctx.lora_backend == "triton")
         ids = to_device(p.input_ids, dev).unsqueeze(0)
@@ -246,7 +244,7 @@ class ModelRunner:
         return AttentionMetadata(
             slot_mapping,
             len(step.decode),
-            decode_kv=tuple(to_device(c, dev) for c in inputs.decode_context),
+            decode_kv=decode_contexts(inputs.decode_context, dev),
             prefills=tuple(chunks_ref),
         )
 

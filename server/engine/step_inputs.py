@@ -7,11 +7,13 @@ rebuilt from the whole block table every step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from server.engine.attention import DecodeContexts
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
 
@@ -137,3 +139,11 @@ def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def decode_contexts(contexts: Seq[np.ndarray], device: torch.device) -> DecodeContexts:
+    """Every decode row's context slots as one device tensor (one copy, not one per sequence)."""
+    ends = np.cumsum([len(c) for c in contexts], dtype=np.int64)
+    starts = ends - [len(c) for c in contexts]
+    slots = np.concatenate(contexts) if contexts else np.empty(0, dtype=np.int64)
+    return DecodeContexts(to_device(slots, device), tuple(zip(starts.tolist(), ends.tolist(), strict=True)))

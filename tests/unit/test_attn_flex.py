@@ -1,8 +1,10 @@
 """The FlexAttention paged backend against the torch reference (per-sequence SDPA over gathered
 slots): decode rows and prefill chunks over scattered blocks, eager and compiled, and a sequence's
-output bitwise equal alone vs in a batch."""
+output bitwise equal alone vs in a batch; and the torch backend itself against per-sequence SDPA."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
@@ -75,3 +77,41 @@ def test_flex_eager_matches_reference() -> None:
 @pytest.mark.slow
 def test_flex_compiled_matches_reference() -> None:
     _case(compiled=True)
+
+
+class _Layer(torch.nn.Module):
+    layer_idx = 0
+
+
+@pytest.mark.invariance
+def test_torch_backend_decode_is_each_sequences_own_sdpa() -> None:
+    """The torch backend gathers every decode sequence's context with one index_select per cache; each
+    row is still bitwise the SDPA of its own gathered context, alone, in a batch and in any order."""
+    from server.engine.attention import AttentionMetadata, KVCache, paged_attention
+    from server.engine.step_inputs import decode_contexts
+
+    k, v, tables = _world(3)
+    cache = KVCache(1, NB * BS, KVH, HD, torch.float32, CPU)
+    cache.k[0].copy_(k)
+    cache.v[0].copy_(v)
+    contexts = [_slots(t, n).numpy() for t, n in zip(tables, (6, 13, 9, 20, 1), strict=True)]
+    q = torch.randn(H, len(contexts), HD, generator=torch.Generator().manual_seed(4))
+
+    def run(rows: list[int]) -> torch.Tensor:
+        chosen = [contexts[i] for i in rows]
+        last = torch.tensor([int(c[-1]) for c in chosen])  # the new token's slot: rewritten as it is
+        meta = AttentionMetadata(last, len(rows), decode_kv=decode_contexts(chosen, CPU))
+        key, value = (c[0][last].transpose(0, 1).unsqueeze(0) for c in (cache.k, cache.v))
+        extra: dict[str, Any] = {"loraplex_attention": meta, "loraplex_kv_cache": cache}
+        out, _ = paged_attention(_Layer(), q[:, rows].unsqueeze(0), key, value, None, **extra)
+        return out[0]
+
+    batched = run(list(range(len(contexts))))
+    for i, context in enumerate(contexts):
+        slots = torch.from_numpy(context)
+        kd, vd = k[slots].transpose(0, 1).unsqueeze(0), v[slots].transpose(0, 1).unsqueeze(0)
+        want = F.scaled_dot_product_attention(q[:, i : i + 1].unsqueeze(0), kd, vd, enable_gqa=True)[0, :, 0]
+        assert torch.equal(batched[i], want), f"row {i} is not its own SDPA"
+        assert torch.equal(run([i])[0], want), f"row {i} differs alone"
+    order = [3, 1, 4, 0, 2]
+    assert torch.equal(run(order), batched[order])

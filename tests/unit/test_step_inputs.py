@@ -6,12 +6,13 @@ from __future__ import annotations
 import types
 
 import numpy as np
+import torch
 
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
-from server.engine.step_inputs import StepInputBuilder, slots_of
+from server.engine.step_inputs import StepInputBuilder, decode_contexts, slots_of
 
 
 class Gate:
@@ -120,3 +121,13 @@ def test_step_inputs_match_reference_through_preemption() -> None:
     assert seqs[1].token_ids[:4] == [0, 0, 0, 1] and seqs[1].num_tokens == 3 + 5 + 16
     assert builder.contexts == {}
     assert isinstance(got.slot_mapping, np.ndarray)
+
+
+def test_decode_contexts_concatenate_with_each_rows_bounds() -> None:
+    contexts = [np.array([5, 6, 7]), np.array([1]), np.array([9, 2])]
+    got = decode_contexts(contexts, torch.device("cpu"))
+    assert got.slots.tolist() == [5, 6, 7, 1, 9, 2]
+    assert got.bounds == ((0, 3), (3, 4), (4, 6))
+    assert [got.slots[lo:hi].tolist() for lo, hi in got.bounds] == [c.tolist() for c in contexts]
+    empty = decode_contexts([], torch.device("cpu"))
+    assert empty.slots.numel() == 0 and empty.bounds == ()
