@@ -5,7 +5,11 @@ hooks put the cache under `past_key_values` while transformers keeps its own, so
 P-tuning decode each step from the virtual tokens and the newest token alone (no cache reaches the
 model), and prefix tuning drops the prefix (transformers warns "Both `past_key_values` and `cache`
 are set") and returns the base model's tokens. PEFT's forward is right, so:
-- prompt and P-tuning: PEFT's forward over the whole sequence at every step (no cache);
+- prompt and P-tuning: what PEFT's forward does (its virtual-token embeddings from `get_prompt`
+  before the prompt's word embeddings, then the base model), continued by a plain greedy loop of
+  the base over the cache that first forward filled, as `generate` would have (forward_greedy, PEFT's
+  own forward over the whole sequence at every step, is its check: the same tokens, at up to three
+  times the cost);
 - prefix tuning: PEFT's own prefix tensors (`get_prompt`) written into a transformers cache, and a
   plain greedy loop of the base over it, the prompt's positions starting after the prefix.
 """
@@ -25,6 +29,27 @@ def _eos(peft_model: Any) -> set[int]:
 
 def _device(peft_model: Any) -> torch.device:
     return next(peft_model.parameters()).device
+
+
+def prompt_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]:
+    from transformers import DynamicCache
+
+    stock = peft_model.get_base_model()
+    dev = _device(peft_model)
+    cache = DynamicCache()
+    out: list[int] = []
+    eos = _eos(peft_model)
+    with torch.no_grad():
+        words = stock.get_input_embeddings()(torch.tensor([ids], device=dev))
+        virtual = peft_model.get_prompt(batch_size=1).to(words.dtype)  # [1, V, hidden]
+        embeds = torch.cat([virtual, words], dim=1)  # PEFT's forward: virtual tokens first
+        logits = stock(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits
+        out.append(int(logits[0, -1].argmax()))
+        while len(out) < new_tokens and out[-1] not in eos:
+            x = torch.tensor([[out[-1]]], device=dev)
+            logits = stock(input_ids=x, past_key_values=cache, use_cache=True).logits
+            out.append(int(logits[0, -1].argmax()))
+    return out
 
 
 def forward_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]:
@@ -75,7 +100,7 @@ def reference_greedy(peft_model: Any, method: str, ids: list[int], new_tokens: i
     if method == "prefix_tuning":
         return prefix_greedy(peft_model, ids, new_tokens)
     if method in ("prompt_tuning", "p_tuning"):
-        return forward_greedy(peft_model, ids, new_tokens)
+        return prompt_greedy(peft_model, ids, new_tokens)
     x = torch.tensor([ids], device=_device(peft_model))
     with torch.no_grad():
         out = peft_model.generate(

@@ -21,7 +21,7 @@ from server.lora.store import AdapterStore
 from server.model.loader import BaseModel
 from tests.drive import greedy
 from tests.peft_factory import assert_refused_and_store_unchanged, edited_copy
-from tests.peft_oracle import reference_greedy
+from tests.peft_oracle import forward_greedy, reference_greedy
 from tests.unit.test_engine_tiny import engine_for, hf_model, prompt_ids, record_logits
 from tests.unit.test_peft_methods import backend_tokens, make_all, tiny_nf4
 
@@ -101,6 +101,21 @@ def test_each_method_matches_its_oracle_alone_and_bitwise_in_one_mixed_batch(
             want = reference(path, made[name], nf4, text, METHOD[name])
             assert solo[f"{name}/{p}"] == want, f"{name}/{p} != reference"
         assert any(solo[f"{name}/{p}"] != solo[f"base/{p}"] for p in range(len(TEXTS))), f"{name} = base"
+
+
+def test_the_cached_prompt_reference_is_pefts_forward_at_every_step(
+    nf4: BaseModel, made: dict[str, Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """The prompt and P-tuning reference decodes over a cache after PEFT's first forward; PEFT's own
+    forward over the whole sequence at every step gives the same tokens."""
+    from peft import PeftModel
+
+    for name in ("prompt", "ptuning"):
+        model = PeftModel.from_pretrained(hf_model(tiny_checkpoint("llama"), "nf4"), made[name])
+        for text in TEXTS:
+            ids = prompt_ids(nf4, text)
+            want = forward_greedy(model, ids, TOKENS)
+            assert reference_greedy(model, METHOD[name], ids, TOKENS) == want, f"{name}: {text!r}"
 
 
 @pytest.mark.slow
