@@ -39,6 +39,8 @@ def prompt_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]
     cache = DynamicCache()
     out: list[int] = []
     eos = _eos(peft_model)
+    if new_tokens <= 0:
+        return out
     with torch.no_grad():
         words = stock.get_input_embeddings()(torch.tensor([ids], device=dev))
         virtual = peft_model.get_prompt(batch_size=1).to(words.dtype)  # [1, V, hidden]

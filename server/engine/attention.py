@@ -33,12 +33,13 @@ class PrefillChunk:
 
 @dataclass(frozen=True, slots=True)
 class DecodeContexts:
-    """The cache slots of every decode sequence's context, concatenated: each layer gathers them all
-    with one index_select per cache instead of one per sequence, then attends each sequence to its
-    own slice (the same values, laid out as a gather of its own would lay them out)."""
+    """The cache slots of every decode sequence's context, concatenated and cut into groups of at
+    most GATHER_SLOTS slots: each layer gathers a group with one index_select per cache instead of
+    one per sequence, then attends each sequence to its own slice (the same values, laid out as a
+    gather of its own would lay them out). The cap bounds the gathered copy's memory."""
 
-    slots: torch.Tensor  # [sum of L] the sequences' context slots, one after the other
-    bounds: tuple[tuple[int, int], ...]  # per decode row: its [start, end) in `slots`
+    # per group, in row order: its slots [n] and each of its rows' [start, end) within them
+    groups: tuple[tuple[torch.Tensor, tuple[tuple[int, int], ...]], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +114,16 @@ def paged_attention(
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, hd]
     # One call per decode sequence: padding sequences to a common length changes the softmax's
     # reduction order, so a padded batch would not give exactly the tokens of a solo run.
-    if meta.decode_kv is not None:
-        k_all = k_cache.index_select(0, meta.decode_kv.slots)  # [sum of L, KVH, hd]
-        v_all = v_cache.index_select(0, meta.decode_kv.slots)
-        for i, (lo, hi) in enumerate(meta.decode_kv.bounds):
+    i = 0
+    for slots, bounds in meta.decode_kv.groups if meta.decode_kv is not None else ():
+        k_all = k_cache.index_select(0, slots)  # [n, KVH, hd]
+        v_all = v_cache.index_select(0, slots)
+        for lo, hi in bounds:
             qd = q[:, i : i + 1].unsqueeze(0)  # [1, H, 1, hd]
             kd = k_all[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, hd]
             vd = v_all[lo:hi].transpose(0, 1).unsqueeze(0)
             out[i] = F.scaled_dot_product_attention(qd, kd, vd, scale=scaling, enable_gqa=True)[0, :, 0]
+            i += 1
     for chunk in meta.prefills:
         s, n = chunk.start, chunk.length
         qp = q[:, s : s + n].unsqueeze(0)  # [1, H, n, hd]

@@ -85,8 +85,9 @@ class _Layer(torch.nn.Module):
 
 @pytest.mark.invariance
 def test_torch_backend_decode_is_each_sequences_own_sdpa() -> None:
-    """The torch backend gathers every decode sequence's context with one index_select per cache; each
-    row is still bitwise the SDPA of its own gathered context, alone, in a batch and in any order."""
+    """The torch backend gathers the decode sequences' contexts with one index_select per cache and
+    group; each row is still bitwise the SDPA of its own gathered context, alone, in a batch, in any
+    order and in groups cut by the cap."""
     from server.engine.attention import AttentionMetadata, KVCache, paged_attention
     from server.engine.step_inputs import decode_contexts
 
@@ -97,10 +98,10 @@ def test_torch_backend_decode_is_each_sequences_own_sdpa() -> None:
     contexts = [_slots(t, n).numpy() for t, n in zip(tables, (6, 13, 9, 20, 1), strict=True)]
     q = torch.randn(H, len(contexts), HD, generator=torch.Generator().manual_seed(4))
 
-    def run(rows: list[int]) -> torch.Tensor:
+    def run(rows: list[int], cap: int = 1 << 16) -> torch.Tensor:
         chosen = [contexts[i] for i in rows]
         last = torch.tensor([int(c[-1]) for c in chosen])  # the new token's slot: rewritten as it is
-        meta = AttentionMetadata(last, len(rows), decode_kv=decode_contexts(chosen, CPU))
+        meta = AttentionMetadata(last, len(rows), decode_kv=decode_contexts(chosen, CPU, cap))
         key, value = (c[0][last].transpose(0, 1).unsqueeze(0) for c in (cache.k, cache.v))
         extra: dict[str, Any] = {"loraplex_attention": meta, "loraplex_kv_cache": cache}
         out, _ = paged_attention(_Layer(), q[:, rows].unsqueeze(0), key, value, None, **extra)
@@ -115,3 +116,4 @@ def test_torch_backend_decode_is_each_sequences_own_sdpa() -> None:
         assert torch.equal(run([i])[0], want), f"row {i} differs alone"
     order = [3, 1, 4, 0, 2]
     assert torch.equal(run(order), batched[order])
+    assert torch.equal(run(list(range(len(contexts))), cap=16), batched)  # groups of 6, 13, 9, 20, 1

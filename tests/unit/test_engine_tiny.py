@@ -156,7 +156,13 @@ def test_engine_matches_hf_and_peft(
     assert any(solo[f"qv/{p}"] != solo[f"None/{p}"] for p in range(len(PROMPTS)))
 
 
-def test_block_scales_decoded_once_give_bitsandbytes_weights(tiny_checkpoint: Callable[[str], Path]) -> None:
+def _refuse(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("block scales decoded again")
+
+
+def test_block_scales_decoded_once_give_bitsandbytes_weights(
+    tiny_checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The plain and tiled modes keep each NF4 weight's double-quantized block scales decoded; the
     weights they dequantize are bitsandbytes' own, bit for bit. The bnb mode keeps none."""
     import bitsandbytes.functional as bnbf
@@ -174,7 +180,9 @@ def test_block_scales_decoded_once_give_bitsandbytes_weights(tiny_checkpoint: Ca
             if kept is not None:
                 assert not kept.nested and kept.absmax.dtype == torch.float32
                 want = bnbf.dequantize_4bit(weight.data, weight.quant_state)
-                assert torch.equal(dequantized_weight(layer.base, torch.float32), want), name
+                with monkeypatch.context() as patched:  # the kept scales are used: none decoded now
+                    patched.setattr(bnbf, "dequantize_blockwise", _refuse)
+                    assert torch.equal(dequantized_weight(layer.base, torch.float32), want), name
 
 
 @pytest.fixture(scope="module")

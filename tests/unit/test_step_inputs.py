@@ -126,8 +126,20 @@ def test_step_inputs_match_reference_through_preemption() -> None:
 def test_decode_contexts_concatenate_with_each_rows_bounds() -> None:
     contexts = [np.array([5, 6, 7]), np.array([1]), np.array([9, 2])]
     got = decode_contexts(contexts, torch.device("cpu"))
-    assert got.slots.tolist() == [5, 6, 7, 1, 9, 2]
-    assert got.bounds == ((0, 3), (3, 4), (4, 6))
-    assert [got.slots[lo:hi].tolist() for lo, hi in got.bounds] == [c.tolist() for c in contexts]
-    empty = decode_contexts([], torch.device("cpu"))
-    assert empty.slots.numel() == 0 and empty.bounds == ()
+    assert got is not None and len(got.groups) == 1
+    slots, bounds = got.groups[0]
+    assert slots.tolist() == [5, 6, 7, 1, 9, 2]
+    assert bounds == ((0, 3), (3, 4), (4, 6))
+    assert decode_contexts([], torch.device("cpu")) is None
+
+
+def test_decode_contexts_groups_stay_under_the_cap() -> None:
+    """Groups of at most max_slots slots, in row order; a longer context is a group of its own."""
+    rng = np.random.default_rng(3)
+    contexts = [rng.integers(0, 1000, n) for n in (3, 4, 2, 9, 1, 1, 5)]
+    got = decode_contexts(contexts, torch.device("cpu"), max_slots=6)
+    assert got is not None
+    rows = [slots[lo:hi].tolist() for slots, bounds in got.groups for lo, hi in bounds]
+    assert rows == [c.tolist() for c in contexts]
+    sizes = [len(slots) for slots, _ in got.groups]
+    assert sizes == [3, 6, 9, 2, 5]
