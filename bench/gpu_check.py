@@ -474,7 +474,17 @@ def throughput(c: Check) -> dict[str, Any]:
         "triton_flex": {"lora_backend": "triton", "attention": "flex"},
         "triton_flex_graphs": {"lora_backend": "triton", "attention": "flex", "graphs": True},
         "batch_invariant": {"base_gemm": BaseGemm.TILED},
+        # the fast mode (--lora-dtype bfloat16): half-precision products, fp32 accumulation; last,
+        # as it is not a target
+        "triton_flex_graphs_bf16_factors": {
+            "lora_backend": "triton",
+            "attention": "flex",
+            "graphs": True,
+            "lora_dtype": torch.bfloat16,
+        },
     }
+    if c.smoke:  # the interpreter has no bf16 arithmetic
+        sets["triton_flex_graphs_bf16_factors"]["lora_dtype"] = torch.float16
     out: dict[str, Any] = {}
     for shape, layers, batches in plans:
         ckpt = _model(c, f"{shape}-{layers}", shape, layers)
@@ -489,7 +499,7 @@ def throughput(c: Check) -> dict[str, Any]:
                 base = load_base(
                     ckpt, shape, quantization="nf4", device=c.dev.type, max_loras=16, max_lora_rank=16, **opts
                 )
-                registry = AdapterRegistry(base.linear_shapes, 16)
+                registry = AdapterRegistry(base.linear_shapes, 16, factor_dtype=base.lora_dtype)
                 records = [
                     registry.add_dir(
                         f"a{i}", write_adapter(c.tmp / f"{shape}-a{i}", base.linear_shapes, 16, seed=i)

@@ -2,9 +2,10 @@
 rank-16 adapters on all seven projections: loraplex's engine step, and PEFT's mixed-batch forward
 (`adapter_names`) on the same NF4 base with the same adapters, as ratios of the median steps (and,
 for ours, of the fastest). Every case runs in the same process, interleaved round by round so that
-drift on a shared machine hits all of them alike.
+drift on a shared machine hits all of them alike. `--lora-dtype bfloat16` (or float16) adds the
+16-adapter step with the factors in that dtype (the fast mode), a second copy of the base.
 
-    .venv/bin/python -m bench.step_overhead [--rounds 8] [--steps 5] [--no-peft]
+    .venv/bin/python -m bench.step_overhead [--rounds 8] [--steps 5] [--no-peft] [--lora-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed decode steps per case per round")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT's adapter_names cases")
     ap.add_argument("--no-breakdown", action="store_true", help="skip timing the LoRA products alone")
+    ap.add_argument(
+        "--lora-dtype", choices=["bfloat16", "float16"], help="also the 16-adapter step with these factors"
+    )
     args = ap.parse_args()
 
     base = workload.load(max_loras=max(DISTINCT))
@@ -85,6 +89,12 @@ def main() -> None:
     cases: dict[tuple[str, int], Callable[[], None]] = {
         ("loraplex", n): engine_case(base, registry, loaded, n) for n in DISTINCT
     }
+    half = f"loraplex {args.lora_dtype}" if args.lora_dtype else None
+    if half is not None:
+        fast = workload.load(max_loras=max(DISTINCT), lora_dtype=getattr(torch, args.lora_dtype))
+        fast_registry, fast_records, fast_weights, _ = workload.register(fast, max(DISTINCT), RANK)
+        fast_loaded = list(zip(fast_records, fast_weights, strict=True))
+        cases[(half, max(DISTINCT))] = engine_case(fast, fast_registry, fast_loaded, max(DISTINCT))
     if not args.no_peft:
         model = workload.peft_model(dirs, base.tokenizer.eos_token_id)
         cases |= {("peft", n): peft_case(model, base.tokenizer, n) for n in DISTINCT}
@@ -117,8 +127,16 @@ def main() -> None:
             entry |= {"peft_ms": theirs, "peft_ratio": theirs_ratio, "peft_over_loraplex": theirs / ours}
         rows.append(row)
         results[str(n)] = entry
+    if half is not None:
+        key, n = (half, max(DISTINCT)), max(DISTINCT)
+        ratio, best_ratio = ms[key] / ms[("loraplex", 0)], best[key] / best[("loraplex", 0)]
+        row = [f"{n} adapters, {args.lora_dtype} factors", f"{ms[key]:.1f}", ratio, best_ratio]
+        rows.append(row + ([] if args.no_peft else ["-"] * 3))
+        results[f"{n}/{args.lora_dtype}"] = {
+            "loraplex_ms": ms[key], "loraplex_ratio": ratio, "loraplex_min_ratio": best_ratio
+        }  # fmt: skip
     header = ["batch 16", "loraplex ms", "x base", "x base (min)"] + (
-        ["PEFT ms", "x base", "PEFT/loraplex"] if len(ms) > 4 else []
+        ["PEFT ms", "x base", "PEFT/loraplex"] if not args.no_peft else []
     )
     text = table(
         f"decode step, batch {BATCH}, NF4, rank {RANK} on all 7 projections "

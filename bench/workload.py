@@ -61,15 +61,17 @@ def model_path() -> tuple[Path, str]:
     return resolve_model(None, default_cache_dir())
 
 
-def load(max_loras: int) -> BaseModel:
-    """The base exactly as the server loads it, with `max_loras` device slots of rank RANK."""
+def load(max_loras: int, lora_dtype: torch.dtype = torch.float32) -> BaseModel:
+    """The base exactly as the server loads it, with `max_loras` device slots of rank RANK (factors
+    in `lora_dtype`: --lora-dtype)."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # one bar per load would bury the tables
     path, model_id = model_path()
     return load_base(
-        path, model_id, quantization="nf4", device="auto", max_loras=max_loras, max_lora_rank=RANK
-    )
+        path, model_id, quantization="nf4", device="auto", max_loras=max_loras, max_lora_rank=RANK,
+        lora_dtype=lora_dtype,
+    )  # fmt: skip
 
 
 def chat_ids(base: BaseModel, count: int) -> list[list[int]]:
@@ -81,7 +83,7 @@ def register(
     base: BaseModel, count: int, rank: int = RANK
 ) -> tuple[AdapterRegistry, list[AdapterRecord], list[AdapterWeights], list[Path]]:
     """`count` random adapters registered the way the server does (add_dir: validated, versioned)."""
-    registry = AdapterRegistry(base.linear_shapes, rank)
+    registry = AdapterRegistry(base.linear_shapes, rank, factor_dtype=base.lora_dtype)
     dirs = adapter_set(base.linear_shapes, count, rank)
     records, weights = [], []
     for i, d in enumerate(dirs):

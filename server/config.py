@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     lora_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="LoRA term: torch (reference) or triton (SGMV kernels); auto picks torch"
     )
+    lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the adapter factors and the low-rank term: float32 is PEFT's (it upcasts "
+        "adapters); bfloat16/float16 is the fast mode (half the slot memory; the Triton kernels then "
+        "multiply in it with fp32 accumulation); auto: the compute dtype, as vLLM's --lora-dtype",
+    )
     attention_backend: Literal["auto", "torch", "flex"] = Field(
         "auto", description="attention: torch (per-sequence SDPA, reference) or flex; auto picks torch"
     )

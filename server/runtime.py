@@ -21,7 +21,7 @@ from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.lora.store import AdapterStore
 from server.model import generation_defaults
 from server.model.chat_template import load_chat_template
-from server.model.loader import BaseModel, load_base, resolve_device
+from server.model.loader import BaseModel, load_base, resolve_device, resolve_dtype
 from server.model.source import resolve_model
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,12 @@ def build_runtime(settings: Settings) -> Runtime:
     modules = startup_modules.check(settings.lora_modules, names)
     if defaults:
         log.info("sampling defaults from the checkpoint's generation config: %s", defaults)
+    device = resolve_device(settings.device)
     backends = select_backends(
-        resolve_device(settings.device),
+        device,
         lora=settings.lora_backend,
+        lora_dtype=settings.lora_dtype,
+        compute_dtype=resolve_dtype(settings.dtype, device),
         attention=settings.attention_backend,
         batch_invariant=settings.batch_invariant,
         cuda_graphs=settings.cuda_graphs,
@@ -151,6 +154,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_model_len=settings.max_model_len,
         base_gemm=backends.base_gemm,
         lora_backend=backends.lora,
+        lora_dtype=backends.lora_dtype,
     )
     if template is not None:  # before anything reads the tokenizer's template
         base.tokenizer.chat_template = template
@@ -182,6 +186,7 @@ def build_runtime(settings: Settings) -> Runtime:
         saveable=base.saveable,
         max_saved_bytes=settings.max_saved_module_bytes,
         dims=base.dims,
+        factor_dtype=base.lora_dtype,
     )
     restored = registry.restore()
     log.info("%d adapters restored from %s", len(restored), settings.store_dir)

@@ -7,6 +7,11 @@
 - Attention: `torch` (per-sequence SDPA over the paged cache: the CPU default and the oracle) or
   `flex` (FlexAttention through block tables; compiled on CUDA, eager on CPU). `auto` picks torch
   until bench/gpu_check.py has measured flex on a GPU.
+- LoRA dtype (`--lora-dtype`): the factors' dtype, in which the term is computed. float32 (default)
+  is PEFT's: it upcasts half-precision adapters (autocast_adapter_dtype) and casts the term before
+  the add. bfloat16/float16 is the fast mode, what PEFT computes with autocast_adapter_dtype=False
+  and vLLM by default: half the slot memory and, in the Triton kernels, half-precision products with
+  fp32 accumulation. `auto` is the compute dtype. Each mode is batch invariant by construction.
 - Base matmul: `bnb` on CUDA (bitsandbytes' kernels), `plain` on CPU, `tiled` under batch invariance
   (NF4 dequantized by bitsandbytes, then fixed 16-row tiles, on either device).
 - Batch invariance (`--batch-invariant`): each token's output is the same bits alone or in any
@@ -31,6 +36,11 @@ from server.model.base_gemm import BaseGemm
 log = logging.getLogger(__name__)
 
 LORA_BACKENDS = ("auto", "torch", "triton")
+LORA_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 ATTENTION_BACKENDS = ("auto", "torch", "flex")
 
 
@@ -42,10 +52,12 @@ class Backends:
     base_gemm: BaseGemm
     batch_invariant: bool
     cuda_graphs: bool = False
+    lora_dtype: torch.dtype = torch.float32
 
     def describe(self) -> str:
         return (
-            f"device={self.device.type} lora={self.lora} attention={self.attention} "
+            f"device={self.device.type} lora={self.lora} "
+            f"lora_dtype={str(self.lora_dtype).removeprefix('torch.')} attention={self.attention} "
             f"base_gemm={self.base_gemm.value} batch_invariant={self.batch_invariant} "
             f"cuda_graphs={self.cuda_graphs}"
         )
@@ -57,10 +69,18 @@ def select_backends(
     attention: str = "auto",
     batch_invariant: bool = False,
     cuda_graphs: bool = False,
+    lora_dtype: str = "float32",
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Backends:
-    """Resolve `auto` for this device and refuse what cannot run, naming the combination."""
+    """Resolve `auto` for this device and refuse what cannot run, naming the combination.
+    `compute_dtype`: the base's (what `--lora-dtype auto` means)."""
     if lora not in LORA_BACKENDS:
         raise BackendError(f"unknown --lora-backend {lora!r}; choose one of {', '.join(LORA_BACKENDS)}")
+    if lora_dtype != "auto" and lora_dtype not in LORA_DTYPES:
+        raise BackendError(
+            f"unknown --lora-dtype {lora_dtype!r}; choose one of auto, {', '.join(LORA_DTYPES)}"
+        )
+    factors = compute_dtype if lora_dtype == "auto" else LORA_DTYPES[lora_dtype]
     if attention not in ATTENTION_BACKENDS:
         raise BackendError(
             f"unknown --attention-backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
@@ -68,6 +88,11 @@ def select_backends(
     cuda = device.type == "cuda"
     if lora == "triton":
         _check_triton(device, "--lora-backend triton")
+        if not cuda and factors == torch.bfloat16:
+            raise BackendError(
+                "--lora-backend triton with bfloat16 factors on cpu: the Triton interpreter has no bf16 "
+                "arithmetic; use --lora-dtype float16 or float32, or --lora-backend torch"
+            )
     plain = BaseGemm.BNB if cuda else BaseGemm.PLAIN
     base_gemm = BaseGemm.TILED if batch_invariant else plain
     if attention == "flex":
@@ -92,6 +117,7 @@ def select_backends(
         base_gemm=base_gemm,
         batch_invariant=batch_invariant,
         cuda_graphs=cuda_graphs,
+        lora_dtype=factors,
     )
     log.info("backends: %s", chosen.describe())
     return chosen

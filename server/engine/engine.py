@@ -60,6 +60,10 @@ class LLMEngine:
                 f"max_loras {config.max_loras} / max_lora_rank {config.max_lora_rank} exceed the model's "
                 f"LoRA buffers ({buffers[0] - 1} slots, rank {buffers[1]})"
             )
+        if registry.factor_dtype != base.lora_dtype:
+            raise ValueError(
+                f"the registry checks factors for {registry.factor_dtype}, the slots hold {base.lora_dtype}"
+            )
         self.base = base
         self.registry = registry
         self.config = config

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from server.errors import AdapterWeightsError
+
 
 @dataclass(frozen=True, slots=True)
 class LinearShape:
@@ -159,3 +161,21 @@ class AdapterWeights:
     def target_modules(self) -> list[str]:
         """Short projection names this adapter touches, e.g. ["q_proj", "v_proj"]."""
         return sorted({name.rsplit(".", 1)[-1] for name in [*self.modules, *self.ia3]})
+
+
+def check_factor_range(weights: AdapterWeights, dtype: torch.dtype) -> None:
+    """Refuse factors that the device slots' dtype cannot hold: under --lora-dtype float16 a value
+    past 65504 would become inf in the slot and poison every token of the adapter. (bfloat16 has
+    float32's range: nothing finite is refused for it.)"""
+    if dtype == torch.float32:
+        return
+    limit = torch.finfo(dtype).max
+    for module, m in weights.modules.items():
+        for kind, tensor in (("lora_A", m.A), ("lora_B", m.B)):
+            peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+            if peak > limit:
+                raise AdapterWeightsError(
+                    f"{module}.{kind} holds {peak:.6g}, beyond the {limit:.6g} that this server's "
+                    f"{str(dtype).removeprefix('torch.')} adapter slots can hold (--lora-dtype)",
+                    field=f"{module}.{kind}",
+                )

@@ -54,6 +54,8 @@ class LoRALinear(nn.Module):
     def __init__(
         self, base: nn.Linear, num_slots: int, max_rank: int, context: LoRAContext, dtype: torch.dtype
     ) -> None:
+        """`dtype`: the factors' (--lora-dtype), in which the term is computed. Scales and vectors
+        stay fp32 whatever it is: PEFT's scaling is a Python float, its DoRA and (IA)3 math fp32."""
         super().__init__()
         self.base = base
         self.context = context
@@ -73,7 +75,7 @@ class LoRALinear(nn.Module):
             persistent=False,
         )
         self.register_buffer(
-            "lora_scale", torch.zeros(num_slots + 1, dtype=dtype, device=device), persistent=False
+            "lora_scale", torch.zeros(num_slots + 1, dtype=torch.float32, device=device), persistent=False
         )
         self.register_buffer(
             "lora_rank", torch.zeros(num_slots + 1, dtype=torch.int32, device=device), persistent=False
@@ -84,7 +86,7 @@ class LoRALinear(nn.Module):
             ("ia3_out", self.out_features),
         ):
             self.register_buffer(
-                name, torch.ones(num_slots + 1, width, dtype=dtype, device=device), persistent=False
+                name, torch.ones(num_slots + 1, width, dtype=torch.float32, device=device), persistent=False
             )
         self.loaded: set[int] = set()  # slots with low-rank factors in this projection
         self.dora_slots: set[int] = set()
@@ -139,8 +141,9 @@ class LoRALinear(nn.Module):
         if batch is None:
             return y
         # x: [1, T, in] (packed batch) -> [T, in]. As PEFT does, the term is computed in the
-        # factors' dtype (fp32) and cast before it is added, in place into y's rows (y is this
-        # call's own output), sparing a zero-filled delta and a copy per layer.
+        # factors' dtype (fp32 unless --lora-dtype says otherwise) and cast before it is added, in
+        # place into y's rows (y is this call's own output), sparing a zero-filled delta and a copy
+        # per layer.
         y2 = y.view(-1, self.out_features)
         if rows is not None and batch.active & self.ia3_out_slots:
             y2.mul_(self.ia3_out.index_select(0, rows))  # (IA)3: base(x) * l

@@ -18,8 +18,10 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from server.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError
-from server.lora.adapter import AdapterWeights, ConfigReport, LinearShape, ModelDims
+from server.lora.adapter import AdapterWeights, ConfigReport, LinearShape, ModelDims, check_factor_range
 from server.lora.combination import CAT, Combination
 from server.lora.saved import SaveableModule
 from server.lora.store import FILES, GC_INTERVAL_SECONDS, AdapterStore
@@ -143,15 +145,18 @@ class AdapterRegistry:
         saveable: dict[str, SaveableModule] | None = None,
         max_saved_bytes: int = 0,
         dims: ModelDims | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ) -> None:
         """`saveable` and `max_saved_bytes`: the modules a modules_to_save copy may replace, and how
         many bytes one adapter's copies may take (none are accepted without them). `dims`: the
-        base's sizes, needed to accept prompt, P- and prefix tuning adapters."""
+        base's sizes, needed to accept prompt, P- and prefix tuning adapters. `factor_dtype`: what the
+        device slots hold the factors in (--lora-dtype): a factor beyond its range is refused."""
         self.base_shapes = base_shapes
         self.max_rank = max_rank
         self.saveable = saveable or {}
         self.max_saved_bytes = max_saved_bytes
         self.dims = dims
+        self.factor_dtype = factor_dtype
         self.store = store
         self._records: dict[str, AdapterRecord] = {}
         self._usage = _Usage()
@@ -171,7 +176,9 @@ class AdapterRegistry:
             from server.lora.mixing import combine
 
             parts = [(p.name, self.load(p), w) for p, w in record.parts]
-            return combine(parts, self.max_rank, record.combination)
+            mixed = combine(parts, self.max_rank, record.combination)
+            check_factor_range(mixed, self.factor_dtype)
+            return mixed
         if adapter_version(record.path) != record.version:
             raise AdapterWeightsError(f"adapter {record.name!r} changed on disk since it was registered")
         return self._parse(record.path)
@@ -179,9 +186,11 @@ class AdapterRegistry:
     def _parse(self, directory: Path) -> AdapterWeights:
         from server.lora.weights import load_adapter
 
-        return load_adapter(
+        weights = load_adapter(
             directory, self.base_shapes, self.max_rank, self.saveable, self.max_saved_bytes, self.dims
         )
+        check_factor_range(weights, self.factor_dtype)
+        return weights
 
     def add_dir(
         self, name: str, directory: Path, *, staged: bool = False

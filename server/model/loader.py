@@ -65,6 +65,7 @@ class BaseModel:
     # what an adapter's modules_to_save copies may replace (lm_head, embeddings, norms)
     saveable: dict[str, SaveableModule] = field(default_factory=dict)
     dims: ModelDims | None = None  # what prompt, P- and prefix tuning adapters must match
+    lora_dtype: torch.dtype = torch.float32  # the adapter factors' in the slots (--lora-dtype)
 
     def chat_ids(
         self,
@@ -145,8 +146,10 @@ def load_base(
     max_model_len: int | None = None,
     base_gemm: BaseGemm | None = None,
     lora_backend: str = "torch",
+    lora_dtype: torch.dtype = torch.float32,
 ) -> BaseModel:
-    """`base_gemm` None: what `select_backends` picks for the device by default."""
+    """`base_gemm` None: what `select_backends` picks for the device by default. `lora_dtype`: the
+    adapter factors' (fp32: PEFT's; see server/engine/backends.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -186,9 +189,9 @@ def load_base(
         if base_gemm is not BaseGemm.BNB:  # BNB: the module's own kernels, which decode them inside
             keep_block_scales(linear)
         parent_name, _, child = name.rpartition(".")
-        # fp32 factors whatever the compute dtype: PEFT computes the term in the adapter's fp32
-        # (autocast_adapter_dtype) and casts before the add.
-        layer = LoRALinear(linear, max_loras, max_lora_rank, context, dtype=torch.float32)
+        # fp32 factors by default whatever the compute dtype: PEFT computes the term in the adapter's
+        # fp32 (autocast_adapter_dtype) and casts before the add.
+        layer = LoRALinear(linear, max_loras, max_lora_rank, context, dtype=lora_dtype)
         setattr(model.get_submodule(parent_name), child, layer)
         layers[name] = layer
 
@@ -203,8 +206,8 @@ def load_base(
         eos_ids |= {tokenizer.eos_token_id}
     limit = min(getattr(config, "max_position_embeddings", 2048), 8192)
     log.info(
-        "loaded %s (%s, %s on %s, %d LoRA targets, base matmul %s)",
-        model_id, quantization, dt, dev, len(layers), base_gemm.value,
+        "loaded %s (%s, %s on %s, %d LoRA targets, %s factors, base matmul %s)",
+        model_id, quantization, dt, dev, len(layers), lora_dtype, base_gemm.value,
     )  # fmt: skip
     return BaseModel(
         model=model,
@@ -217,6 +220,7 @@ def load_base(
         linear_shapes=shapes,
         lora_layers=layers,
         lora_context=context,
+        lora_dtype=lora_dtype,
         saveable=saveable,
         dims=ModelDims(
             config.hidden_size,

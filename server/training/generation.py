@@ -36,7 +36,9 @@ def build_engine(settings: Settings, max_loras: int = 8, max_rank: int = 16) -> 
         max_num_seqs=settings.max_num_seqs,
         max_model_len=base.max_model_len,
     )
-    return LLMEngine(base, AdapterRegistry(base.linear_shapes, max_rank), config)
+    return LLMEngine(
+        base, AdapterRegistry(base.linear_shapes, max_rank, factor_dtype=base.lora_dtype), config
+    )
 
 
 def register_dir(engine: LLMEngine, name: str, directory: Path) -> AdapterRecord:

@@ -175,6 +175,29 @@ def test_adapter_name_infix_and_bf16_are_accepted(
     assert torch.equal(weights.modules["model.layers.1.self_attn.q_proj"].A, expected)
 
 
+def test_factors_beyond_the_slot_dtype_are_refused(
+    tmp_path: Path, base_modules: dict[str, LinearShape]
+) -> None:
+    """Under --lora-dtype float16 a factor past 65504 would be inf in the slot: the registry refuses
+    the adapter at registration, naming the tensor, and keeps nothing; float32 and bfloat16 slots
+    (float32's range) take it."""
+    from server.lora.registry import AdapterRegistry
+
+    save_peft_adapter(tmp_path, r=4, target_modules=["q_proj"])
+    key = f"{Q0}.lora_B.weight"
+    edit_tensors(tmp_path, lambda t: t[key].__setitem__((0, 0), 1e5))
+    for dtype in (torch.float32, torch.bfloat16):
+        AdapterRegistry(base_modules, MAX_RANK, factor_dtype=dtype).add_dir("big", tmp_path)
+    half = AdapterRegistry(base_modules, MAX_RANK, factor_dtype=torch.float16)
+    with pytest.raises(
+        AdapterWeightsError, match=r"layers\.0\.self_attn\.q_proj\.lora_B holds 100000.*float16"
+    ):
+        half.add_dir("big", tmp_path)
+    assert half.get("big") is None
+    edit_tensors(tmp_path, lambda t: t[key].__setitem__((0, 0), 6e4))  # within float16's range
+    half.add_dir("big", tmp_path)
+
+
 def test_targeted_module_without_tensors_is_reported(
     tmp_path: Path, base_modules: dict[str, LinearShape]
 ) -> None:

@@ -24,7 +24,7 @@ def test_cpu_defaults_and_invariant_mode(caplog: pytest.LogCaptureFixture) -> No
         BaseGemm.PLAIN,
         False,
     )
-    assert "backends: device=cpu lora=torch attention=torch base_gemm=plain" in caplog.text
+    assert "backends: device=cpu lora=torch lora_dtype=float32 attention=torch base_gemm=plain" in caplog.text
     with pytest.raises(BackendError, match="--cuda-graphs needs a CUDA device"):
         select_backends(CPU, cuda_graphs=True)
     assert select_backends(CPU, batch_invariant=True).base_gemm is BaseGemm.TILED
@@ -40,6 +40,24 @@ def test_unknown_backend_is_refused_by_name(kwargs: dict[str, str], named: str) 
         select_backends(CPU, **kwargs)  # type: ignore[arg-type]
 
 
+def test_lora_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 by default (PEFT's), whatever the compute dtype; auto follows the compute dtype, as
+    vLLM's; the half dtypes as asked; a name not among them, or bf16 in the Triton interpreter,
+    refused with the flag's name."""
+    assert select_backends(CPU, compute_dtype=torch.bfloat16).lora_dtype == torch.float32
+    assert select_backends(CPU, lora_dtype="auto", compute_dtype=torch.bfloat16).lora_dtype == torch.bfloat16
+    assert select_backends(CPU, lora_dtype="auto").lora_dtype == torch.float32
+    assert select_backends(CPU, lora_dtype="float16").lora_dtype == torch.float16
+    assert "lora_dtype=bfloat16" in select_backends(CPU, lora_dtype="bfloat16").describe()
+    with pytest.raises(BackendError, match="--lora-dtype 'fp8'"):
+        select_backends(CPU, lora_dtype="fp8")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backends(CPU, lora="triton", lora_dtype="float16").lora_dtype == torch.float16
+    with pytest.raises(BackendError, match="no bf16 arithmetic"):
+        select_backends(CPU, lora="triton", lora_dtype="bfloat16")
+
+
 def test_cli_flags() -> None:
     import argparse
 
@@ -53,3 +71,7 @@ def test_cli_flags() -> None:
     assert not _settings(parser.parse_args([])).batch_invariant
     with pytest.raises(SystemExit):
         parser.parse_args(["--attention-backend", "nonsense"])
+    assert _settings(parser.parse_args(["--lora-dtype", "bfloat16"])).lora_dtype == "bfloat16"
+    assert _settings(parser.parse_args([])).lora_dtype == "float32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lora-dtype", "float64"])

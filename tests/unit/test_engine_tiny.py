@@ -60,7 +60,7 @@ def tiny_nf4_setup(
     from transformers import AutoModelForCausalLM
 
     base = load_base(path, "tiny", quantization="nf4", device="cpu", max_loras=2, max_lora_rank=8, **load)
-    registry = AdapterRegistry(base.linear_shapes, 8)
+    registry = AdapterRegistry(base.linear_shapes, 8, factor_dtype=base.lora_dtype)
     for i, (name, cfg) in enumerate(LORAS.items()):
         if not (adapter_dir / name / "adapter_config.json").is_file():
             make_adapter(
@@ -406,3 +406,71 @@ def test_padded_decode_steps_give_the_unpadded_logits(
     for rid, unpadded in logits[False].items():
         for i, (a, b) in enumerate(zip(unpadded, logits[True][rid], strict=True)):
             assert torch.equal(a, b), f"{rid} token {i}: padded decode step differs"
+
+
+@pytest.mark.parametrize(
+    ("lora", "dtype"),
+    [("torch", torch.bfloat16), pytest.param("triton", torch.float16, marks=pytest.mark.slow)],
+)
+def test_half_precision_factors(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, lora: str, dtype: torch.dtype
+) -> None:
+    """--lora-dtype bfloat16/float16 (the fast mode): the slots hold the factors in that dtype and
+    the term is computed in it, what PEFT computes with autocast_adapter_dtype=False. With the torch
+    backend every logit row is the same bits solo and mixed (invariance by construction holds in
+    this mode too; the Triton kernels' is checked on a GPU, bench/gpu_check.py, as Triton's CPU
+    interpreter computes its dots with numpy's BLAS); with either backend the rows differ from the
+    fp32 factors' and are nearer PEFT's own with its adapter in that dtype."""
+    from peft import PeftModel
+
+    if lora == "triton":
+        pytest.importorskip("triton")
+    path = tiny_checkpoint("llama")
+    logits: dict[torch.dtype, dict[str, list[torch.Tensor]]] = {}
+    tokens: dict[torch.dtype, dict[str, list[int]]] = {}
+    jobs: list[Job] = []
+    for factors in (dtype, torch.float32):
+        base, registry, jobs = tiny_nf4_setup(
+            path, tmp_path, PROMPTS[:2], base_gemm=TILED, lora_backend=lora, lora_dtype=factors
+        )
+        layer = next(iter(base.lora_layers.values()))
+        assert (layer.lora_A.dtype, layer.lora_B.dtype) == (factors, factors)
+        assert layer.lora_scale.dtype == layer.dora_scale.dtype == torch.float32
+        engine = engine_for(base, registry, max_num_seqs=8)
+        logits[factors] = record_logits(engine)
+        tokens[factors] = greedy(engine, jobs, max_tokens=6)
+        if factors == dtype and lora == "torch":  # (the interpreter's dot is not row invariant on AVX2)
+            for job in jobs:
+                engine = engine_for(base, registry)
+                solo = record_logits(engine)
+                greedy(engine, [job], max_tokens=6)
+                for i, (a, b) in enumerate(zip(solo[job[0]], logits[dtype][job[0]], strict=True)):
+                    assert torch.equal(a, b), f"{job[0]} token {i}: {dtype} factors differ solo vs mixed"
+
+    peft = PeftModel.from_pretrained(hf_model(path, "nf4"), tmp_path / "qv", adapter_name="qv")
+    peft.load_adapter(tmp_path / "all", adapter_name="all")
+    for name, p in peft.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(dtype)
+    for rid, _, ids in jobs:
+        adapter = rid.split("/")[0]
+        if adapter == "None":
+            continue
+        peft.set_adapter(adapter)
+        x = torch.tensor([ids + tokens[dtype][rid][:-1]])
+        with torch.no_grad():
+            out = peft(x).logits[0, len(ids) - 1 :]
+            with peft.disable_adapter():
+                plain = peft(x).logits[0, len(ids) - 1 :]
+        ours = torch.stack(logits[dtype][rid])
+        to_peft = (ours - out).abs().max().item()
+        effect = (out - plain).abs().max().item()  # how far the adapter moves the logits
+        # rows up to the first token where the two runs part (after it their inputs differ)
+        runs = zip(*(tokens[d][rid] for d in (dtype, torch.float32)), strict=True)
+        same = next((i for i, (a, b) in enumerate(runs) if a != b), 6)
+        fp32 = torch.stack(logits[torch.float32][rid][: same + 1])
+        to_fp32 = (ours[: same + 1] - fp32).abs().max().item()
+        assert to_fp32 > 0, f"{rid}: {dtype} factors give the fp32 factors' logits"
+        assert to_peft < 0.01 * effect, f"{rid}: {to_peft} from PEFT in {dtype}; the adapter moves {effect}"
+        if dtype == torch.bfloat16:  # (fp16's rounding is too fine for this to stand out)
+            assert to_peft < to_fp32 / 2, f"{rid}: {to_peft} from PEFT in bf16, {to_fp32} from fp32 factors"

@@ -337,3 +337,39 @@ def test_bad_settings_exit_2_naming_them(
     monkeypatch.setenv("LORAPLEX_LORA_MODULES", "")
     monkeypatch.setenv("LORAPLEX_SERVED_MODEL_NAME", "")  # empty: unset
     assert Settings.model_validate({}).served_model_name == []
+
+
+def test_lora_dtype_reaches_the_slots_and_the_upload_check(
+    tiny_checkpoint: Callable[[str], Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """--lora-dtype float16 through the runtime `loraplex serve` builds: the slots hold fp16 factors
+    (scales fp32), and an adapter with a factor past fp16's range, loaded over HTTP, is a 400 in the
+    OpenAI envelope naming the tensor, registered nowhere; an adapter within the range loads."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "imports" / "big"
+    shutil.copytree(adapters["a"], big)
+    weights = big / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if ".lora_B." in k)
+    tensors[key][0, 0] = 1e5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    runtime = runtime_with(
+        tiny_checkpoint("llama"), tmp_path / "cache", lora_dtype="float16",
+        adapter_import_dirs=str(tmp_path / "imports"), lora_modules=[f"small={adapters['a']}"],
+    )  # fmt: skip
+    try:
+        layer = next(iter(runtime.base.lora_layers.values()))
+        assert (layer.lora_A.dtype, layer.lora_B.dtype, layer.lora_scale.dtype) == (
+            torch.float16, torch.float16, torch.float32
+        )  # fmt: skip
+        client = TestClient(create_app(runtime), raise_server_exceptions=False)
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "big", "lora_path": str(big)})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "65504" in error["message"] and "float16" in error["message"]
+        assert error["param"].endswith(".lora_B")
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {runtime.model_id, "small"}
+    finally:
+        runtime.engine.cache.close()
