@@ -73,6 +73,7 @@ class LLMEngine:
             registry.load,
             pin=base.device.type == "cuda",
             max_bytes=config.max_cpu_lora_bytes,
+            factor_dtype=base.lora_dtype,
         )
         self.slots = SlotTable(
             base.lora_layers, config.max_loras, base.lora_context, config.max_saved_module_bytes

@@ -27,6 +27,7 @@ class AdapterCache:
         on_loaded: Callable[[], None] | None = None,
         pin: bool = False,
         max_bytes: int | None = None,
+        factor_dtype: torch.dtype = torch.float32,
     ) -> None:
         """`capacity` adapters and, when set, `max_bytes` of their tensors (modules_to_save copies
         make one adapter hundreds of MB); the most recent adapter is kept whatever its size."""
@@ -34,6 +35,7 @@ class AdapterCache:
         self.max_bytes = max_bytes
         self._load = load
         self.pin = pin  # page-locked copies for asynchronous copies to a GPU
+        self.factor_dtype = factor_dtype  # the slots' (--lora-dtype): factors are kept cast to it
         self.on_loaded = on_loaded  # wakes the engine loop when a load finishes
         self._lru: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._loading: dict[str, Future[None]] = {}
@@ -89,7 +91,8 @@ class AdapterCache:
     def _load_one(self, record: AdapterRecord) -> None:
         start = time.perf_counter()
         try:
-            weights = self._load(record)
+            # Cast here, not in the registry: a mix combines its parts' fp32 factors first.
+            weights = self._load(record).with_factor_dtype(self.factor_dtype)
             if self.pin:
                 weights = weights.pinned()
         except AdapterError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,6 +166,43 @@ def test_host_tier_keeps_adapters_within_its_bytes() -> None:
     cache.put("big", big)  # alone above the bound: kept, everything older goes
     assert "big" in cache and not any(k in cache for k in "bcd")
     cache.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_host_tier_keeps_factors_in_the_slot_dtype(dtype: torch.dtype) -> None:
+    """Under --lora-dtype bfloat16/float16 the CPU tier casts an adapter's factors once as it loads
+    it: half the host bytes (and half the transfer to a GPU), and slots filled with exactly the bits
+    that the copy's own cast from fp32 gives. Scales stay fp32."""
+    from server.lora.cache import AdapterCache
+    from server.lora.registry import AdapterRecord
+
+    fp32 = _weights(1, ("q", "v"))
+    record = AdapterRecord(
+        name="a",
+        version="v1",
+        path=Path(),
+        rank=2,
+        target_modules=("q", "v"),
+        size_bytes=0,
+        report=ConfigReport(),
+    )
+    cache = AdapterCache(8, lambda r: fp32, factor_dtype=dtype)
+    cache.get(record)
+    cache.wait_for_loads(10.0)
+    held = cache.get(record)
+    cache.close()
+    assert held is not None
+    assert {t.dtype for m in held.modules.values() for t in (m.A, m.B)} == {dtype}
+    assert held.nbytes * 2 == fp32.nbytes
+    assert fp32.with_factor_dtype(torch.float32) is fp32
+    tables: dict[bool, tuple[torch.Tensor, ...]] = {}
+    for weights in (fp32, held):
+        ctx = LoRAContext()
+        layer = LoRALinear(nn.Linear(32, 48), 2, 4, ctx, dtype)
+        layer.set_slot(1, weights.modules["q"])
+        tables[weights is held] = (layer.lora_A.clone(), layer.lora_B.clone(), layer.lora_scale.clone())
+    for a, b in zip(tables[True], tables[False], strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_two_slot_tables_on_one_base_take_turns() -> None:

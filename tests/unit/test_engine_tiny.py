@@ -439,6 +439,8 @@ def test_half_precision_factors(
         engine = engine_for(base, registry, max_num_seqs=8)
         logits[factors] = record_logits(engine)
         tokens[factors] = greedy(engine, jobs, max_tokens=6)
+        held = engine.cache.get(registry.resolve("all"))  # the CPU tier keeps them in the slots' dtype
+        assert held is not None and {m.A.dtype for m in held.modules.values()} == {factors}
         if factors == dtype and lora == "torch":  # (the interpreter's dot is not row invariant on AVX2)
             for job in jobs:
                 engine = engine_for(base, registry)
