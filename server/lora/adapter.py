@@ -137,8 +137,10 @@ class AdapterWeights:
         mods = {
             k: replace(
                 m,
-                A=m.A.pin_memory(),
-                B=m.B.pin_memory(),
+                A=m.A.contiguous().pin_memory(),
+                # B is kept as the transpose of a contiguous [r, out]: the slot holds B.T, and a copy
+                # from a strided host tensor goes through a pageable temporary (a synchronous copy)
+                B=m.B.T.contiguous().pin_memory().T,
                 magnitude_scale=None if m.magnitude_scale is None else m.magnitude_scale.pin_memory(),
             )
             for k, m in self.modules.items()

@@ -205,6 +205,18 @@ def test_host_tier_keeps_factors_in_the_slot_dtype(dtype: torch.dtype) -> None:
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def test_pinned_factors_are_laid_out_as_the_slots_read_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page-locked copy of an adapter holds A and B.T contiguous, the slot's own layout, so each
+    copy to the GPU is one asynchronous DMA (a strided host source goes through a pageable
+    temporary, which blocks). pin_memory needs a GPU, so here it is a plain copy."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())
+    weights = _weights(1, ("q", "v"))
+    held = weights.pinned()
+    for name, m in held.modules.items():
+        assert m.A.is_contiguous() and m.B.T.is_contiguous()
+        assert torch.equal(m.A, weights.modules[name].A) and torch.equal(m.B, weights.modules[name].B)
+
+
 def test_two_slot_tables_on_one_base_take_turns() -> None:
     """Engines built on one base model share its slot buffers: a SlotTable that finds another one
     wrote since its last step writes its own adapters again instead of reading the other's."""
