@@ -135,10 +135,19 @@ def kernels(c: Check) -> dict[str, Any]:
     ms = [1, 2, 7, 16, 33] if c.smoke else [1, 2, 7, 16, 64, 257, 2048]
     shapes = [(64, 128)] if c.smoke else [(576, 1536), (1536, 576), (4096, 14336)]
     out: dict[str, Any] = {"ms": ms}
+    # each part on its own: a failure keeps the others' figures (a phase that raises keeps nothing)
     for din, dout in shapes:
-        out[f"{din}x{dout}"] = _kernels_at(c, din, dout, ms)
-    out["flex_decode"] = _flex(c)
+        out[f"{din}x{dout}"] = _guarded(_kernels_at, c, din, dout, ms)
+    out["flex_decode"] = _guarded(_flex, c)
     return out
+
+
+def _guarded(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception:
+        print(traceback.format_exc(), flush=True)
+        return {"error": traceback.format_exc()}
 
 
 def _kernels_at(c: Check, din: int, dout: int, ms: list[int]) -> dict[str, Any]:
@@ -297,9 +306,7 @@ def _model(c: Check, name: str, shape: str, layers: int | None = None) -> Path:
 def engine_phase(c: Check) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from server.lora.registry import AdapterRegistry
     from server.model.base_gemm import BaseGemm
-    from server.model.loader import load_base
     from tests.peft_factory import make_adapter
 
     ckpt = _model(c, "smollm2", "tiny" if c.smoke else "smollm2-135m")
@@ -321,57 +328,71 @@ def engine_phase(c: Check) -> dict[str, Any]:
         "triton_flex": {"lora_backend": "triton", "attention": "flex"},
     }
     out: dict[str, Any] = {}
-    solo_default: tuple[dict[str, list[int]], dict[str, list[torch.Tensor]]] | None = None
     for mode, opts in modes.items():
         if c.left() < 60:
             out[mode] = "skipped: out of time"
             continue
-        attention = opts.pop("attention", "torch")
-        base = load_base(
-            ckpt, "rand-135m", quantization="nf4", device=c.dev.type, max_loras=4, max_lora_rank=16, **opts
-        )
-        registry = AdapterRegistry(base.linear_shapes, 16)
-        for name, d in dirs.items():
-            registry.add_dir(name, d)
-        jobs = [
-            (f"{name or 'base'}/{p}", registry.resolve(name) if name else None, ids)
-            for name in (None, *dirs)
-            for p, ids in enumerate(prompts)
-        ]
-        solo_tokens: dict[str, list[int]] = {}
-        solo_logits: dict[str, list[torch.Tensor]] = {}
-        for job in jobs:
-            t, lg = _run(_engine(base, registry, attention_backend=attention), [job], tokens)
-            solo_tokens |= t
-            solo_logits |= lg
-        mixed_tokens, mixed_logits = _run(
-            _engine(base, registry, max_num_seqs=32, attention_backend=attention), jobs, tokens
-        )
-        same_tokens = sum(solo_tokens[r] == mixed_tokens[r] for r in solo_tokens)
-        same_bits = sum(
-            all(torch.equal(a, b) for a, b in zip(solo_logits[r], mixed_logits[r], strict=True))
-            for r in solo_logits
-        )
-        worst = max(
-            float((a - b).abs().max())
-            for r in solo_logits
-            for a, b in zip(solo_logits[r], mixed_logits[r], strict=True)
-        )
-        out[mode] = {
-            "requests": len(jobs),
-            "solo_eq_mixed_tokens": same_tokens,
-            "solo_eq_mixed_logits_bitwise": same_bits,
-            "max_abs_logit_diff": worst,
-        }
-        if mode == "default":
-            solo_default = (solo_tokens, solo_logits)
-        del base, registry
+        out[mode] = _guarded(_engine_mode, c, ckpt, dirs, prompts, tokens, dict(opts), mode == "default", out)
         gc.collect()
         if c.dev.type == "cuda":
             torch.cuda.empty_cache()
-    if solo_default is not None and c.left() > 45:
-        out["vs_peft"] = _vs_peft(c, ckpt, dirs, prompts, tokens, *solo_default)
     return out
+
+
+def _engine_mode(
+    c: Check,
+    ckpt: Path,
+    dirs: dict[str, Path],
+    prompts: list[list[int]],
+    tokens: int,
+    opts: dict[str, Any],
+    compare_peft: bool,
+    out: dict[str, Any],
+) -> dict[str, Any]:
+    """One mode's solo vs mixed run; with `compare_peft` its solo run is then compared with PEFT
+    (into out["vs_peft"], before a later mode can fail)."""
+    from server.lora.registry import AdapterRegistry
+    from server.model.loader import load_base
+
+    attention = opts.pop("attention", "torch")
+    base = load_base(
+        ckpt, "rand-135m", quantization="nf4", device=c.dev.type, max_loras=4, max_lora_rank=16, **opts
+    )
+    registry = AdapterRegistry(base.linear_shapes, 16)
+    for name, d in dirs.items():
+        registry.add_dir(name, d)
+    jobs = [
+        (f"{name or 'base'}/{p}", registry.resolve(name) if name else None, ids)
+        for name in (None, *dirs)
+        for p, ids in enumerate(prompts)
+    ]
+    solo_tokens: dict[str, list[int]] = {}
+    solo_logits: dict[str, list[torch.Tensor]] = {}
+    for job in jobs:
+        t, lg = _run(_engine(base, registry, attention_backend=attention), [job], tokens)
+        solo_tokens |= t
+        solo_logits |= lg
+    mixed_tokens, mixed_logits = _run(
+        _engine(base, registry, max_num_seqs=32, attention_backend=attention), jobs, tokens
+    )
+    same_tokens = sum(solo_tokens[r] == mixed_tokens[r] for r in solo_tokens)
+    same_bits = sum(
+        all(torch.equal(a, b) for a, b in zip(solo_logits[r], mixed_logits[r], strict=True))
+        for r in solo_logits
+    )
+    worst = max(
+        float((a - b).abs().max())
+        for r in solo_logits
+        for a, b in zip(solo_logits[r], mixed_logits[r], strict=True)
+    )
+    if compare_peft and c.left() > 45:
+        out["vs_peft"] = _guarded(_vs_peft, c, ckpt, dirs, prompts, tokens, solo_tokens, solo_logits)
+    return {
+        "requests": len(jobs),
+        "solo_eq_mixed_tokens": same_tokens,
+        "solo_eq_mixed_logits_bitwise": same_bits,
+        "max_abs_logit_diff": worst,
+    }
 
 
 def _vs_peft(

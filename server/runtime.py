@@ -142,6 +142,7 @@ def build_runtime(settings: Settings) -> Runtime:
         attention=settings.attention_backend,
         batch_invariant=settings.batch_invariant,
         cuda_graphs=settings.cuda_graphs,
+        block_size=settings.block_size,
     )
     base = load_base(
         path,

@@ -24,7 +24,22 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from server.errors import BackendError
+
 Q_BLOCK = 16
+# Inductor's Triton flex kernel tiles queries by BLOCK_M and keys by BLOCK_N, and both must divide
+# the mask's blocks (Q_BLOCK, the KV block size); its default tiles on a GPU are 32 to 128 wide, so
+# the first compiled call would refuse our 16 x 16 blocks. tl.dot needs 16 at least.
+TRITON_TILES = {"BLOCK_M": Q_BLOCK, "BLOCK_N": 16}
+
+
+def check_block_size(block_size: int) -> None:
+    """The compiled (CUDA) kernel's key tile must divide a KV block."""
+    if block_size % TRITON_TILES["BLOCK_N"]:
+        raise BackendError(
+            f"--attention-backend flex on CUDA needs --block-size a multiple of "
+            f"{TRITON_TILES['BLOCK_N']}; got {block_size}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +67,11 @@ class FlexAttention:
         self.chunk = torch.zeros(2, dtype=torch.int32, device=device)
         self.compiled = compiled
         self.attend: Any = torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
+        # the Triton kernel's tiles; the CPU paths (eager, or Inductor's C++ template) take none
+        self.tiles: dict[str, int] | None = None
+        if compiled and device.type == "cuda":
+            check_block_size(block_size)
+            self.tiles = dict(TRITON_TILES)
         self.decode_mask = self._mask_mod(self.dec_seq, self.dec_pos)
         # a chunk call has one query batch (b = 0): one-element views of `chunk`
         self.chunk_mask = self._mask_mod(self.chunk[0:1], self.chunk[1:2])
@@ -147,11 +167,21 @@ class FlexAttention:
         if step.decode is not None:
             d = step.num_decode
             qd = q[:, :d].transpose(0, 1).unsqueeze(2)  # [D, H, 1, hd]
-            od = self.attend(qd, key, value, block_mask=step.decode, scale=scale, enable_gqa=True)
+            od = self.attend(
+                qd,
+                key,
+                value,
+                block_mask=step.decode,
+                scale=scale,
+                enable_gqa=True,
+                kernel_options=self.tiles,
+            )
             out[:d] = od[:, :, 0]
         for start, n, mask, activate in step.chunks:
             activate()
             qp = q[:, start : start + n].unsqueeze(0)  # [1, H, n, hd]
-            op = self.attend(qp, key, value, block_mask=mask, scale=scale, enable_gqa=True)
+            op = self.attend(
+                qp, key, value, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=self.tiles
+            )
             out[start : start + n] = op[0].transpose(0, 1)
         return out

@@ -71,6 +71,7 @@ def select_backends(
     cuda_graphs: bool = False,
     lora_dtype: str = "float32",
     compute_dtype: torch.dtype = torch.float32,
+    block_size: int = 16,
 ) -> Backends:
     """Resolve `auto` for this device and refuse what cannot run, naming the combination.
     `compute_dtype`: the base's (what `--lora-dtype auto` means)."""
@@ -100,6 +101,10 @@ def select_backends(
             raise BackendError(
                 "--attention-backend flex needs torch >= 2.5 (torch.nn.attention.flex_attention)"
             )
+        if cuda:
+            from server.engine.attn_flex import check_block_size
+
+            check_block_size(block_size)
         if batch_invariant and cuda:
             raise BackendError(
                 "--batch-invariant with --attention-backend flex on CUDA: the compiled decode kernel may "

@@ -167,6 +167,8 @@ class DecodeGraphs:
                 self.runner.forward_static(st.input_ids, st.positions, st.meta, st.batch)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a bucket is captured on first use, while the adapter loader thread may pin
+        # host memory or dequantize (DoRA) on the device; global mode would fail either
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             st.logits = self.runner.forward_static(st.input_ids, st.positions, st.meta, st.batch)
         st.graph = graph

@@ -75,3 +75,17 @@ def test_cli_flags() -> None:
     assert _settings(parser.parse_args([])).lora_dtype == "float32"
     with pytest.raises(SystemExit):
         parser.parse_args(["--lora-dtype", "float64"])
+
+
+def test_flex_on_cuda_needs_kv_blocks_its_kernel_tiles_divide() -> None:
+    """The compiled flex kernel's key tile is 16 wide (attn_flex.TRITON_TILES), so on CUDA a KV
+    block size it does not divide is refused at start with the flag's name; the CPU paths take any."""
+    from server.engine.attn_flex import Q_BLOCK, TRITON_TILES
+
+    assert Q_BLOCK % TRITON_TILES["BLOCK_M"] == 0
+    cuda = torch.device("cuda")
+    with pytest.raises(BackendError, match="--block-size a multiple of 16; got 8"):
+        select_backends(cuda, attention="flex", block_size=8)
+    assert select_backends(cuda, attention="flex", block_size=32).attention == "flex"
+    assert select_backends(CPU, attention="flex", block_size=8).attention == "flex"
+    assert select_backends(cuda, attention="torch", block_size=8).attention == "torch"
