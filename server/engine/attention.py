@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
 
 from server.engine.attn_flex import FlexAttention, FlexStep
 
@@ -134,11 +133,8 @@ def paged_attention(
     return out.unsqueeze(0), None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    # Masks are built per sequence in AttentionMetadata; transformers' dense mask would be wasted work.
-    return None
-
-
 def register() -> None:
+    """Masks are built per sequence in AttentionMetadata, so no mask function is registered: for an
+    implementation without one, transformers' mask builders return at once. (With one, each forward
+    would also look for packed sequences in position_ids, and its `.all()` is a host sync per step.)"""
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)

@@ -250,6 +250,23 @@ def test_seeded_sampling_is_independent_of_the_batch(llama: BaseModel) -> None:
     assert len(set(alone)) > 1
 
 
+def test_transformers_builds_no_mask_in_a_step(llama: BaseModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our attention takes its masks from the step's metadata, so transformers' mask builders must
+    return at once: had they run, each forward would search position_ids for packed sequences, and
+    that search's `.all()` is a host sync per step on a GPU (issue 9: one sync per step at most)."""
+    import transformers.masking_utils as masking
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("transformers built a mask for a step")
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", refuse)
+    monkeypatch.setattr(masking, "sdpa_mask", refuse)
+    registry = AdapterRegistry(llama.linear_shapes, 8)
+    jobs = [(f"r{i}", None, prompt_ids(llama, p)) for i, p in enumerate(PROMPTS)]
+    out = greedy(engine_for(llama, registry), jobs, max_tokens=4)
+    assert all(out.values())
+
+
 def test_stop_string_ends_the_request(llama: BaseModel) -> None:
     registry = AdapterRegistry(llama.linear_shapes, 8)
     full = greedy(engine_for(llama, registry), [("r", None, prompt_ids(llama, PROMPTS[2]))], max_tokens=20)[
