@@ -455,7 +455,8 @@ def _decode_rate(
     adapters: int,
     attention: str,
     graphs: bool,
-) -> float:
+) -> tuple[float, dict[str, Any]]:
+    """Decode tokens/s once every prompt is in, and the host syncs of a step."""
     from server.engine.sequence import SamplingParams, Sequence
 
     engine = _engine(
@@ -478,7 +479,28 @@ def _decode_rate(
     for _ in range(steps):
         engine.step()
     c.sync()
-    return batch * steps / (time.perf_counter() - t)
+    rate = batch * steps / (time.perf_counter() - t)
+    return rate, _host_syncs(c, engine)
+
+
+def _host_syncs(c: Check, engine: Any, steps: int = 2) -> dict[str, Any]:
+    """Host syncs per step, where CUDA's sync debug mode reports them (issue 9 allows one: the
+    sampled tokens), with the Python lines that made them."""
+    if c.dev.type != "cuda":
+        return {}
+    import warnings
+    from collections import Counter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"per_step": sum(where.values()) / steps, "where": dict(where.most_common(8))}
 
 
 def throughput(c: Check) -> dict[str, Any]:
@@ -531,12 +553,13 @@ def throughput(c: Check) -> dict[str, Any]:
                 for batch in batches:
                     if c.left() < 20:
                         break
-                    base_rate = _decode_rate(c, base, registry, records, batch, 0, attention, graphs)
-                    lora_rate = _decode_rate(c, base, registry, records, batch, 16, attention, graphs)
+                    base_rate, _ = _decode_rate(c, base, registry, records, batch, 0, attention, graphs)
+                    lora_rate, syncs = _decode_rate(c, base, registry, records, batch, 16, attention, graphs)
                     row[str(batch)] = {
                         "base_tok_s": round(base_rate, 1),
                         "lora16_tok_s": round(lora_rate, 1),
                         "lora_step_over_base_step": round(base_rate / lora_rate, 3),
+                        "lora16_host_syncs": syncs,
                     }
                 out[f"{shape}/{name}"] = row
             except Exception:
