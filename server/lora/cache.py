@@ -69,6 +69,7 @@ class AdapterCache:
         return None
 
     def put(self, key: str, weights: AdapterWeights) -> None:
+        weights = weights.with_factor_dtype(self.factor_dtype)  # (a no-op for what the loader made)
         with self._lock:
             self._lru[key] = weights
             self._lru.move_to_end(key)
