@@ -25,6 +25,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from server.errors import BackendError
+from server.transfer import copy_into, to_device
 
 Q_BLOCK = 16
 # Inductor's Triton flex kernel tiles queries by BLOCK_M and keys by BLOCK_N, and both must divide
@@ -99,8 +100,8 @@ class FlexAttention:
     def _mask(self, tables: list[list[int]], q_len: int, mask_mod: Any) -> BlockMask:
         num, idx = self._block_arrays(tables, -(-q_len // Q_BLOCK))
         return BlockMask.from_kv_blocks(
-            torch.from_numpy(num).to(self.device),
-            torch.from_numpy(idx).to(self.device),
+            to_device(num, self.device),
+            to_device(idx, self.device),
             BLOCK_SIZE=(Q_BLOCK, self.block_size),
             mask_mod=mask_mod,
             seq_lengths=(q_len, self.num_blocks * self.block_size),
@@ -115,12 +116,12 @@ class FlexAttention:
         for seq_id, table in enumerate(tables):
             owner[table] = seq_id
             logical[table] = np.arange(len(table), dtype=np.int32)
-        self.owner.copy_(torch.from_numpy(owner))
-        self.logical.copy_(torch.from_numpy(logical))
+        copy_into(self.owner, owner)
+        copy_into(self.logical, logical)
         if decode:
             d = len(decode)
-            self.dec_seq[:d].copy_(torch.arange(d, dtype=torch.int32))
-            self.dec_pos[:d].copy_(torch.tensor([p for _, p in decode], dtype=torch.int32))
+            copy_into(self.dec_seq[:d], np.arange(d, dtype=np.int32))
+            copy_into(self.dec_pos[:d], np.array([p for _, p in decode], dtype=np.int32))
 
     def prepare(
         self,
@@ -136,10 +137,13 @@ class FlexAttention:
         self._own([t for t, _ in decode] + [t for t, _, _, _ in chunks], decode)
         dec_mask = self._mask([t for t, _ in decode], 1, self.decode_mask) if decode else None
         made: list[tuple[int, int, BlockMask, Callable[[], object]]] = []
-        for c, (table, pos, n, row) in enumerate(chunks):
+        # every chunk's (sequence id, first position) on the device at once: each layer then
+        # activates a chunk by a device-side copy, not a host one
+        infos = to_device(np.array([[len(decode) + c, pos] for c, (_, pos, _, _) in enumerate(chunks)],
+                                   dtype=np.int32).reshape(-1, 2), self.device)  # fmt: skip
+        for c, (table, _, n, row) in enumerate(chunks):
             mask = self._mask([table], n, self.chunk_mask)
-            info = torch.tensor([len(decode) + c, pos], dtype=torch.int32)
-            made.append((row, n, mask, functools.partial(self.chunk.copy_, info)))
+            made.append((row, n, mask, functools.partial(self.chunk.copy_, infos[c])))
         return FlexStep(len(decode), dec_mask, tuple(made))
 
     def static_decode(self, rows: int) -> FlexStep:
@@ -154,8 +158,8 @@ class FlexAttention:
         tables = [t for t, _ in decode]
         self._own(tables, decode)
         num, idx = self._block_arrays(tables, 1)
-        step.decode.kv_num_blocks.copy_(torch.from_numpy(num))
-        step.decode.kv_indices.copy_(torch.from_numpy(idx))
+        copy_into(step.decode.kv_num_blocks, num)
+        copy_into(step.decode.kv_indices, idx)
 
     def run(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: FlexStep, scale: float | None

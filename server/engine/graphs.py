@@ -22,9 +22,10 @@ import torch
 
 from server.engine.attention import AttentionMetadata, FlexPlan
 from server.engine.attn_flex import FlexAttention
-from server.engine.step_inputs import StepInputs, to_device
+from server.engine.step_inputs import StepInputs
 from server.lora.ops import LoRABatch
 from server.lora.segments import SEGMENT, Segments, build_segments
+from server.transfer import to_device
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:

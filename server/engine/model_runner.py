@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from server.engine.attention import AttentionMetadata, FlexPlan, KVCache, PrefillChunk
@@ -13,11 +14,12 @@ from server.engine.graphs import DecodeGraphs, PaddedDecode
 from server.engine.logprobs import prompt_logprobs
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
-from server.engine.step_inputs import StepInputBuilder, StepInputs, decode_contexts, to_device
+from server.engine.step_inputs import StepInputBuilder, StepInputs, decode_contexts
 from server.lora.ops import LoRABatch
 from server.lora.saved import dense_linear
 from server.model.base_gemm import base_linear
 from server.model.loader import BaseModel
+from server.transfer import to_device
 
 
 class ModelRunner:
@@ -79,7 +81,8 @@ class ModelRunner:
         self._prompt_logprobs(inputs, hidden, slot_of)
         if not inputs.sample_rows:
             return inputs.sampling, hidden[:0]
-        picked = hidden.index_select(0, torch.tensor(inputs.sample_rows, device=dev))  # [N, hidden]
+        rows = to_device(np.array(inputs.sample_rows, dtype=np.int64), dev)
+        picked = hidden.index_select(0, rows)  # [N, hidden]
         slots = [slot_of.get(s.adapter_key or "", 0) for s in inputs.sampling]
         return inputs.sampling, self._lm_head(picked, slots)
 
@@ -124,7 +127,7 @@ class ModelRunner:
 
         def rows_of(wanted: set[int]) -> torch.Tensor:
             picked = [i for i, s in enumerate(slots) if s in wanted]
-            return torch.tensor(picked, dtype=torch.int64, device=hidden.device)
+            return to_device(np.array(picked, dtype=np.int64), hidden.device)
 
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         rest = rows_of(set(slots) - heads.keys())
@@ -155,7 +158,8 @@ class ModelRunner:
                 continue
             rows = hidden[p.start + lo - first : p.start + hi - first]
             logits = self._lm_head(rows, [slot_of.get(seq.adapter_key or "", 0)] * len(rows))
-            targets = torch.tensor(seq.prompt_token_ids[lo - v + 1 : hi - v + 1], device=rows.device)
+            wanted = np.array(seq.prompt_token_ids[lo - v + 1 : hi - v + 1], dtype=np.int64)
+            targets = to_device(wanted, rows.device)
             for j, entry in enumerate(prompt_logprobs(logits, targets, seq.params.prompt_logprobs)):
                 seq.prompt_logprobs[lo - v + 1 + j] = entry
 
@@ -239,8 +243,10 @@ class ModelRunner:
             pos, n = p.seq.num_computed_tokens, p.length
             total = pos + n
             # query i (absolute position pos + i) sees keys 0..pos + i
-            mask = torch.arange(total).unsqueeze(0) <= (torch.arange(n) + pos).unsqueeze(1)
-            chunks_ref.append(PrefillChunk(p.start, n, to_device(p.context, dev), mask.to(dev)))
+            mask = torch.arange(total, device=dev).unsqueeze(0) <= (
+                torch.arange(n, device=dev) + pos
+            ).unsqueeze(1)
+            chunks_ref.append(PrefillChunk(p.start, n, to_device(p.context, dev), mask))
         return AttentionMetadata(
             slot_mapping,
             len(step.decode),

@@ -16,6 +16,7 @@ import torch
 from server.engine.attention import DecodeContexts
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
+from server.transfer import to_device
 
 
 def slots_of(block_table: list[int], block_size: int, start: int, end: int) -> np.ndarray:
@@ -131,14 +132,6 @@ class StepInputBuilder:
 
     def forget(self, request_id: str) -> None:
         self.contexts.pop(request_id, None)
-
-
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array as a device tensor: a view on CPU, one non-blocking copy from pinned memory on CUDA."""
-    t = torch.from_numpy(a)
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 # slots gathered together at most (a sequence with a longer context is its own group): at 8 KV heads

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from server.lora.segments import Segments, build_segments
+from server.transfer import to_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,20 +94,20 @@ class LoRABatch:
         ):
             groups = tuple(
                 (slot, None if every and len(decode_active) == 1 else
-                 torch.tensor([i for i in rows if decode_slots[i] == slot], dtype=torch.int64).to(device))
+                 to_device(np.array([i for i in rows if decode_slots[i] == slot], dtype=np.int64), device))
                 for slot in sorted(decode_active)
             )  # fmt: skip
         routed = per_row = None
         saved: list[tuple[int, torch.Tensor]] = []
         if row_slots is not None and (sgmv or active & extra_slots):
             routed = build_segments(row_slots, device) if sgmv else None
-            per_row = torch.from_numpy(row_slots).to(device) if active & extra_slots else None
+            per_row = to_device(row_slots, device) if active & extra_slots else None
             for slot in sorted(active & saved_slots):
-                saved.append((slot, torch.from_numpy(np.flatnonzero(row_slots == slot)).to(device)))
+                saved.append((slot, to_device(np.flatnonzero(row_slots == slot), device)))
         return LoRABatch(
             num_decode=len(decode_slots),
-            decode_rows=None if every else torch.tensor(rows, dtype=torch.int64).to(device),
-            decode_slots=torch.tensor([decode_slots[i] for i in rows], dtype=torch.int64).to(device),
+            decode_rows=None if every else to_device(np.array(rows, dtype=np.int64), device),
+            decode_slots=to_device(np.array([decode_slots[i] for i in rows], dtype=np.int64), device),
             segments=tuple(segments),
             active=active,
             decode_active=decode_active,
@@ -185,8 +186,8 @@ class BagRows:
         rows = np.flatnonzero(row_slots)
         every = len(rows) == len(row_slots)
         return BagRows(
-            rows=None if every else torch.from_numpy(rows).to(device),
-            slots=torch.from_numpy(row_slots[rows]).to(device),
+            rows=None if every else to_device(rows, device),
+            slots=to_device(row_slots[rows], device),
             layouts={},
         )
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server.transfer import to_device
+
 SEGMENT = 16
 
 
@@ -52,7 +54,7 @@ def build_segments(row_slots: np.ndarray, device: torch.device, capacity: int | 
         seg_slots += [-1] * pad
 
     def as_tensor(values: list[int] | np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(values, dtype=np.int32)).to(device)
+        return to_device(np.asarray(values, dtype=np.int32), device)
 
     return Segments(
         rows=as_tensor(order),
