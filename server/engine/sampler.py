@@ -13,17 +13,20 @@ Semantics, per row, in this order (vLLM's):
    temperature and the filters; log-softmax of the processed logits for greedy rows), or of the
    model's own distribution with `raw_logprobs`.
 
-Nothing vocab-sized crosses to the host; the step's only syncs are the final `.tolist()` calls.
+Nothing vocab-sized crosses to the host; the step's only syncs are the final `.tolist()` calls
+(token lists go to the device staged: server/transfer.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from server.engine import logprobs as lp
 from server.engine.sequence import Sequence
+from server.transfer import to_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,22 +48,36 @@ def _generator(seq: Sequence, device: torch.device) -> torch.Generator:
 
 
 def process_(row: torch.Tensor, seq: Sequence) -> None:
-    """Applies the request's logit processors to its row ([V] fp32) in place."""
+    """Applies the request's logit processors to its row ([V] fp32) in place. Token lists reach
+    the device staged (server/transfer.py) and are turned into vocab-wide masks and counts, never
+    `unique`: both would make the host wait for the GPU in the middle of the step."""
     p, dev, vocab = seq.params, row.device, row.shape[0]
     if p.logit_bias:
-        ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
-        row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=dev, dtype=row.dtype))
+        ids = _ids([t for t, _ in p.logit_bias], dev)
+        row.index_add_(0, ids, to_device(np.array([b for _, b in p.logit_bias], dtype=np.float32), dev))
     # a finished grammar allows only EOS: holding it back then would leave nothing to choose
     if len(seq.output_token_ids) < p.min_tokens and not (seq.constraint is not None and seq.constraint.done):
         held = [t for t in (*seq.eos_token_ids, *p.stop_token_ids) if t < vocab]
-        row[torch.tensor(held, device=dev, dtype=torch.long)] = float("-inf")
+        row[_ids(held, dev)] = float("-inf")
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(seq.prompt_token_ids + seq.output_token_ids, device=dev).unique()
-        score = row[seen]
-        row[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+        seen = _counts(seq.prompt_token_ids + seq.output_token_ids, vocab, dev) > 0
+        penalised = torch.where(row < 0, row * p.repetition_penalty, row / p.repetition_penalty)
+        row.copy_(torch.where(seen, penalised, row))
     if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
-        ids, counts = torch.tensor(seq.output_token_ids, device=dev).unique(return_counts=True)
-        row[ids] -= counts.to(row.dtype) * p.frequency_penalty + p.presence_penalty
+        counts = _counts(seq.output_token_ids, vocab, dev)
+        row.copy_(torch.where(counts > 0, row - (counts * p.frequency_penalty + p.presence_penalty), row))
+
+
+def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:
+    return to_device(np.array(tokens, dtype=np.int64), device)
+
+
+def _counts(tokens: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """[V] fp32: how often each token id occurs in `tokens` (ids past the row are not counted)."""
+    ids = np.array(tokens, dtype=np.int64)
+    ids = ids[ids < vocab]
+    counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+    return counts.index_add_(0, to_device(ids, device), torch.ones(len(ids), device=device))
 
 
 def filtered_probs(row: torch.Tensor, seq: Sequence) -> torch.Tensor:

@@ -15,9 +15,9 @@ import torch
 from server.transfer import copy_into, to_device
 
 ROOT = Path(__file__).resolve().parents[2]
-# the modules that build and run a step (the sampler's per-request extras, penalties and logit bias,
-# are not in every step and stay plain)
+# the modules that build and run a step
 STEP_MODULES = [
+    "server/engine/sampler.py",
     "server/engine/model_runner.py",
     "server/engine/step_inputs.py",
     "server/engine/attn_flex.py",
