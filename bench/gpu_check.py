@@ -485,7 +485,9 @@ def _decode_rate(
 
 def _host_syncs(c: Check, engine: Any, steps: int = 2) -> dict[str, Any]:
     """Host syncs per step, where CUDA's sync debug mode reports them (issue 9 allows one: the
-    sampled tokens), with the Python lines that made them."""
+    sampled tokens), with the Python lines that made them. It sees blocking copies, .item() and
+    .tolist(); a non_blocking copy from pageable memory is not reported (tests/unit/test_transfer.py
+    keeps those out of the step)."""
     if c.dev.type != "cuda":
         return {}
     import warnings

@@ -106,7 +106,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
     logits = logits.float()
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     raw = [i for i in want if seqs[i].params.raw_logprobs]
-    raw_lp = torch.log_softmax(logits[raw], dim=-1) if raw else None  # before anything changes the rows
+    # before anything changes the rows; rows picked by staged indices (a list index is a host copy)
+    raw_lp = torch.log_softmax(logits.index_select(0, _ids(raw, logits.device)), dim=-1) if raw else None
     constrained = [(i, s.constraint) for i, s in enumerate(seqs) if s.constraint is not None]
     for i, seq in enumerate(seqs):
         if seq.params.penalised:
@@ -133,6 +134,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
             rows.append(raw_lp[raw.index(i)])
         else:
             rows.append(chosen_lp[i] if i in chosen_lp else torch.log_softmax(logits[i], dim=-1))
-    got = lp.gather(torch.stack(rows), tokens[want], [seqs[i].params.logprobs or 0 for i in want])
+    chosen = tokens.index_select(0, _ids(want, tokens.device))
+    got = lp.gather(torch.stack(rows), chosen, [seqs[i].params.logprobs or 0 for i in want])
     by_row = dict(zip(want, got, strict=True))
     return [Sampled(int(t), by_row.get(i)) for i, t in enumerate(tokens.tolist())]

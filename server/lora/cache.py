@@ -69,7 +69,15 @@ class AdapterCache:
         return None
 
     def put(self, key: str, weights: AdapterWeights) -> None:
-        weights = weights.with_factor_dtype(self.factor_dtype)  # (a no-op for what the loader made)
+        """Keep `weights` (as the loader would: cast and, for a GPU, page-locked)."""
+        self._keep(key, self._prepare(weights))
+
+    def _prepare(self, weights: AdapterWeights) -> AdapterWeights:
+        # Cast here, not in the registry: a mix combines its parts' fp32 factors first.
+        weights = weights.with_factor_dtype(self.factor_dtype)
+        return weights.pinned() if self.pin else weights
+
+    def _keep(self, key: str, weights: AdapterWeights) -> None:
         with self._lock:
             self._lru[key] = weights
             self._lru.move_to_end(key)
@@ -92,10 +100,7 @@ class AdapterCache:
     def _load_one(self, record: AdapterRecord) -> None:
         start = time.perf_counter()
         try:
-            # Cast here, not in the registry: a mix combines its parts' fp32 factors first.
-            weights = self._load(record).with_factor_dtype(self.factor_dtype)
-            if self.pin:
-                weights = weights.pinned()
+            weights = self._prepare(self._load(record))
         except AdapterError as e:
             log.error("adapter %s (%s) failed to load: %s", record.name, record.version[:12], e)
             with self._lock:
@@ -105,7 +110,7 @@ class AdapterCache:
             with self._lock:
                 self._failed[record.version] = AdapterError(f"adapter {record.name!r} failed to load: {e}")
         else:
-            self.put(record.version, weights)
+            self._keep(record.version, weights)
             if self.observe_load is not None:
                 self.observe_load(time.perf_counter() - start)
         finally:

@@ -209,9 +209,14 @@ def test_pinned_factors_are_laid_out_as_the_slots_read_them(monkeypatch: pytest.
     """The page-locked copy of an adapter holds A and B.T contiguous, the slot's own layout, so each
     copy to the GPU is one asynchronous DMA (a strided host source goes through a pageable
     temporary, which blocks). pin_memory needs a GPU, so here it is a plain copy."""
+    from server.lora.cache import AdapterCache
+
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())
     weights = _weights(1, ("q", "v"))
-    held = weights.pinned()
+    cache = AdapterCache(8, lambda r: weights, pin=True)
+    cache.put("v1", weights)  # the benchmarks' preloads: pinned as a load would be
+    held = cache._lru["v1"]
+    cache.close()
     for name, m in held.modules.items():
         assert m.A.is_contiguous() and m.B.T.is_contiguous()
         assert torch.equal(m.A, weights.modules[name].A) and torch.equal(m.B, weights.modules[name].B)
