@@ -43,6 +43,19 @@ def check_block_size(block_size: int) -> None:
         )
 
 
+def check_heads(q_heads: int, kv_heads: int) -> None:
+    """Inductor's flex decoding kernel (chosen for short queries when the query heads per KV head
+    are a power of two) packs a KV head's query heads into one BLOCK_M tile: more than 16 do not
+    fit our tiles."""
+    group = q_heads // kv_heads
+    if group > TRITON_TILES["BLOCK_M"] and group & (group - 1) == 0:
+        raise BackendError(
+            f"--attention-backend flex on CUDA: {q_heads} query heads over {kv_heads} KV heads "
+            f"({group} per KV head) exceed its {TRITON_TILES['BLOCK_M']}-row tiles; use "
+            f"--attention-backend torch"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class FlexStep:
     """One step's block masks: the decode rows' (compiled mode) and one per chunk."""

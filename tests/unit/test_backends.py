@@ -89,3 +89,13 @@ def test_flex_on_cuda_needs_kv_blocks_its_kernel_tiles_divide() -> None:
     assert select_backends(cuda, attention="flex", block_size=32).attention == "flex"
     assert select_backends(CPU, attention="flex", block_size=8).attention == "flex"
     assert select_backends(cuda, attention="torch", block_size=8).attention == "torch"
+
+
+def test_flex_on_cuda_refuses_more_query_heads_per_kv_head_than_its_tiles_hold() -> None:
+    from server.engine.attn_flex import check_heads
+
+    check_heads(9, 3)  # SmolLM2: 3 per KV head (not a power of two: the main kernel)
+    check_heads(32, 8)  # Llama-3-8B: 4
+    check_heads(16, 1)
+    with pytest.raises(BackendError, match="32 per KV head"):
+        check_heads(32, 1)
