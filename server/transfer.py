@@ -18,6 +18,11 @@ def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def indices(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 positions or token ids (what indexing ops take) as a device tensor, as to_device."""
+    return to_device(np.array(values, dtype=np.int64), device)
+
+
 def copy_into(dst: torch.Tensor, a: np.ndarray) -> None:
     """dst.copy_(a) for a persistent device buffer, queued behind the stream's earlier work."""
     t = torch.from_numpy(np.ascontiguousarray(a))

@@ -20,11 +20,10 @@ from typing import Any, Literal
 
 import llguidance
 import llguidance.hf
-import numpy as np
 import torch
 
 from server.errors import RequestError
-from server.transfer import to_device
+from server.transfer import indices
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 
@@ -207,5 +206,5 @@ def apply_masks(logits: torch.Tensor, rows: list[tuple[int, Constraint]]) -> Non
     bitmask = llt.allocate_token_bitmask(len(rows), vocab)  # [R, ceil(V/32)], pinned when CUDA is present
     llt.fill_next_token_bitmask_par(_executor(), [(c._matcher, k) for k, (_, c) in enumerate(rows)], bitmask)
     allowed = unpack_bits(bitmask.to(logits.device, non_blocking=True), vocab)  # [R, V]
-    idx = to_device(np.array([i for i, _ in rows], dtype=np.int64), logits.device)
+    idx = indices([i for i, _ in rows], logits.device)
     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from server.engine.attention import AttentionMetadata, FlexPlan, KVCache, PrefillChunk
@@ -19,7 +18,7 @@ from server.lora.ops import LoRABatch
 from server.lora.saved import dense_linear
 from server.model.base_gemm import base_linear
 from server.model.loader import BaseModel
-from server.transfer import to_device
+from server.transfer import indices, to_device
 
 
 class ModelRunner:
@@ -83,8 +82,7 @@ class ModelRunner:
         self._prompt_logprobs(inputs, hidden, slot_of)
         if not inputs.sample_rows:
             return inputs.sampling, hidden[:0]
-        rows = to_device(np.array(inputs.sample_rows, dtype=np.int64), dev)
-        picked = hidden.index_select(0, rows)  # [N, hidden]
+        picked = hidden.index_select(0, indices(inputs.sample_rows, dev))  # [N, hidden]
         slots = [slot_of.get(s.adapter_key or "", 0) for s in inputs.sampling]
         return inputs.sampling, self._lm_head(picked, slots)
 
@@ -129,7 +127,7 @@ class ModelRunner:
 
         def rows_of(wanted: set[int]) -> torch.Tensor:
             picked = [i for i, s in enumerate(slots) if s in wanted]
-            return to_device(np.array(picked, dtype=np.int64), hidden.device)
+            return indices(picked, hidden.device)
 
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         rest = rows_of(set(slots) - heads.keys())
@@ -160,8 +158,7 @@ class ModelRunner:
                 continue
             rows = hidden[p.start + lo - first : p.start + hi - first]
             logits = self._lm_head(rows, [slot_of.get(seq.adapter_key or "", 0)] * len(rows))
-            wanted = np.array(seq.prompt_token_ids[lo - v + 1 : hi - v + 1], dtype=np.int64)
-            targets = to_device(wanted, rows.device)
+            targets = indices(seq.prompt_token_ids[lo - v + 1 : hi - v + 1], rows.device)
             for j, entry in enumerate(prompt_logprobs(logits, targets, seq.params.prompt_logprobs)):
                 seq.prompt_logprobs[lo - v + 1 + j] = entry
 

@@ -26,7 +26,7 @@ import torch
 
 from server.engine import logprobs as lp
 from server.engine.sequence import Sequence
-from server.transfer import to_device
+from server.transfer import indices, to_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +53,12 @@ def process_(row: torch.Tensor, seq: Sequence) -> None:
     `unique`: both would make the host wait for the GPU in the middle of the step."""
     p, dev, vocab = seq.params, row.device, row.shape[0]
     if p.logit_bias:
-        ids = _ids([t for t, _ in p.logit_bias], dev)
+        ids = indices([t for t, _ in p.logit_bias], dev)
         row.index_add_(0, ids, to_device(np.array([b for _, b in p.logit_bias], dtype=np.float32), dev))
     # a finished grammar allows only EOS: holding it back then would leave nothing to choose
     if len(seq.output_token_ids) < p.min_tokens and not (seq.constraint is not None and seq.constraint.done):
         held = [t for t in (*seq.eos_token_ids, *p.stop_token_ids) if t < vocab]
-        row[_ids(held, dev)] = float("-inf")
+        row[indices(held, dev)] = float("-inf")
     if p.repetition_penalty != 1.0:
         seen = _counts(seq.prompt_token_ids + seq.output_token_ids, vocab, dev) > 0
         penalised = torch.where(row < 0, row * p.repetition_penalty, row / p.repetition_penalty)
@@ -66,10 +66,6 @@ def process_(row: torch.Tensor, seq: Sequence) -> None:
     if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
         counts = _counts(seq.output_token_ids, vocab, dev)
         row.copy_(torch.where(counts > 0, row - (counts * p.frequency_penalty + p.presence_penalty), row))
-
-
-def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:
-    return to_device(np.array(tokens, dtype=np.int64), device)
 
 
 def _counts(tokens: list[int], vocab: int, device: torch.device) -> torch.Tensor:
@@ -107,7 +103,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     raw = [i for i in want if seqs[i].params.raw_logprobs]
     # before anything changes the rows; rows picked by staged indices (a list index is a host copy)
-    raw_lp = torch.log_softmax(logits.index_select(0, _ids(raw, logits.device)), dim=-1) if raw else None
+    raw_lp = torch.log_softmax(logits.index_select(0, indices(raw, logits.device)), dim=-1) if raw else None
     constrained = [(i, s.constraint) for i, s in enumerate(seqs) if s.constraint is not None]
     for i, seq in enumerate(seqs):
         if seq.params.penalised:
@@ -134,7 +130,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
             rows.append(raw_lp[raw.index(i)])
         else:
             rows.append(chosen_lp[i] if i in chosen_lp else torch.log_softmax(logits[i], dim=-1))
-    chosen = tokens.index_select(0, _ids(want, tokens.device))
+    chosen = tokens.index_select(0, indices(want, tokens.device))
     got = lp.gather(torch.stack(rows), chosen, [seqs[i].params.logprobs or 0 for i in want])
     by_row = dict(zip(want, got, strict=True))
     return [Sampled(int(t), by_row.get(i)) for i, t in enumerate(tokens.tolist())]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from server.lora.segments import Segments, build_segments
-from server.transfer import to_device
+from server.transfer import indices, to_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +94,7 @@ class LoRABatch:
         ):
             groups = tuple(
                 (slot, None if every and len(decode_active) == 1 else
-                 to_device(np.array([i for i in rows if decode_slots[i] == slot], dtype=np.int64), device))
+                 indices([i for i in rows if decode_slots[i] == slot], device))
                 for slot in sorted(decode_active)
             )  # fmt: skip
         routed = per_row = None
@@ -106,8 +106,8 @@ class LoRABatch:
                 saved.append((slot, to_device(np.flatnonzero(row_slots == slot), device)))
         return LoRABatch(
             num_decode=len(decode_slots),
-            decode_rows=None if every else to_device(np.array(rows, dtype=np.int64), device),
-            decode_slots=to_device(np.array([decode_slots[i] for i in rows], dtype=np.int64), device),
+            decode_rows=None if every else indices(rows, device),
+            decode_slots=indices([decode_slots[i] for i in rows], device),
             segments=tuple(segments),
             active=active,
             decode_active=decode_active,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.transfer import copy_into, to_device
+from server.transfer import copy_into, indices, to_device
 
 ROOT = Path(__file__).resolve().parents[2]
 # the modules that build and run a step
@@ -44,6 +44,8 @@ def test_host_arrays_on_the_cpu_are_views_and_copies() -> None:
     dst = torch.zeros(6, dtype=torch.int32)
     copy_into(dst, a[::-1])  # a strided array is made contiguous first
     assert dst.tolist() == a[::-1].tolist()
+    ids = indices([3, 0, 3], torch.device("cpu"))
+    assert ids.dtype == torch.int64 and ids.tolist() == [3, 0, 3]
 
 
 @pytest.mark.parametrize("module", STEP_MODULES)
