@@ -57,6 +57,11 @@ class Check:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str) + "\n")
 
+    def progress(self, what: str, result: Any) -> None:
+        """One part done: say so with the time left, and save (a later timeout keeps it)."""
+        print(f"-- {what} ({self.left():.0f} s left): {json.dumps(result, default=str)[:600]}", flush=True)
+        self.save()
+
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
@@ -81,8 +86,8 @@ def phase(name: str, check: Check, fn: Callable[[Check], dict[str, Any]]) -> Non
     print(f"== {name} ({check.left():.0f} s left)", flush=True)
     try:
         RESULTS[name] = fn(check)
-    except Exception:
-        RESULTS[name] = {"error": traceback.format_exc()}
+    except Exception:  # keeps what the phase saved before it failed
+        RESULTS.setdefault(name, {})["error"] = traceback.format_exc()
         print(RESULTS[name]["error"], flush=True)
     RESULTS[name]["seconds"] = round(time.monotonic() - start, 1)
     check.save()
@@ -134,10 +139,12 @@ def _invariant(run: Callable[[slice], torch.Tensor], ms: list[int]) -> dict[str,
 def kernels(c: Check) -> dict[str, Any]:
     ms = [1, 2, 7, 16, 33] if c.smoke else [1, 2, 7, 16, 64, 257, 2048]
     shapes = [(64, 128)] if c.smoke else [(576, 1536), (1536, 576), (4096, 14336)]
-    out: dict[str, Any] = {"ms": ms}
+    out: dict[str, Any] = RESULTS.setdefault("kernels", {})
+    out["ms"] = ms
     # each part on its own: a failure keeps the others' figures (a phase that raises keeps nothing)
     for din, dout in shapes:
         out[f"{din}x{dout}"] = _guarded(_kernels_at, c, din, dout, ms)
+        c.progress(f"kernels {din}x{dout}", out[f"{din}x{dout}"])
     out["flex_decode"] = _guarded(_flex, c)
     return out
 
@@ -327,12 +334,13 @@ def engine_phase(c: Check) -> dict[str, Any]:
         "batch_invariant": {"base_gemm": BaseGemm.TILED},
         "triton_flex": {"lora_backend": "triton", "attention": "flex"},
     }
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = RESULTS.setdefault("engine", {})
     for mode, opts in modes.items():
         if c.left() < 60:
             out[mode] = "skipped: out of time"
             continue
         out[mode] = _guarded(_engine_mode, c, ckpt, dirs, prompts, tokens, dict(opts), mode == "default", out)
+        c.progress(f"engine {mode}", out[mode])
         gc.collect()
         if c.dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -387,6 +395,7 @@ def _engine_mode(
     )
     if compare_peft and c.left() > 45:
         out["vs_peft"] = _guarded(_vs_peft, c, ckpt, dirs, prompts, tokens, solo_tokens, solo_logits)
+        c.progress("engine vs_peft", out["vs_peft"])
     return {
         "requests": len(jobs),
         "solo_eq_mixed_tokens": same_tokens,
@@ -531,7 +540,7 @@ def throughput(c: Check) -> dict[str, Any]:
     }
     if c.smoke:  # the interpreter has no bf16 arithmetic
         sets["triton_flex_graphs_bf16_factors"]["lora_dtype"] = torch.float16
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = RESULTS.setdefault("throughput", {})  # saved after each set: a kill keeps them
     for shape, layers, batches in plans:
         ckpt = _model(c, f"{shape}-{layers}", shape, layers)
         for name, opts in sets.items():
@@ -566,9 +575,12 @@ def throughput(c: Check) -> dict[str, Any]:
                         "lora_step_over_base_step": round(base_rate / lora_rate, 3),
                         "lora16_host_syncs": syncs,
                     }
+                    out[f"{shape}/{name}"] = row
+                    c.progress(f"throughput {shape}/{name} batch {batch}", row[str(batch)])
                 out[f"{shape}/{name}"] = row
             except Exception:
                 out[f"{shape}/{name}"] = {"error": traceback.format_exc()[-2000:]}
+                c.progress(f"throughput {shape}/{name}", out[f"{shape}/{name}"])
             finally:
                 base = registry = records = None  # type: ignore[assignment]
                 gc.collect()
