@@ -6,13 +6,16 @@
 0. probe: versions, the GPU, which backends import.
 1. kernels: Triton SGMV (fp32 PEFT-faithful, bf16 fast) and the torch LoRA rows against the reference;
    bitwise row invariance over M in {1, 2, 7, 16, 64, 257, 2048} for them, for the base matmul
-   (plain, 16-row tiles, bitsandbytes' gemm_4bit) and for Flex decode; kernel times.
+   (plain, 16-row tiles, bitsandbytes' gemm_4bit) and for Flex decode (SmolLM2's and Llama-3's
+   head groups); kernel times.
 2. engine: a seeded random model of SmolLM2-135M's shape in NF4 with four PEFT-made adapters:
-   solo vs mixed (tokens and logits) in the default, batch-invariant and triton+flex modes; the
-   default mode against PEFT at vLLM's tolerance (at the first differing token, each pick in the
-   other's top-5).
+   solo vs mixed in the default (triton + flex), batch-invariant (eager and graphed) and torch
+   oracle modes: bitwise, same tokens, vLLM's top-5 tolerance, and the largest logit difference
+   while both runs had the same inputs; graphed vs eager bits; the default mode against PEFT.
 3. throughput: decode tok/s at batch 16/64/256 with 16 distinct rank-16 adapters on all seven
-   projections vs base only, per backend set; then a Llama-3-8B-shaped model (4 layers) in NF4.
+   projections vs base only, graphed default and batch-invariant modes (run 1 measured the eager
+   ones), with each step's host syncs, the graph's replay time alone and a host profile; then a
+   Llama-3-8B-shaped model (4 layers) in NF4.
 4. methods, on the time left: DoRA, AdaLoRA, (IA)3, modules_to_save, prompt, P- and prefix tuning
    on the 135M-shaped model, solo vs mixed per mode and against PEFT.
 Everything is made on the device: no weights are copied.
@@ -145,7 +148,10 @@ def kernels(c: Check) -> dict[str, Any]:
     for din, dout in shapes:
         out[f"{din}x{dout}"] = _guarded(_kernels_at, c, din, dout, ms)
         c.progress(f"kernels {din}x{dout}", out[f"{din}x{dout}"])
-    out["flex_decode"] = _guarded(_flex, c)
+    # SmolLM2's 9 query heads over 3 KV heads, and Llama-3-8B's 32 over 8: a power-of-two group,
+    # where Inductor would pick its split-key decoding kernel were it not kept off it (attn_flex)
+    for heads, kv_heads in ((9, 3), (32, 8)):
+        out[f"flex_decode_{heads}_{kv_heads}"] = _guarded(_flex, c, heads, kv_heads)
     return out
 
 
@@ -224,12 +230,12 @@ def _kernels_at(c: Check, din: int, dout: int, ms: list[int]) -> dict[str, Any]:
     return entry
 
 
-def _flex(c: Check) -> dict[str, Any]:
+def _flex(c: Check, heads: int, kv_heads: int) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from server.engine.attn_flex import FlexAttention
 
-    heads, kv_heads, hd, bs, nb = 9, 3, 64, 16, 256
+    hd, bs, nb = 64, 16, 256
     g = torch.Generator(device=c.dev).manual_seed(1)
     k = torch.randn(nb * bs, kv_heads, hd, device=c.dev, generator=g)
     v = torch.randn(nb * bs, kv_heads, hd, device=c.dev, generator=g)
@@ -252,7 +258,11 @@ def _flex(c: Check) -> dict[str, Any]:
         ]
         worst = max(worst, float((out[row] - ref).abs().max()))
     alone = flex.run(q[:, 3:4], k, v, flex.prepare([decode[3]], []), None)
-    return {"max_abs_err_vs_sdpa": worst, "row_alone_equals_batched": bool(torch.equal(alone[0], out[3]))}
+    pair = flex.run(q[:, 2:4], k, v, flex.prepare(decode[2:4], []), None)
+    return {
+        "max_abs_err_vs_sdpa": worst,
+        "row_alone_equals_batched": bool(torch.equal(alone[0], out[3]) and torch.equal(pair[1], out[3])),
+    }
 
 
 # ----------------------------------------------------------------------------------------- 2: engine
@@ -329,18 +339,31 @@ def engine_phase(c: Check) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, n).tolist() for n in (24, 41, 17)]
     tokens = 16
+    fast = {"lora_backend": "triton", "attention": "flex"}  # what auto picks on CUDA
     modes: dict[str, dict[str, Any]] = {
-        "default": {},
-        "batch_invariant": {"base_gemm": BaseGemm.TILED},
-        "triton_flex": {"lora_backend": "triton", "attention": "flex"},
+        "default": dict(fast),
+        "batch_invariant": {**fast, "base_gemm": BaseGemm.TILED},
+        "batch_invariant_graphs": {**fast, "base_gemm": BaseGemm.TILED, "graphs": True},
+        "torch_oracle": {"lora_backend": "torch", "attention": "torch"},
     }
+    if c.smoke:  # no graphs on a CPU: the padded path runs eagerly
+        modes["batch_invariant_graphs"].pop("graphs")
     out: dict[str, Any] = RESULTS.setdefault("engine", {})
+    solos: dict[str, dict[str, list[torch.Tensor]]] = {}
     for mode, opts in modes.items():
         if c.left() < 60:
             out[mode] = "skipped: out of time"
             continue
-        out[mode] = _guarded(_engine_mode, c, ckpt, dirs, prompts, tokens, dict(opts), mode == "default", out)
+        out[mode] = _guarded(
+            _engine_mode, c, ckpt, dirs, prompts, tokens, dict(opts), mode == "default", out, solos, mode
+        )
         c.progress(f"engine {mode}", out[mode])
+        if {"batch_invariant", "batch_invariant_graphs"} <= solos.keys() and "graphs_eq_eager" not in out:
+            # padded to a bucket and replayed, a row must keep its eager bits (row-invariant kernels)
+            eager, graphs = solos["batch_invariant"], solos["batch_invariant_graphs"]
+            out["graphs_eq_eager_bitwise"] = sum(
+                len(eager[r]) == len(graphs[r]) and all(map(torch.equal, eager[r], graphs[r])) for r in eager
+            )
         gc.collect()
         if c.dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -356,13 +379,16 @@ def _engine_mode(
     opts: dict[str, Any],
     compare_peft: bool,
     out: dict[str, Any],
+    solos: dict[str, dict[str, list[torch.Tensor]]],
+    mode: str,
 ) -> dict[str, Any]:
     """One mode's solo vs mixed run; with `compare_peft` its solo run is then compared with PEFT
-    (into out["vs_peft"], before a later mode can fail)."""
+    (into out["vs_peft"], before a later mode can fail). Its solo logits go into solos[mode]."""
     from server.lora.registry import AdapterRegistry
     from server.model.loader import load_base
 
     attention = opts.pop("attention", "torch")
+    graphs = opts.pop("graphs", False)
     base = load_base(
         ckpt, "rand-135m", quantization="nf4", device=c.dev.type, max_loras=4, max_lora_rank=16, **opts
     )
@@ -376,31 +402,65 @@ def _engine_mode(
     ]
     solo_tokens: dict[str, list[int]] = {}
     solo_logits: dict[str, list[torch.Tensor]] = {}
+    engine = {"attention_backend": attention, "cuda_graphs": graphs}
     for job in jobs:
-        t, lg = _run(_engine(base, registry, attention_backend=attention), [job], tokens)
+        t, lg = _run(_engine(base, registry, **engine), [job], tokens)
         solo_tokens |= t
         solo_logits |= lg
-    mixed_tokens, mixed_logits = _run(
-        _engine(base, registry, max_num_seqs=32, attention_backend=attention), jobs, tokens
-    )
-    same_tokens = sum(solo_tokens[r] == mixed_tokens[r] for r in solo_tokens)
+    mixed_tokens, mixed_logits = _run(_engine(base, registry, max_num_seqs=32, **engine), jobs, tokens)
+    solos[mode] = solo_logits
     same_bits = sum(
         all(torch.equal(a, b) for a, b in zip(solo_logits[r], mixed_logits[r], strict=True))
         for r in solo_logits
-    )
-    worst = max(
-        float((a - b).abs().max())
-        for r in solo_logits
-        for a, b in zip(solo_logits[r], mixed_logits[r], strict=True)
     )
     if compare_peft and c.left() > 45:
         out["vs_peft"] = _guarded(_vs_peft, c, ckpt, dirs, prompts, tokens, solo_tokens, solo_logits)
         c.progress("engine vs_peft", out["vs_peft"])
     return {
         "requests": len(jobs),
-        "solo_eq_mixed_tokens": same_tokens,
         "solo_eq_mixed_logits_bitwise": same_bits,
-        "max_abs_logit_diff": worst,
+        **_closeness(solo_tokens, solo_logits, mixed_tokens, mixed_logits),
+    }
+
+
+def _closeness(
+    ours: dict[str, list[int]],
+    our_logits: dict[str, list[torch.Tensor]],
+    theirs: dict[str, list[int]],
+    their_logits: dict[str, list[torch.Tensor]],
+) -> dict[str, Any]:
+    """Two greedy runs of the same requests: identical token lists; else vLLM's check_logprobs_close
+    (at the first differing token each run's pick is in the other's top-5); and, to tell rounding
+    from a bug, the largest logit difference while both runs had the same inputs (up to and with
+    the first differing step) and how narrow the winning margin was where they parted: a random
+    model's logits are flat, so a rounding-sized difference can flip its argmax."""
+    identical = close = far = 0
+    prefix_diff = 0.0
+    margins: list[float] = []
+    for r, mine in ours.items():
+        other = theirs[r]
+        diff = next((i for i, (a, b) in enumerate(zip(mine, other, strict=False)) if a != b), None)
+        upto = len(mine) if diff is None else diff + 1
+        for a, b in zip(our_logits[r][:upto], their_logits[r][:upto], strict=False):
+            prefix_diff = max(prefix_diff, float((a.float() - b.float()).abs().max()))
+        if diff is None:
+            identical += 1
+            continue
+        mine_row, other_row = our_logits[r][diff].float(), their_logits[r][diff].float()
+        margins.append(float(mine_row[mine[diff]] - mine_row[other[diff]]))
+        if (
+            mine[diff] in torch.topk(other_row, 5).indices.tolist()
+            and other[diff] in torch.topk(mine_row, 5).indices.tolist()
+        ):
+            close += 1
+        else:
+            far += 1
+    return {
+        "identical_tokens": identical,
+        "close_top5": close,
+        "not_close": far,
+        "max_abs_logit_diff_same_inputs": prefix_diff,
+        "margin_where_they_part": [round(m, 4) for m in margins],
     }
 
 
@@ -425,7 +485,8 @@ def _vs_peft(
     for extra in list(dirs)[1:]:
         model.load_adapter(dirs[extra], adapter_name=extra)
     model.eval()
-    identical = close = far = 0
+    their_tokens: dict[str, list[int]] = {}
+    their_logits: dict[str, list[torch.Tensor]] = {}
     names: list[str | None] = [None, *dirs]
     for name in names:
         for p, ids in enumerate(prompts):
@@ -440,18 +501,9 @@ def _vs_peft(
                 else:
                     model.set_adapter(name)
                     gen = model.generate(x, **kw)
-            theirs = gen.sequences[0, len(ids) :].tolist()
-            diff = next((i for i, (a, b) in enumerate(zip(ours[rid], theirs, strict=False)) if a != b), None)
-            if diff is None:
-                identical += 1
-                continue
-            their_top = torch.topk(gen.scores[diff][0].float(), 5).indices.tolist()
-            our_top = torch.topk(our_logits[rid][diff], 5).indices.tolist()
-            if ours[rid][diff] in their_top and theirs[diff] in our_top:
-                close += 1
-            else:
-                far += 1
-    return {"identical": identical, "close_top5": close, "not_close": far}
+            their_tokens[rid] = gen.sequences[0, len(ids) :].tolist()
+            their_logits[rid] = [row[0].float().cpu() for row in gen.scores]
+    return _closeness(ours, our_logits, their_tokens, their_logits)
 
 
 # -------------------------------------------------------------------------------------- 3: throughput
@@ -465,8 +517,10 @@ def _decode_rate(
     attention: str,
     graphs: bool,
     count_syncs: bool = False,
+    profile: bool = False,
 ) -> tuple[float, dict[str, Any]]:
-    """Decode tokens/s once every prompt is in, and (if asked) the host syncs of a step."""
+    """Decode tokens/s once every prompt is in; if asked, the host syncs of a step, the replay time
+    of its captured graph alone (the device's share of the step) and a host profile of a few steps."""
     from server.engine.sequence import SamplingParams, Sequence
 
     engine = _engine(
@@ -490,7 +544,39 @@ def _decode_rate(
         engine.step()
     c.sync()
     rate = batch * steps / (time.perf_counter() - t)
-    return rate, _host_syncs(c, engine) if count_syncs else {}
+    extra: dict[str, Any] = {}
+    if count_syncs:
+        extra["lora16_host_syncs"] = _host_syncs(c, engine)
+        extra["graph_replay_ms"] = _replay_ms(c, engine)
+    if profile:
+        extra["host_profile"] = _profile(engine)
+    return rate, extra
+
+
+def _replay_ms(c: Check, engine: Any) -> float | None:
+    """One replay of the largest captured bucket's graph, alone: what the device needs per step."""
+    graphs = engine.runner.graphs
+    captured = [st for st in graphs.static.values() if st.graph is not None] if graphs else []
+    if c.dev.type != "cuda" or not captured:
+        return None
+    graph = max(captured, key=lambda st: st.input_ids.shape[1]).graph
+    return round(c.time_us(graph.replay) / 1000, 3)
+
+
+def _profile(engine: Any, steps: int = 6) -> list[str]:
+    """cProfile of a few decode steps: the functions with the most own time (the host's share)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    return [line.rstrip() for line in text.getvalue().splitlines() if line.strip()][-30:]
 
 
 def _host_syncs(c: Check, engine: Any, steps: int = 2) -> dict[str, Any]:
@@ -521,29 +607,25 @@ def throughput(c: Check) -> dict[str, Any]:
     from server.model.base_gemm import BaseGemm
     from server.model.loader import load_base
 
-    plans = [("smollm2-135m", None, [16, 64, 256]), ("llama3-8b", 4, [16, 64])]
+    plans = [("smollm2-135m", None, [16, 64, 256]), ("llama3-8b", 4, [16, 64, 256])]
     if c.smoke:
         plans = [("tiny", None, [2, 4])]
+    fast = {"lora_backend": "triton", "attention": "flex"}  # what auto picks on CUDA
+    # run 1 (bench/results/gpu_check/h200-run1.json) measured the eager sets: host-bound, 0.2-2.6k
+    # tok/s; these are the graphed modes, default and batch invariant, then the fast factors
     sets: dict[str, dict[str, Any]] = {
-        "torch": {},
-        "triton_flex": {"lora_backend": "triton", "attention": "flex"},
-        "triton_flex_graphs": {"lora_backend": "triton", "attention": "flex", "graphs": True},
-        "batch_invariant": {"base_gemm": BaseGemm.TILED},
-        # the fast mode (--lora-dtype bfloat16): half-precision products, fp32 accumulation; last,
-        # as it is not a target
-        "triton_flex_graphs_bf16_factors": {
-            "lora_backend": "triton",
-            "attention": "flex",
-            "graphs": True,
-            "lora_dtype": torch.bfloat16,
-        },
+        "default_graphs": {**fast, "graphs": True},
+        "batch_invariant_graphs": {**fast, "graphs": True, "base_gemm": BaseGemm.TILED},
+        "default_graphs_bf16_factors": {**fast, "graphs": True, "lora_dtype": torch.bfloat16},
     }
-    if c.smoke:  # the interpreter has no bf16 arithmetic
-        sets["triton_flex_graphs_bf16_factors"]["lora_dtype"] = torch.float16
+    if c.smoke:
+        sets["default_graphs_bf16_factors"]["lora_dtype"] = torch.float16
     out: dict[str, Any] = RESULTS.setdefault("throughput", {})  # saved after each set: a kill keeps them
     for shape, layers, batches in plans:
         ckpt = _model(c, f"{shape}-{layers}", shape, layers)
         for name, opts in sets.items():
+            if layers is not None and "bf16" in name:
+                continue  # the 8B shape: the two targets' modes only
             if c.left() < 40:
                 out[f"{shape}/{name}"] = "skipped: out of time"
                 continue
@@ -566,14 +648,16 @@ def throughput(c: Check) -> dict[str, Any]:
                     if c.left() < 20:
                         break
                     base_rate, _ = _decode_rate(c, base, registry, records, batch, 0, attention, graphs)
-                    lora_rate, syncs = _decode_rate(
-                        c, base, registry, records, batch, 16, attention, graphs, count_syncs=True
-                    )
+                    lora_rate, extra = _decode_rate(
+                        c, base, registry, records, batch, 16, attention, graphs, count_syncs=True,
+                        profile=batch == (4 if c.smoke else 64) and name == "default_graphs",
+                    )  # fmt: skip
                     row[str(batch)] = {
                         "base_tok_s": round(base_rate, 1),
                         "lora16_tok_s": round(lora_rate, 1),
                         "lora_step_over_base_step": round(base_rate / lora_rate, 3),
-                        "lora16_host_syncs": syncs,
+                        "lora16_step_ms": round(1000 * batch / lora_rate, 3),
+                        **extra,
                     }
                     out[f"{shape}/{name}"] = row
                     c.progress(f"throughput {shape}/{name} batch {batch}", row[str(batch)])

@@ -31,7 +31,12 @@ Q_BLOCK = 16
 # Inductor's Triton flex kernel tiles queries by BLOCK_M and keys by BLOCK_N, and both must divide
 # the mask's blocks (Q_BLOCK, the KV block size); its default tiles on a GPU are 32 to 128 wide, so
 # the first compiled call would refuse our 16 x 16 blocks. tl.dot needs 16 at least.
-TRITON_TILES = {"BLOCK_M": Q_BLOCK, "BLOCK_N": 16}
+# FORCE_USE_FLEX_ATTENTION keeps Inductor off its decoding kernel, which splits each query's keys
+# into num_SMs // (batch * kv_heads) * 2 parts and so sums them in an order set by the batch size
+# (and packs a KV head's query heads into one BLOCK_M tile, too small past 16). The main kernel
+# walks a query's key blocks in one program: a row's result is the same bits in any batch. vLLM's
+# flex backend forces it too.
+TRITON_TILES: dict[str, int | bool] = {"BLOCK_M": Q_BLOCK, "BLOCK_N": 16, "FORCE_USE_FLEX_ATTENTION": True}
 
 
 def check_block_size(block_size: int) -> None:
@@ -40,19 +45,6 @@ def check_block_size(block_size: int) -> None:
         raise BackendError(
             f"--attention-backend flex on CUDA needs --block-size a multiple of "
             f"{TRITON_TILES['BLOCK_N']}; got {block_size}"
-        )
-
-
-def check_heads(q_heads: int, kv_heads: int) -> None:
-    """Inductor's flex decoding kernel (chosen for short queries when the query heads per KV head
-    are a power of two) packs a KV head's query heads into one BLOCK_M tile: more than 16 do not
-    fit our tiles."""
-    group = q_heads // kv_heads
-    if group > TRITON_TILES["BLOCK_M"] and group & (group - 1) == 0:
-        raise BackendError(
-            f"--attention-backend flex on CUDA: {q_heads} query heads over {kv_heads} KV heads "
-            f"({group} per KV head) exceed its {TRITON_TILES['BLOCK_M']}-row tiles; use "
-            f"--attention-backend torch"
         )
 
 
@@ -82,7 +74,7 @@ class FlexAttention:
         self.compiled = compiled
         self.attend: Any = torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
         # the Triton kernel's tiles; the CPU paths (eager, or Inductor's C++ template) take none
-        self.tiles: dict[str, int] | None = None
+        self.tiles: dict[str, int | bool] | None = None
         if compiled and device.type == "cuda":
             check_block_size(block_size)
             self.tiles = dict(TRITON_TILES)

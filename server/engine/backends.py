@@ -3,22 +3,28 @@
 - LoRA term: `torch` (per-token products in plain torch: the CPU default and the oracle; on CPU
   as embedding-bag sums over the slot factors read in place, on CUDA as `bmm` items) or
   `triton` (our SGMV kernels; CUDA, or the interpreter under TRITON_INTERPRET=1 for tests). `auto`
-  picks torch until bench/gpu_check.py has verified the kernels on a GPU.
+  is triton on CUDA when it imports (bench/gpu_check.py on an H200: within 1.4e-6 of the
+  reference in fp32, and every row the same bits in any batch of 1 to 2048, where the `bmm` rows
+  were not), torch elsewhere.
 - Attention: `torch` (per-sequence SDPA over the paged cache: the CPU default and the oracle) or
-  `flex` (FlexAttention through block tables; compiled on CUDA, eager on CPU). `auto` picks torch
-  until bench/gpu_check.py has measured flex on a GPU.
+  `flex` (FlexAttention through block tables; compiled on CUDA, eager on CPU). `auto` is flex on
+  CUDA (on the H200: within 4e-7 of SDPA, a row alone the same bits as batched, and 7x the torch
+  path's decode rate at batch 256 without graphs), torch elsewhere.
 - LoRA dtype (`--lora-dtype`): the factors' dtype, in which the term is computed. float32 (default)
   is PEFT's: it upcasts half-precision adapters (autocast_adapter_dtype) and casts the term before
   the add. bfloat16/float16 is the fast mode, what PEFT computes with autocast_adapter_dtype=False
   and vLLM by default: half the slot memory and, in the Triton kernels, half-precision products with
-  fp32 accumulation. `auto` is the compute dtype. Each mode is batch invariant by construction.
+  fp32 accumulation. `auto` is the compute dtype. Each mode is batch invariant by construction
+  (on CUDA, the Triton kernels).
 - Base matmul: `bnb` on CUDA (bitsandbytes' kernels), `plain` on CPU, `tiled` under batch invariance
   (NF4 dequantized by bitsandbytes, then fixed 16-row tiles, on either device).
 - Batch invariance (`--batch-invariant`): each token's output is the same bits alone or in any
   batch. It is off by default, chosen by the numbers (bench/single_stream.py): on CPU the 16-row
   tiles make a lone request pay for 16 rows, about 0.5-0.7x transformers' `generate` where the
   plain matmul reaches 1.00-1.06x; from 16 rows up both cost the same. Off, the LoRA term and the
-  prefill chunking stay invariant; only the base and lm_head matmuls may differ in the last bits.
+  prefill chunking stay invariant; only the base and lm_head matmuls may differ in the last bits
+  (on CUDA, bitsandbytes' gemm_4bit changes kernel with the row count: measured on the H200).
+  On CUDA it needs the triton LoRA backend: `bmm` picks its kernel by the row count.
 """
 
 from __future__ import annotations
@@ -87,6 +93,16 @@ def select_backends(
             f"unknown --attention-backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
         )
     cuda = device.type == "cuda"
+    if lora == "auto":
+        lora = "triton" if cuda and importlib.util.find_spec("triton") is not None else "torch"
+    if lora == "torch" and cuda and batch_invariant:
+        raise BackendError(
+            "--batch-invariant with --lora-backend torch on CUDA: torch's bmm picks its kernel by the row "
+            "count, so a token's LoRA term changes with the batch; use --lora-backend triton (or auto)"
+        )
+    if attention == "auto":
+        flex_fits = not cuda or block_size % 16 == 0
+        attention = "flex" if cuda and flex_fits and _has_flex() else "torch"
     if lora == "triton":
         _check_triton(device, "--lora-backend triton")
         if not cuda and factors == torch.bfloat16:
@@ -97,7 +113,7 @@ def select_backends(
     plain = BaseGemm.BNB if cuda else BaseGemm.PLAIN
     base_gemm = BaseGemm.TILED if batch_invariant else plain
     if attention == "flex":
-        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        if not _has_flex():
             raise BackendError(
                 "--attention-backend flex needs torch >= 2.5 (torch.nn.attention.flex_attention)"
             )
@@ -105,11 +121,6 @@ def select_backends(
             from server.engine.attn_flex import check_block_size
 
             check_block_size(block_size)
-        if batch_invariant and cuda:
-            raise BackendError(
-                "--batch-invariant with --attention-backend flex on CUDA: the compiled decode kernel may "
-                "split the key sequence by batch size; use --attention-backend torch"
-            )
     if cuda_graphs and not (cuda and lora == "triton" and attention == "flex"):
         raise BackendError(
             f"--cuda-graphs needs a CUDA device with --lora-backend triton and --attention-backend flex "
@@ -126,6 +137,10 @@ def select_backends(
     )
     log.info("backends: %s", chosen.describe())
     return chosen
+
+
+def _has_flex() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def _check_triton(device: torch.device, what: str) -> None:

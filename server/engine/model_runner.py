@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from server.engine.attention import AttentionMetadata, FlexPlan, KVCache, PrefillChunk
-from server.engine.attn_flex import FlexAttention, check_heads
+from server.engine.attn_flex import FlexAttention
 from server.engine.config import EngineConfig
 from server.engine.graphs import DecodeGraphs, PaddedDecode
 from server.engine.logprobs import prompt_logprobs
@@ -39,8 +39,6 @@ class ModelRunner:
         self.inputs = StepInputBuilder(config.block_size)
         self.flex: FlexAttention | None = None
         if config.attention_backend == "flex":
-            if base.device.type == "cuda":
-                check_heads(cfg.num_attention_heads, cfg.num_key_value_heads)
             self.flex = FlexAttention(
                 config.num_kv_blocks + 1,
                 config.block_size,

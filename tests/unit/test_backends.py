@@ -91,11 +91,29 @@ def test_flex_on_cuda_needs_kv_blocks_its_kernel_tiles_divide() -> None:
     assert select_backends(cuda, attention="torch", block_size=8).attention == "torch"
 
 
-def test_flex_on_cuda_refuses_more_query_heads_per_kv_head_than_its_tiles_hold() -> None:
-    from server.engine.attn_flex import check_heads
+def test_cuda_auto_takes_the_kernels_the_gpu_check_verified() -> None:
+    """On CUDA, auto is triton + flex (bench/results/gpu_check/h200-run1.json); flex only where its
+    tiles divide the KV blocks, else torch attention."""
+    pytest.importorskip("triton")
+    cuda = torch.device("cuda")
+    chosen = select_backends(cuda)
+    assert (chosen.lora, chosen.attention, chosen.base_gemm) == ("triton", "flex", BaseGemm.BNB)
+    assert select_backends(cuda, block_size=8).attention == "torch"
+    assert select_backends(cuda, cuda_graphs=True).cuda_graphs
+    assert (select_backends(CPU).lora, select_backends(CPU).attention) == ("torch", "torch")
 
-    check_heads(9, 3)  # SmolLM2: 3 per KV head (not a power of two: the main kernel)
-    check_heads(32, 8)  # Llama-3-8B: 4
-    check_heads(16, 1)
-    with pytest.raises(BackendError, match="32 per KV head"):
-        check_heads(32, 1)
+
+def test_cuda_batch_invariance_needs_the_triton_lora_rows() -> None:
+    """torch's bmm rows changed bits with the batch on the H200, the SGMV kernels did not; flex
+    forces Inductor's main kernel (no split keys), so it serves the invariant mode, graphs too."""
+    pytest.importorskip("triton")
+    from server.engine.attn_flex import TRITON_TILES
+
+    cuda = torch.device("cuda")
+    with pytest.raises(BackendError, match="--batch-invariant with --lora-backend torch on CUDA"):
+        select_backends(cuda, lora="torch", batch_invariant=True)
+    chosen = select_backends(cuda, batch_invariant=True, cuda_graphs=True)
+    assert (chosen.lora, chosen.attention, chosen.base_gemm) == ("triton", "flex", BaseGemm.TILED)
+    assert TRITON_TILES["FORCE_USE_FLEX_ATTENTION"] is True
+    # the CPU keeps its torch oracle in the invariant mode
+    assert select_backends(CPU, lora="torch", batch_invariant=True).lora == "torch"

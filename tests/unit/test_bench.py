@@ -192,7 +192,8 @@ def test_gpu_check_smoke_kernels(tmp_path: Path) -> None:
     for key in ("torch_rows_invariant", "triton_fp32_invariant", "tiled_matmul_invariant"):
         assert all(entry[key].values()), key
     assert entry["triton_fp32_rel_err"] < 1e-5
-    assert kernels["flex_decode"]["row_alone_equals_batched"]
+    for groups in ("9_3", "32_8"):  # SmolLM2's head groups, and Llama-3's power-of-two ones
+        assert kernels[f"flex_decode_{groups}"]["row_alone_equals_batched"], groups
 
 
 @pytest.mark.slow
