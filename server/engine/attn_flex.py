@@ -16,6 +16,7 @@ a row's arithmetic then has the same shapes alone or in a batch.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,26 @@ def check_block_size(block_size: int) -> None:
             f"--attention-backend flex on CUDA needs --block-size a multiple of "
             f"{TRITON_TILES['BLOCK_N']}; got {block_size}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Flat:
+    """A step's block tables as flat arrays: each listed block, its table's row and its index in
+    that table (a few numpy calls per step, not several per sequence)."""
+
+    blocks: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    lens: np.ndarray
+
+    @staticmethod
+    def of(tables: list[list[int]]) -> _Flat:
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        total = int(lens.sum())
+        blocks = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=total)
+        rows = np.repeat(np.arange(len(tables), dtype=np.int32), lens)
+        cols = (np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)).astype(np.int32)
+        return _Flat(blocks, rows, cols, lens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,17 +114,17 @@ class FlexAttention:
 
         return mask
 
-    def _block_arrays(self, tables: list[list[int]], q_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    def _block_arrays(self, flat: _Flat, q_blocks: int) -> tuple[np.ndarray, np.ndarray]:
         """kv_num_blocks [rows, 1, q_blocks] and kv_indices [rows, 1, q_blocks, num_blocks]."""
-        num = np.zeros((len(tables), 1, q_blocks), dtype=np.int32)
-        idx = np.zeros((len(tables), 1, q_blocks, self.num_blocks), dtype=np.int32)
-        for b, table in enumerate(tables):
-            num[b] = len(table)
-            idx[b, 0, :, : len(table)] = table
-        return num, idx
+        rows = len(flat.lens)
+        num = np.repeat(flat.lens.astype(np.int32)[:, None, None], q_blocks, axis=2)
+        idx = np.zeros((rows, self.num_blocks), dtype=np.int32)
+        idx[flat.rows, flat.cols] = flat.blocks
+        idx4 = idx[:, None, None, :]  # a view: a decode row has one query block
+        return num, idx4 if q_blocks == 1 else np.repeat(idx4, q_blocks, axis=2)
 
     def _mask(self, tables: list[list[int]], q_len: int, mask_mod: Any) -> BlockMask:
-        num, idx = self._block_arrays(tables, -(-q_len // Q_BLOCK))
+        num, idx = self._block_arrays(_Flat.of(tables), -(-q_len // Q_BLOCK))
         return BlockMask.from_kv_blocks(
             to_device(num, self.device),
             to_device(idx, self.device),
@@ -113,20 +134,19 @@ class FlexAttention:
             compute_q_blocks=False,
         )
 
-    def _own(self, tables: list[list[int]], decode: list[tuple[list[int], int]]) -> None:
-        """Record which sequence (its index in `tables`) owns each block and the block's index in
-        that sequence; and the decode rows' sequence ids and query positions."""
+    def _own(self, flat: _Flat, decode: list[tuple[list[int], int]]) -> None:
+        """Record which sequence (its index in the step's tables) owns each block and the block's
+        index in that sequence; and the decode rows' sequence ids and query positions."""
         owner = np.full(self.num_blocks, -1, dtype=np.int32)
         logical = np.zeros(self.num_blocks, dtype=np.int32)
-        for seq_id, table in enumerate(tables):
-            owner[table] = seq_id
-            logical[table] = np.arange(len(table), dtype=np.int32)
+        owner[flat.blocks] = flat.rows  # a block is in one table at most (no sharing)
+        logical[flat.blocks] = flat.cols
         copy_into(self.owner, owner)
         copy_into(self.logical, logical)
         if decode:
             d = len(decode)
             copy_into(self.dec_seq[:d], np.arange(d, dtype=np.int32))
-            copy_into(self.dec_pos[:d], np.array([p for _, p in decode], dtype=np.int32))
+            copy_into(self.dec_pos[:d], np.fromiter((p for _, p in decode), dtype=np.int32, count=d))
 
     def prepare(
         self,
@@ -139,7 +159,7 @@ class FlexAttention:
         if not self.compiled:
             chunks = [(t, p, 1, row) for row, (t, p) in enumerate(decode)] + chunks
             decode = []
-        self._own([t for t, _ in decode] + [t for t, _, _, _ in chunks], decode)
+        self._own(_Flat.of([t for t, _ in decode] + [t for t, _, _, _ in chunks]), decode)
         dec_mask = self._mask([t for t, _ in decode], 1, self.decode_mask) if decode else None
         made: list[tuple[int, int, BlockMask, Callable[[], object]]] = []
         # every chunk's (sequence id, first position) on the device at once: each layer then
@@ -160,9 +180,9 @@ class FlexAttention:
     def fill_decode(self, step: FlexStep, decode: list[tuple[list[int], int]]) -> None:
         """Refill a static_decode step: (block table, query position) per row; [] for padding."""
         assert step.decode is not None and len(decode) == step.num_decode
-        tables = [t for t, _ in decode]
-        self._own(tables, decode)
-        num, idx = self._block_arrays(tables, 1)
+        flat = _Flat.of([t for t, _ in decode])
+        self._own(flat, decode)
+        num, idx = self._block_arrays(flat, 1)
         copy_into(step.decode.kv_num_blocks, num)
         copy_into(step.decode.kv_indices, idx)
 

@@ -47,14 +47,14 @@ class PaddedDecode:
     positions: np.ndarray  # [B]
     slot_mapping: np.ndarray  # [B]; padding rows -> the scratch slot
     adapter_slots: np.ndarray  # [B]; padding rows -> 0
-    contexts: list[np.ndarray]  # [B] cache slots each row attends (padding: the scratch slot)
+    contexts: list[np.ndarray]  # [B] cache slots each row attends (padding: scratch); [] under flex
     tables: list[tuple[list[int], int]]  # [B] (block table, query position); padding: ([], 0)
 
 
 def pad_decode(
     inputs: StepInputs, tables: list[tuple[list[int], int]], bucket: int, scratch_slot: int
 ) -> PaddedDecode:
-    d = len(inputs.decode_context)
+    d = inputs.num_decode
     pad = bucket - d
 
     def padded(a: np.ndarray, fill: int) -> np.ndarray:
@@ -67,7 +67,7 @@ def pad_decode(
         positions=padded(inputs.positions, 0),
         slot_mapping=padded(inputs.slot_mapping, scratch_slot),
         adapter_slots=padded(np.asarray(inputs.decode_adapter_slots, dtype=np.int64), 0),
-        contexts=[*inputs.decode_context, *([scratch] * pad)],
+        contexts=[*inputs.decode_context, *([scratch] * pad)] if inputs.decode_context else [],
         tables=[*tables, *([([], 0)] * pad)],
     )
 
@@ -97,11 +97,11 @@ class DecodeGraphs:
 
     def run(self, inputs: StepInputs, tables: list[tuple[list[int], int]]) -> torch.Tensor | None:
         """Logits [D, V] of a decode-only step, or None when it has no bucket (too many rows)."""
-        bucket = bucket_for(len(inputs.decode_context), self.buckets)
+        bucket = bucket_for(inputs.num_decode, self.buckets)
         if bucket is None:
             return None
         padded = pad_decode(inputs, tables, bucket, self.scratch_slot)
-        d = len(inputs.decode_context)
+        d = inputs.num_decode
         self.steps += 1
         if not self.capture:
             return self.runner.forward_padded(padded)[:d]

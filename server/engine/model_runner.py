@@ -36,7 +36,7 @@ class ModelRunner:
             base.dtype,
             base.device,
         )
-        self.inputs = StepInputBuilder(config.block_size)
+        self.inputs = StepInputBuilder(config.block_size, contexts=config.attention_backend != "flex")
         self.flex: FlexAttention | None = None
         if config.attention_backend == "flex":
             self.flex = FlexAttention(

@@ -71,10 +71,10 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # Running sequences first, oldest first; under KV pressure the newest is preempted.
-        running = list(self.running)
+        running = deque(self.running)
         kept: list[Sequence] = []
         while running:
-            seq = running.pop(0)
+            seq = running.popleft()
             n = self.next_chunk(seq)
             if n > budget:
                 kept.append(seq)
@@ -96,6 +96,8 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        if not self.waiting or budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            return  # what the loop's first test would find, without a pass over every running sequence
         adapters = {s.adapter_key for s in self.running if s.adapter_key}
         # modules_to_save copies of the step's adapters share one device budget, like the slots
         saved = sum({s.adapter_key: self.gate.saved_bytes(s) for s in self.running if s.adapter_key}.values())

@@ -46,12 +46,16 @@ class ContextSlots:
         return self.buf[: self.n]
 
 
+# a chunk's context where the builder keeps none (flex reads block tables)
+NO_CONTEXT = np.empty(0, dtype=np.int64)
+
+
 @dataclass(frozen=True, slots=True)
 class PrefillInput:
     seq: Sequence
     start: int  # first row of the chunk in the packed batch
     length: int
-    context: np.ndarray  # [pos + length] cache slots of the context so far, chunk included
+    context: np.ndarray  # [pos + length] cache slots of the context so far, chunk included (or NO_CONTEXT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,19 +63,27 @@ class StepInputs:
     input_ids: np.ndarray  # [T]
     positions: np.ndarray  # [T]
     slot_mapping: np.ndarray  # [T] cache slot of each new token
-    decode_context: tuple[np.ndarray, ...]  # per decode row: cache slots of its context, new token included
+    # per decode row: cache slots of its context, new token included (empty where none are kept)
+    decode_context: tuple[np.ndarray, ...]
     prefills: tuple[PrefillInput, ...]
     decode_adapter_slots: list[int]  # per decode row: device slot of its adapter (0 = base)
     segments: list[tuple[int, int, int]]  # (start, end, slot) of prefill chunks with an adapter
     sample_rows: list[int]  # rows whose logits are sampled, in `sampling` order
     sampling: list[Sequence]  # sequences that sample a token this step
 
+    @property
+    def num_decode(self) -> int:
+        return len(self.decode_adapter_slots)
+
 
 class StepInputBuilder:
-    """Builds StepInputs; keeps each running sequence's context slots across steps."""
+    """Builds StepInputs; keeps each running sequence's context slots across steps, where the
+    attention reads them (`contexts`: the torch backend gathers them; flex reads block tables, so
+    a decode row then costs a few integer operations, not numpy calls)."""
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, contexts: bool = True) -> None:
         self.block_size = block_size
+        self.keep_contexts = contexts
         self.contexts: dict[str, ContextSlots] = {}
 
     def _context(self, seq: Sequence, end: int) -> np.ndarray:
@@ -87,27 +99,37 @@ class StepInputBuilder:
         return ctx.view()
 
     def build(self, step: SchedulerOutput, slot_of: dict[str, int]) -> StepInputs:
+        bs, keep = self.block_size, self.keep_contexts
         ids: list[int] = []
-        positions: list[np.ndarray] = []
-        mapping: list[np.ndarray] = []
+        decode_pos: list[int] = []
+        decode_map: list[int] = []
         decode_context: list[np.ndarray] = []
         decode_slots: list[int] = []
         for seq in step.decode:
             pos = seq.num_computed_tokens
             ids.append(seq.token_at(pos))
-            context = self._context(seq, pos + 1)
-            positions.append(np.array([pos], dtype=np.int64))
-            mapping.append(context[pos:])
-            decode_context.append(context)
+            decode_pos.append(pos)
+            if keep:
+                context = self._context(seq, pos + 1)
+                decode_map.append(int(context[pos]))
+                decode_context.append(context)
+            else:
+                decode_map.append(seq.block_table[pos // bs] * bs + pos % bs)
             decode_slots.append(slot_of.get(seq.adapter_key or "", 0))
+        positions: list[np.ndarray] = [np.array(decode_pos, dtype=np.int64)]
+        mapping: list[np.ndarray] = [np.array(decode_map, dtype=np.int64)]
         prefills: list[PrefillInput] = []
         segments: list[tuple[int, int, int]] = []
         for seq, n in step.prefill:
             start, pos = len(ids), seq.num_computed_tokens
             ids += seq.token_ids[pos : pos + n]
-            context = self._context(seq, pos + n)
             positions.append(np.arange(pos, pos + n, dtype=np.int64))
-            mapping.append(context[pos:])
+            if keep:
+                context = self._context(seq, pos + n)
+                mapping.append(context[pos:])
+            else:
+                context = NO_CONTEXT
+                mapping.append(slots_of(seq.block_table, bs, pos, pos + n))
             prefills.append(PrefillInput(seq, start, n, context))
             slot = slot_of.get(seq.adapter_key or "", 0)
             if slot:
@@ -120,8 +142,8 @@ class StepInputBuilder:
                 sampling.append(chunk.seq)
         return StepInputs(
             input_ids=np.asarray(ids, dtype=np.int64),
-            positions=np.concatenate(positions) if positions else np.empty(0, dtype=np.int64),
-            slot_mapping=np.concatenate(mapping) if mapping else np.empty(0, dtype=np.int64),
+            positions=np.concatenate(positions),
+            slot_mapping=np.concatenate(mapping),
             decode_context=tuple(decode_context),
             prefills=tuple(prefills),
             decode_adapter_slots=decode_slots,

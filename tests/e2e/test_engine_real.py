@@ -170,6 +170,21 @@ def test_incremental_detokenizer_matches_full_decode(base: BaseModel) -> None:
     assert streamed == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_direct_rust_decoding_is_the_tokenizers_own(base: BaseModel) -> None:
+    """The detokenizer calls SmolLM2's Rust decoder directly (its clean-up is off): the same text as
+    transformers' decode for random windows, special tokens included (and skipped)."""
+    from server.engine.detokenizer import text_decoder
+
+    tok = base.tokenizer
+    assert tok.clean_up_tokenization_spaces is False  # else text_decoder takes the slow path
+    decode = text_decoder(tok)
+    g = torch.Generator().manual_seed(1)
+    specials = list(tok.all_special_ids)
+    for n in range(1, 400):
+        ids = torch.randint(0, len(tok), (1 + n % 7,), generator=g).tolist() + specials[: n % 3]
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=True), ids
+
+
 @pytest.mark.invariance
 def test_constrained_and_penalised_requests_leave_neighbours_alone(
     make_engine: EngineFactory,

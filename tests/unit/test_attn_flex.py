@@ -117,3 +117,37 @@ def test_torch_backend_decode_is_each_sequences_own_sdpa() -> None:
     order = [3, 1, 4, 0, 2]
     assert torch.equal(run(order), batched[order])
     assert torch.equal(run(list(range(len(contexts))), cap=16), batched)  # groups of 6, 13, 9, 20, 1
+
+
+def test_block_arrays_and_owners_match_a_loop_over_the_tables() -> None:
+    """The flattened, vectorised tables (attn_flex._Flat) give what one loop per table gives."""
+    import numpy as np
+
+    from server.engine.attn_flex import FlexAttention, _Flat
+
+    rng = np.random.default_rng(3)
+    nb = 64
+    flex = FlexAttention(nb, 16, 8, CPU, compiled=False)
+    blocks = rng.permutation(nb).tolist()
+    sizes = [5, 0, 1, 9, 0, 3]
+    tables, i = [], 0
+    for n in sizes:
+        tables.append(blocks[i : i + n])
+        i += n
+    decode = [(t, 16 * len(t) - 1) for t in tables]
+    for q_blocks in (1, 3):
+        num, idx = flex._block_arrays(_Flat.of(tables), q_blocks)
+        want_num = np.zeros((len(tables), 1, q_blocks), dtype=np.int32)
+        want_idx = np.zeros((len(tables), 1, q_blocks, nb), dtype=np.int32)
+        for b, table in enumerate(tables):
+            want_num[b] = len(table)
+            want_idx[b, 0, :, : len(table)] = table
+        assert np.array_equal(num, want_num) and np.array_equal(idx, want_idx)
+    flex._own(_Flat.of(tables), decode)
+    want_owner, want_logical = np.full(nb, -1), np.zeros(nb)
+    for seq_id, table in enumerate(tables):
+        want_owner[table] = seq_id
+        want_logical[table] = np.arange(len(table))
+    assert flex.owner.tolist() == want_owner.tolist() and flex.logical.tolist() == want_logical.tolist()
+    assert flex.dec_pos[: len(decode)].tolist() == [p for _, p in decode]
+    assert _Flat.of([]).blocks.size == 0

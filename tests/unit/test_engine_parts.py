@@ -562,6 +562,28 @@ class CountingTokenizer(FakeTokenizer):
         return super().decode(token_ids, skip_special_tokens)
 
 
+def test_detokenizer_keeps_a_tokenizers_clean_up() -> None:
+    """The Rust decoder is called directly only where transformers would add nothing to it."""
+    from server.engine.detokenizer import text_decoder
+
+    class Backend:
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return "raw"
+
+    class Wrapped:
+        backend_tokenizer = Backend()
+
+        def __init__(self, clean_up: bool) -> None:
+            self.clean_up_tokenization_spaces = clean_up
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return "cleaned"
+
+    assert text_decoder(Wrapped(clean_up=True))([1]) == "cleaned"
+    assert text_decoder(Wrapped(clean_up=False))([1]) == "raw"
+    assert text_decoder(FakeTokenizer(["a"]))([0]) == "a"
+
+
 def test_detokenizer_work_per_step_is_constant() -> None:
     tok = CountingTokenizer([f"w{i} " for i in range(10)])
     det = Detokenizer(tok, ("STOP",))

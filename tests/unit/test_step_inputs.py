@@ -70,6 +70,7 @@ def test_step_inputs_match_reference_through_preemption() -> None:
     blocks = BlockManager(14, 4)  # tight: long sequences preempt each other
     sched = Scheduler(cfg, blocks, Gate())
     builder = StepInputBuilder(4)
+    lean = StepInputBuilder(4, contexts=False)  # flex's: block tables only, no context slot lists
     # a prompt-tuned adapter: its sequences carry 3 virtual positions (placeholder id 0) first
     adapter = types.SimpleNamespace(name="a", version="a", virtual_tokens=3)
     seqs = [
@@ -105,6 +106,15 @@ def test_step_inputs_match_reference_through_preemption() -> None:
             if p.seq.num_computed_tokens + p.length == p.seq.num_tokens:
                 rows.append(p.start + p.length - 1)
         assert got.sample_rows == rows
+        thin = lean.build(out, slot_of)
+        for name in ("input_ids", "positions", "slot_mapping"):
+            assert getattr(thin, name).tolist() == getattr(got, name).tolist(), name
+        assert (thin.decode_context, thin.num_decode) == ((), len(out.decode))
+        assert [(p.start, p.length, p.context.size) for p in thin.prefills] == [
+            (p.start, p.length, 0) for p in got.prefills
+        ]
+        assert (thin.decode_adapter_slots, thin.segments) == (got.decode_adapter_slots, got.segments)
+        assert (thin.sample_rows, thin.sampling) == (got.sample_rows, got.sampling)
         # what the engine does after the forward
         for seq in out.decode:
             seq.num_computed_tokens += 1
@@ -119,7 +129,7 @@ def test_step_inputs_match_reference_through_preemption() -> None:
     assert not sched.has_work()
     assert preempted > 0, "the scenario never preempted"
     assert seqs[1].token_ids[:4] == [0, 0, 0, 1] and seqs[1].num_tokens == 3 + 5 + 16
-    assert builder.contexts == {}
+    assert builder.contexts == {} and lean.contexts == {}
     assert isinstance(got.slot_mapping, np.ndarray)
 
 
