@@ -344,14 +344,18 @@ def engine_phase(c: Check) -> dict[str, Any]:
         "default": dict(fast),
         "batch_invariant": {**fast, "base_gemm": BaseGemm.TILED},
         "batch_invariant_graphs": {**fast, "base_gemm": BaseGemm.TILED, "graphs": True},
-        "torch_oracle": {"lora_backend": "torch", "attention": "torch"},
-    }
+        # opt-in: RMSNorm compiled into one kernel (server/model/fused_norms.py)
+        "batch_invariant_graphs_fused_norms": {
+            **fast, "base_gemm": BaseGemm.TILED, "graphs": True, "fused_norms": True,
+        },
+    }  # fmt: skip
     if c.smoke:  # no graphs on a CPU: the padded path runs eagerly
-        modes["batch_invariant_graphs"].pop("graphs")
+        for opts in modes.values():
+            opts.pop("graphs", None)
     out: dict[str, Any] = RESULTS.setdefault("engine", {})
     solos: dict[str, dict[str, list[torch.Tensor]]] = {}
     for mode, opts in modes.items():
-        if c.left() < 60:
+        if c.left() < (60 if c.smoke else 180):  # the rest is the throughput phase's
             out[mode] = "skipped: out of time"
             continue
         out[mode] = _guarded(
@@ -389,9 +393,14 @@ def _engine_mode(
 
     attention = opts.pop("attention", "torch")
     graphs = opts.pop("graphs", False)
+    fused = opts.pop("fused_norms", False)
     base = load_base(
         ckpt, "rand-135m", quantization="nf4", device=c.dev.type, max_loras=4, max_lora_rank=16, **opts
     )
+    if fused:
+        from server.model.fused_norms import fuse_rms_norms
+
+        fuse_rms_norms(base.model)
     registry = AdapterRegistry(base.linear_shapes, 16)
     for name, d in dirs.items():
         registry.add_dir(name, d)
@@ -607,69 +616,86 @@ def throughput(c: Check) -> dict[str, Any]:
     from server.model.base_gemm import BaseGemm
     from server.model.loader import load_base
 
-    plans = [("smollm2-135m", None, [16, 64, 256]), ("llama3-8b", 4, [16, 64, 256])]
+    Plan = tuple[str, int | None, list[int]]  # shape, layers (None: all), decode batches
+    small: Plan = ("smollm2-135m", None, [16, 64, 256])
+    large: Plan = ("llama3-8b", 4, [16, 64])
     if c.smoke:
-        plans = [("tiny", None, [2, 4])]
+        small = large = ("tiny", None, [2, 4])
     fast = {"lora_backend": "triton", "attention": "flex"}  # what auto picks on CUDA
     # run 1 (bench/results/gpu_check/h200-run1.json) measured the eager sets: host-bound, 0.2-2.6k
     # tok/s; these are the graphed modes, default and batch invariant, then the fast factors
     sets: dict[str, dict[str, Any]] = {
         "default_graphs": {**fast, "graphs": True},
         "batch_invariant_graphs": {**fast, "graphs": True, "base_gemm": BaseGemm.TILED},
+        "default_graphs_fused_norms": {**fast, "graphs": True, "fused_norms": True},
         "default_graphs_bf16_factors": {**fast, "graphs": True, "lora_dtype": torch.bfloat16},
     }
     if c.smoke:
         sets["default_graphs_bf16_factors"]["lora_dtype"] = torch.float16
+    # the targets' modes on both shapes first, then the experiments
+    order = [
+        (small, "default_graphs"),
+        (small, "batch_invariant_graphs"),
+        (large, "default_graphs"),
+        (small, "default_graphs_fused_norms"),
+        (large, "batch_invariant_graphs"),
+        (small, "default_graphs_bf16_factors"),
+        (large, "default_graphs_fused_norms"),
+    ]
     out: dict[str, Any] = RESULTS.setdefault("throughput", {})  # saved after each set: a kill keeps them
-    for shape, layers, batches in plans:
-        ckpt = _model(c, f"{shape}-{layers}", shape, layers)
-        for name, opts in sets.items():
-            if layers is not None and "bf16" in name:
-                continue  # the 8B shape: the two targets' modes only
-            if c.left() < 40:
-                out[f"{shape}/{name}"] = "skipped: out of time"
-                continue
-            opts = dict(opts)
-            attention = opts.pop("attention", "torch")
-            graphs = opts.pop("graphs", False)
-            try:
-                base = load_base(
-                    ckpt, shape, quantization="nf4", device=c.dev.type, max_loras=16, max_lora_rank=16, **opts
+    for (shape, layers, batches), name in order:
+        if f"{shape}/{name}" in out:
+            continue  # the smoke run's two shapes are one
+        if c.left() < 40:
+            out[f"{shape}/{name}"] = "skipped: out of time"
+            continue
+        opts = dict(sets[name])
+        attention = opts.pop("attention", "torch")
+        graphs = opts.pop("graphs", False)
+        fused = opts.pop("fused_norms", False)
+        try:
+            ckpt = _model(c, f"{shape}-{layers}", shape, layers)
+            base = load_base(
+                ckpt, shape, quantization="nf4", device=c.dev.type, max_loras=16, max_lora_rank=16, **opts
+            )
+            if fused:
+                from server.model.fused_norms import fuse_rms_norms
+
+                fuse_rms_norms(base.model)
+            registry = AdapterRegistry(base.linear_shapes, 16, factor_dtype=base.lora_dtype)
+            records = [
+                registry.add_dir(
+                    f"a{i}", write_adapter(c.tmp / f"{shape}-a{i}", base.linear_shapes, 16, seed=i)
                 )
-                registry = AdapterRegistry(base.linear_shapes, 16, factor_dtype=base.lora_dtype)
-                records = [
-                    registry.add_dir(
-                        f"a{i}", write_adapter(c.tmp / f"{shape}-a{i}", base.linear_shapes, 16, seed=i)
-                    )
-                    for i in range(16)
-                ]
-                row: dict[str, Any] = {}
-                for batch in batches:
-                    if c.left() < 20:
-                        break
-                    base_rate, _ = _decode_rate(c, base, registry, records, batch, 0, attention, graphs)
-                    lora_rate, extra = _decode_rate(
-                        c, base, registry, records, batch, 16, attention, graphs, count_syncs=True,
-                        profile=batch == (4 if c.smoke else 64) and name == "default_graphs",
-                    )  # fmt: skip
-                    row[str(batch)] = {
-                        "base_tok_s": round(base_rate, 1),
-                        "lora16_tok_s": round(lora_rate, 1),
-                        "lora_step_over_base_step": round(base_rate / lora_rate, 3),
-                        "lora16_step_ms": round(1000 * batch / lora_rate, 3),
-                        **extra,
-                    }
-                    out[f"{shape}/{name}"] = row
-                    c.progress(f"throughput {shape}/{name} batch {batch}", row[str(batch)])
+                for i in range(16)
+            ]
+            row: dict[str, Any] = {}
+            for batch in batches:
+                if c.left() < 20:
+                    break
+                base_rate, _ = _decode_rate(c, base, registry, records, batch, 0, attention, graphs)
+                lora_rate, extra = _decode_rate(
+                    c, base, registry, records, batch, 16, attention, graphs, count_syncs=True,
+                    profile=batch == (4 if c.smoke else 64) and name == "default_graphs",
+                )  # fmt: skip
+                row[str(batch)] = {
+                    "base_tok_s": round(base_rate, 1),
+                    "lora16_tok_s": round(lora_rate, 1),
+                    "lora_step_over_base_step": round(base_rate / lora_rate, 3),
+                    "lora16_step_ms": round(1000 * batch / lora_rate, 3),
+                    **extra,
+                }
                 out[f"{shape}/{name}"] = row
-            except Exception:
-                out[f"{shape}/{name}"] = {"error": traceback.format_exc()[-2000:]}
-                c.progress(f"throughput {shape}/{name}", out[f"{shape}/{name}"])
-            finally:
-                base = registry = records = None  # type: ignore[assignment]
-                gc.collect()
-                if c.dev.type == "cuda":
-                    torch.cuda.empty_cache()
+                c.progress(f"throughput {shape}/{name} batch {batch}", row[str(batch)])
+            out[f"{shape}/{name}"] = row
+        except Exception:
+            out[f"{shape}/{name}"] = {"error": traceback.format_exc()[-2000:]}
+            c.progress(f"throughput {shape}/{name}", out[f"{shape}/{name}"])
+        finally:
+            base = registry = records = None  # type: ignore[assignment]
+            gc.collect()
+            if c.dev.type == "cuda":
+                torch.cuda.empty_cache()
     return out
 
 
