@@ -121,7 +121,8 @@ class Settings(BaseSettings):
         "processed", description="logprobs of the distribution sampled from, or of the raw model"
     )
     lora_backend: Literal["auto", "torch", "triton"] = Field(
-        "auto", description="LoRA term: torch (reference) or triton (SGMV kernels); auto picks torch"
+        "auto",
+        description="LoRA term: torch (reference) or triton (SGMV kernels); auto: triton on CUDA, else torch",
     )
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32",
@@ -130,7 +131,8 @@ class Settings(BaseSettings):
         "multiply in it with fp32 accumulation); auto: the compute dtype, as vLLM's --lora-dtype",
     )
     attention_backend: Literal["auto", "torch", "flex"] = Field(
-        "auto", description="attention: torch (per-sequence SDPA, reference) or flex; auto picks torch"
+        "auto",
+        description="attention: torch (per-sequence SDPA, reference) or flex; auto: flex on CUDA, else torch",
     )
     batch_invariant: bool = Field(
         False, description="same bits alone or in any batch (16-row matmul tiles; slower alone)"
