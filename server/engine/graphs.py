@@ -9,7 +9,8 @@ or not.
 
 On CUDA each bucket's forward is captured once, from static input tensors that every step
 refills in place (token ids, positions, slot mapping, SGMV segments with a fixed capacity, Flex's
-block tables) and replayed. Elsewhere (the CPU tests) the same padded step runs eagerly.
+block tables) and replayed. Elsewhere (the CPU tests) the same padded step runs eagerly, from
+fresh tensors or (capture asked for) from the refilled static ones.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from server.engine.attention import AttentionMetadata, FlexPlan
 from server.engine.attn_flex import FlexAttention
 from server.engine.step_inputs import StepInputs
 from server.lora.ops import LoRABatch
-from server.lora.segments import SEGMENT, Segments, build_segments
-from server.transfer import to_device
+from server.lora.segments import SEGMENT, Segments, build_segments, segment_arrays
+from server.transfer import copy_into
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -107,8 +108,10 @@ class DecodeGraphs:
             return self.runner.forward_padded(padded)[:d]
         st = self.static.get(bucket) or self._make(padded)
         self._fill(st, padded)
-        if st.graph is None:
+        if st.graph is None and self.runner.base.device.type == "cuda":
             self._capture(st)
+        if st.graph is None:  # no CUDA (tests): what the graph would replay, run on the same tensors
+            return self.runner.forward_static(st.input_ids, st.positions, st.meta, st.batch)[:d]
         st.graph.replay()
         assert st.logits is not None
         return st.logits[:d]
@@ -148,16 +151,16 @@ class DecodeGraphs:
         return st
 
     def _fill(self, st: _Static, p: PaddedDecode) -> None:
-        dev = self.runner.base.device
-        st.input_ids[0].copy_(to_device(p.input_ids, dev), non_blocking=True)
-        st.positions[0].copy_(to_device(p.positions, dev), non_blocking=True)
-        st.slot_mapping.copy_(to_device(p.slot_mapping, dev), non_blocking=True)
-        seg = build_segments(p.adapter_slots, dev, capacity=self._capacity(p.bucket))
-        st.segments.rows.zero_()
-        st.segments.rows[: seg.num_rows].copy_(seg.rows)
-        st.segments.start.copy_(seg.start)
-        st.segments.length.copy_(seg.length)
-        st.segments.slot.copy_(seg.slot)
+        """Each step's host arrays copied straight into the static tensors: one pinned copy each,
+        no temporary device tensors and no device-to-device copies."""
+        copy_into(st.input_ids[0], p.input_ids)
+        copy_into(st.positions[0], p.positions)
+        copy_into(st.slot_mapping, p.slot_mapping)
+        rows, start, length, slot = segment_arrays(p.adapter_slots, capacity=self._capacity(p.bucket))
+        copy_into(st.segments.rows, np.pad(rows, (0, p.bucket - len(rows))))  # capacity: every row
+        copy_into(st.segments.start, start)
+        copy_into(st.segments.length, length)
+        copy_into(st.segments.slot, slot)
         self.runner.flex.fill_decode(st.meta.flex.step, p.tables)  # type: ignore[union-attr]
 
     def _capture(self, st: _Static) -> None:

@@ -30,9 +30,10 @@ class Segments:
         return int(self.slot.shape[0])
 
 
-def build_segments(row_slots: np.ndarray, device: torch.device, capacity: int | None = None) -> Segments:
-    """row_slots: [T] slot of every row of the step (0 = no adapter). `capacity` pads the segment
-    arrays to a fixed length with slot -1 (for a captured graph, whose grid cannot change)."""
+def segment_arrays(
+    row_slots: np.ndarray, capacity: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The host side of build_segments: (rows, start, length, slot) as int32 arrays."""
     keep = np.flatnonzero(row_slots)
     order = keep[np.argsort(row_slots[keep], kind="stable")]
     slots = row_slots[order]
@@ -53,13 +54,20 @@ def build_segments(row_slots: np.ndarray, device: torch.device, capacity: int | 
         lengths += [0] * pad
         seg_slots += [-1] * pad
 
-    def as_tensor(values: list[int] | np.ndarray) -> torch.Tensor:
-        return to_device(np.asarray(values, dtype=np.int32), device)
+    def int32(values: list[int] | np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.int32)
 
+    return int32(order), int32(starts), int32(lengths), int32(seg_slots)
+
+
+def build_segments(row_slots: np.ndarray, device: torch.device, capacity: int | None = None) -> Segments:
+    """row_slots: [T] slot of every row of the step (0 = no adapter). `capacity` pads the segment
+    arrays to a fixed length with slot -1 (for a captured graph, whose grid cannot change)."""
+    rows, start, length, slot = segment_arrays(row_slots, capacity)
     return Segments(
-        rows=as_tensor(order),
-        start=as_tensor(starts),
-        length=as_tensor(lengths),
-        slot=as_tensor(seg_slots),
-        num_rows=len(order),
+        rows=to_device(rows, device),
+        start=to_device(start, device),
+        length=to_device(length, device),
+        slot=to_device(slot, device),
+        num_rows=len(rows),
     )
