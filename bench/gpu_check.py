@@ -9,8 +9,8 @@
    (plain, 16-row tiles, bitsandbytes' gemm_4bit) and for Flex decode (SmolLM2's and Llama-3's
    head groups); kernel times.
 2. engine: a seeded random model of SmolLM2-135M's shape in NF4 with four PEFT-made adapters:
-   solo vs mixed in the default (triton + flex), batch-invariant (eager and graphed) and torch
-   oracle modes: bitwise, same tokens, vLLM's top-5 tolerance, and the largest logit difference
+   solo vs mixed in the default (triton + flex) and batch-invariant (eager, graphed, and graphed
+   with fused norms) modes: bitwise, same tokens, vLLM's top-5 tolerance, and the largest logit difference
    while both runs had the same inputs; graphed vs eager bits; the default mode against PEFT.
 3. throughput: decode tok/s at batch 16/64/256 with 16 distinct rank-16 adapters on all seven
    projections vs base only, graphed default and batch-invariant modes (run 1 measured the eager
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 RESULTS: dict[str, Any] = {}
+FAST: dict[str, Any] = {"lora_backend": "triton", "attention": "flex"}  # what auto picks on CUDA
 PEFT_CONFIGS: dict[str, dict[str, Any]] = {  # as tests/e2e: different ranks, targets, patterns, rsLoRA
     "qv-r4": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "mlp-r8": {"r": 8, "lora_alpha": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
@@ -320,6 +321,23 @@ def _model(c: Check, name: str, shape: str, layers: int | None = None) -> Path:
     return path
 
 
+def _load(c: Check, ckpt: Path, model_id: str, opts: dict[str, Any], **kw: Any) -> tuple[Any, str, bool]:
+    """A mode's NF4 base: its load_base options (and `kw`) loaded, the RMSNorms compiled if it asks
+    (`fused_norms`); returns (base, its attention backend, whether it runs graphs)."""
+    from server.model.loader import load_base
+
+    opts = dict(opts)
+    attention = opts.pop("attention", "torch")
+    graphs = opts.pop("graphs", False)
+    fused = opts.pop("fused_norms", False)
+    base = load_base(ckpt, model_id, quantization="nf4", device=c.dev.type, max_lora_rank=16, **opts, **kw)
+    if fused:
+        from server.model.fused_norms import fuse_rms_norms
+
+        fuse_rms_norms(base.model)
+    return base, attention, graphs
+
+
 def engine_phase(c: Check) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -339,14 +357,13 @@ def engine_phase(c: Check) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, n).tolist() for n in (24, 41, 17)]
     tokens = 16
-    fast = {"lora_backend": "triton", "attention": "flex"}  # what auto picks on CUDA
     modes: dict[str, dict[str, Any]] = {
-        "default": dict(fast),
-        "batch_invariant": {**fast, "base_gemm": BaseGemm.TILED},
-        "batch_invariant_graphs": {**fast, "base_gemm": BaseGemm.TILED, "graphs": True},
+        "default": dict(FAST),
+        "batch_invariant": {**FAST, "base_gemm": BaseGemm.TILED},
+        "batch_invariant_graphs": {**FAST, "base_gemm": BaseGemm.TILED, "graphs": True},
         # opt-in: RMSNorm compiled into one kernel (server/model/fused_norms.py)
         "batch_invariant_graphs_fused_norms": {
-            **fast, "base_gemm": BaseGemm.TILED, "graphs": True, "fused_norms": True,
+            **FAST, "base_gemm": BaseGemm.TILED, "graphs": True, "fused_norms": True,
         },
     }  # fmt: skip
     if c.smoke:  # no graphs on a CPU: the padded path runs eagerly
@@ -362,7 +379,8 @@ def engine_phase(c: Check) -> dict[str, Any]:
             _engine_mode, c, ckpt, dirs, prompts, tokens, dict(opts), mode == "default", out, solos, mode
         )
         c.progress(f"engine {mode}", out[mode])
-        if {"batch_invariant", "batch_invariant_graphs"} <= solos.keys() and "graphs_eq_eager" not in out:
+        both = {"batch_invariant", "batch_invariant_graphs"} <= solos.keys()
+        if both and "graphs_eq_eager_bitwise" not in out:
             # padded to a bucket and replayed, a row must keep its eager bits (row-invariant kernels)
             eager, graphs = solos["batch_invariant"], solos["batch_invariant_graphs"]
             out["graphs_eq_eager_bitwise"] = sum(
@@ -389,18 +407,8 @@ def _engine_mode(
     """One mode's solo vs mixed run; with `compare_peft` its solo run is then compared with PEFT
     (into out["vs_peft"], before a later mode can fail). Its solo logits go into solos[mode]."""
     from server.lora.registry import AdapterRegistry
-    from server.model.loader import load_base
 
-    attention = opts.pop("attention", "torch")
-    graphs = opts.pop("graphs", False)
-    fused = opts.pop("fused_norms", False)
-    base = load_base(
-        ckpt, "rand-135m", quantization="nf4", device=c.dev.type, max_loras=4, max_lora_rank=16, **opts
-    )
-    if fused:
-        from server.model.fused_norms import fuse_rms_norms
-
-        fuse_rms_norms(base.model)
+    base, attention, graphs = _load(c, ckpt, "rand-135m", opts, max_loras=4)
     registry = AdapterRegistry(base.linear_shapes, 16)
     for name, d in dirs.items():
         registry.add_dir(name, d)
@@ -614,21 +622,19 @@ def throughput(c: Check) -> dict[str, Any]:
     from bench.adapters import write_adapter
     from server.lora.registry import AdapterRegistry
     from server.model.base_gemm import BaseGemm
-    from server.model.loader import load_base
 
     Plan = tuple[str, int | None, list[int]]  # shape, layers (None: all), decode batches
     small: Plan = ("smollm2-135m", None, [16, 64, 256])
     large: Plan = ("llama3-8b", 4, [16, 64])
     if c.smoke:
         small = large = ("tiny", None, [2, 4])
-    fast = {"lora_backend": "triton", "attention": "flex"}  # what auto picks on CUDA
     # run 1 (bench/results/gpu_check/h200-run1.json) measured the eager sets: host-bound, 0.2-2.6k
     # tok/s; these are the graphed modes, default and batch invariant, then the fast factors
     sets: dict[str, dict[str, Any]] = {
-        "default_graphs": {**fast, "graphs": True},
-        "batch_invariant_graphs": {**fast, "graphs": True, "base_gemm": BaseGemm.TILED},
-        "default_graphs_fused_norms": {**fast, "graphs": True, "fused_norms": True},
-        "default_graphs_bf16_factors": {**fast, "graphs": True, "lora_dtype": torch.bfloat16},
+        "default_graphs": {**FAST, "graphs": True},
+        "batch_invariant_graphs": {**FAST, "graphs": True, "base_gemm": BaseGemm.TILED},
+        "default_graphs_fused_norms": {**FAST, "graphs": True, "fused_norms": True},
+        "default_graphs_bf16_factors": {**FAST, "graphs": True, "lora_dtype": torch.bfloat16},
     }
     if c.smoke:
         sets["default_graphs_bf16_factors"]["lora_dtype"] = torch.float16
@@ -649,19 +655,9 @@ def throughput(c: Check) -> dict[str, Any]:
         if c.left() < 40:
             out[f"{shape}/{name}"] = "skipped: out of time"
             continue
-        opts = dict(sets[name])
-        attention = opts.pop("attention", "torch")
-        graphs = opts.pop("graphs", False)
-        fused = opts.pop("fused_norms", False)
         try:
             ckpt = _model(c, f"{shape}-{layers}", shape, layers)
-            base = load_base(
-                ckpt, shape, quantization="nf4", device=c.dev.type, max_loras=16, max_lora_rank=16, **opts
-            )
-            if fused:
-                from server.model.fused_norms import fuse_rms_norms
-
-                fuse_rms_norms(base.model)
+            base, attention, graphs = _load(c, ckpt, shape, sets[name], max_loras=16)
             registry = AdapterRegistry(base.linear_shapes, 16, factor_dtype=base.lora_dtype)
             records = [
                 registry.add_dir(
@@ -710,7 +706,7 @@ def methods_phase(c: Check) -> dict[str, Any]:
 
     from server.lora.registry import AdapterRegistry
     from server.model.base_gemm import BaseGemm
-    from server.model.loader import load_base, load_stock
+    from server.model.loader import load_stock
     from tests.peft_factory import every_method_configs, make_method_adapter
     from tests.peft_oracle import reference_greedy
 
@@ -743,13 +739,8 @@ def methods_phase(c: Check) -> dict[str, Any]:
         if c.left() < 45:
             out[mode] = "skipped: out of time"
             continue
-        opts = dict(opts)
-        attention = opts.pop("attention", "torch")
         try:
-            base = load_base(
-                ckpt, "rand-135m", quantization="nf4", device=c.dev.type, max_loras=slots, max_lora_rank=16,
-                **opts,
-            )  # fmt: skip
+            base, attention, _ = _load(c, ckpt, "rand-135m", opts, max_loras=slots)
             registry = AdapterRegistry(
                 base.linear_shapes, 16, saveable=base.saveable, max_saved_bytes=1 << 30, dims=base.dims
             )

@@ -40,9 +40,13 @@ Q_BLOCK = 16
 TRITON_TILES: dict[str, int | bool] = {"BLOCK_M": Q_BLOCK, "BLOCK_N": 16, "FORCE_USE_FLEX_ATTENTION": True}
 
 
-def check_block_size(block_size: int) -> None:
+def fits_block_size(block_size: int) -> bool:
     """The compiled (CUDA) kernel's key tile must divide a KV block."""
-    if block_size % TRITON_TILES["BLOCK_N"]:
+    return block_size % TRITON_TILES["BLOCK_N"] == 0
+
+
+def check_block_size(block_size: int) -> None:
+    if not fits_block_size(block_size):
         raise BackendError(
             f"--attention-backend flex on CUDA needs --block-size a multiple of "
             f"{TRITON_TILES['BLOCK_N']}; got {block_size}"

@@ -101,8 +101,7 @@ def select_backends(
             "count, so a token's LoRA term changes with the batch; use --lora-backend triton (or auto)"
         )
     if attention == "auto":
-        flex_fits = not cuda or block_size % 16 == 0
-        attention = "flex" if cuda and flex_fits and _has_flex() else "torch"
+        attention = "flex" if cuda and _has_flex() and _flex_fits(block_size) else "torch"
     if lora == "triton":
         _check_triton(device, "--lora-backend triton")
         if not cuda and factors == torch.bfloat16:
@@ -141,6 +140,12 @@ def select_backends(
 
 def _has_flex() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def _flex_fits(block_size: int) -> bool:
+    from server.engine.attn_flex import fits_block_size  # imports flex: only once _has_flex()
+
+    return fits_block_size(block_size)
 
 
 def _check_triton(device: torch.device, what: str) -> None:

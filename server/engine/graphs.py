@@ -98,11 +98,11 @@ class DecodeGraphs:
 
     def run(self, inputs: StepInputs, tables: list[tuple[list[int], int]]) -> torch.Tensor | None:
         """Logits [D, V] of a decode-only step, or None when it has no bucket (too many rows)."""
-        bucket = bucket_for(inputs.num_decode, self.buckets)
+        d = inputs.num_decode
+        bucket = bucket_for(d, self.buckets)
         if bucket is None:
             return None
         padded = pad_decode(inputs, tables, bucket, self.scratch_slot)
-        d = inputs.num_decode
         self.steps += 1
         if not self.capture:
             return self.runner.forward_padded(padded)[:d]
