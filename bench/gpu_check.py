@@ -153,7 +153,56 @@ def kernels(c: Check) -> dict[str, Any]:
     # where Inductor would pick its split-key decoding kernel were it not kept off it (attn_flex)
     for heads, kv_heads in ((9, 3), (32, 8)):
         out[f"flex_decode_{heads}_{kv_heads}"] = _guarded(_flex, c, heads, kv_heads)
+    # q/k/v as slices (server/lora/fused.py): SmolLM2's and Llama-3-8B's widths
+    for din, widths in (
+        [(64, [64, 32, 32])] if c.smoke else [(576, [576, 192, 192]), (4096, [4096, 1024, 1024])]
+    ):
+        out[f"sliced_{din}"] = _guarded(_sliced, c, din, widths)
+        c.progress(f"kernels sliced_{din}", out[f"sliced_{din}"])
     return out
+
+
+def _sliced(c: Check, din: int, widths: list[int]) -> dict[str, Any]:
+    """The sliced shrink + expand over q/k/v-shaped factors against each slice's own pair of
+    launches at M = 64: the same bits by construction (each mode), and the time of both."""
+    from server.lora.backends.triton_sgmv import lora_sgmv, slice_tiles
+    from server.lora.segments import build_segments
+
+    s, r, n, m, dev = 17, 16, len(widths), 64, c.dev
+    g = torch.Generator(device=dev).manual_seed(2)
+    A = torch.randn(s, din, n * r, device=dev, generator=g).transpose(1, 2) / din**0.5
+    B = torch.randn(s, r, sum(widths), device=dev, generator=g) * 0.1
+    scale = torch.full((n, s), 2.0, device=dev)
+    ranks = torch.full((n, s), r, dtype=torch.int32, device=dev)
+    x = torch.randn(m, din, device=dev, generator=g)
+    seg = build_segments(np.random.default_rng(0).integers(1, s, m), dev)
+    tiles = slice_tiles(widths, dev)
+    bounds = np.cumsum([0, *widths]).tolist()
+    entry: dict[str, Any] = {}
+    for mode, dt in (("fp32", torch.float32), ("fast", torch.float32 if c.smoke else torch.bfloat16)):
+        a, b = A.to(dt), B.to(dt)
+
+        def fused(a: torch.Tensor = a, b: torch.Tensor = b) -> torch.Tensor:
+            y = torch.zeros(m, sum(widths), device=dev)
+            lora_sgmv(x, y, a, b, scale, ranks, seg, tiles, n)
+            return y
+
+        def unfused(a: torch.Tensor = a, b: torch.Tensor = b) -> list[torch.Tensor]:
+            outs = []
+            for i in range(n):
+                y = torch.zeros(m, widths[i], device=dev)
+                ai, bi = a[:, i * r : (i + 1) * r], b[:, :, bounds[i] : bounds[i + 1]]
+                lora_sgmv(x, y, ai, bi, scale[i], ranks[i], seg)
+                outs.append(y)
+            return outs
+
+        whole = fused()
+        entry[f"{mode}_eq_unfused_bitwise"] = all(
+            torch.equal(whole[:, bounds[i] : bounds[i + 1]], y) for i, y in enumerate(unfused())
+        )
+        entry[f"us_{mode}_fused"] = c.time_us(fused)
+        entry[f"us_{mode}_unfused"] = c.time_us(unfused)
+    return entry
 
 
 def _guarded(fn: Callable[..., Any], *args: Any) -> Any:
@@ -633,6 +682,8 @@ def throughput(c: Check) -> dict[str, Any]:
     sets: dict[str, dict[str, Any]] = {
         "default_graphs": {**FAST, "graphs": True},
         "batch_invariant_graphs": {**FAST, "graphs": True, "base_gemm": BaseGemm.TILED},
+        # the triton backend runs q/k/v and gate/up as slices (server/lora/fused.py); this is without
+        "default_graphs_unfused": {**FAST, "graphs": True, "fuse_projections": False},
         "default_graphs_fused_norms": {**FAST, "graphs": True, "fused_norms": True},
         "default_graphs_bf16_factors": {**FAST, "graphs": True, "lora_dtype": torch.bfloat16},
     }
@@ -643,6 +694,7 @@ def throughput(c: Check) -> dict[str, Any]:
         (small, "default_graphs"),
         (small, "batch_invariant_graphs"),
         (large, "default_graphs"),
+        (small, "default_graphs_unfused"),
         (small, "default_graphs_fused_norms"),
         (large, "batch_invariant_graphs"),
         (small, "default_graphs_bf16_factors"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,6 +12,9 @@ from torch import nn
 from server.lora.adapter import ModuleIA3, ModuleLoRA
 from server.lora.ops import LoRABatch, lora_bag, lora_rows, lora_shared
 from server.model.base_gemm import BaseGemm, base_linear
+
+if TYPE_CHECKING:
+    from server.lora.fused import FusedProjections
 
 
 class LoRAContext:
@@ -92,6 +96,9 @@ class LoRALinear(nn.Module):
         self.dora_slots: set[int] = set()
         self.ia3_in_slots: set[int] = set()
         self.ia3_out_slots: set[int] = set()
+        # q/k/v or gate/up run as one (server/lora/fused.py): the group and this projection's place
+        self.group: FusedProjections | None = None
+        self.group_index = 0
 
     def set_slot(self, slot: int, weights: ModuleLoRA | None, ia3: ModuleIA3 | None = None) -> None:
         """Copy one adapter's factors or vector into `slot` (None, None clears it: this projection
@@ -130,6 +137,10 @@ class LoRALinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            out = self.group.output(self.group_index, x)
+            if out is not None:
+                return out
         batch = self.context.batch
         rows = batch.row_slots if batch is not None else None  # set when the step has DoRA or (IA)3
         if rows is not None and batch is not None and batch.active & self.ia3_in_slots:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,19 +48,29 @@ def keep_block_scales(linear: nn.Linear) -> None:
     quant_state = getattr(linear.weight, "quant_state", None)
     if quant_state is None or not quant_state.nested:
         return
+    setattr(linear, DECODED_STATE, decoded_state(quant_state))
+
+
+def decoded_state(quant_state: Any, absmax: torch.Tensor | None = None) -> Any:
+    """A plain (not nested) copy of an NF4 quant state: its block scales decoded to fp32, or
+    `absmax` where given (the decoded scales of several weights side by side, with the shape
+    the caller sets)."""
     import bitsandbytes.functional as bnbf
 
-    absmax = bnbf.dequantize_blockwise(quant_state.absmax, quant_state.state2)
-    absmax += quant_state.offset
-    decoded = bnbf.QuantState(
-        absmax=absmax.float(),
+    if absmax is None:
+        absmax = quant_state.absmax
+        if quant_state.nested:
+            absmax = bnbf.dequantize_blockwise(absmax, quant_state.state2)
+            absmax += quant_state.offset
+        absmax = absmax.float()
+    return bnbf.QuantState(
+        absmax=absmax,
         shape=quant_state.shape,
         code=quant_state.code,
         blocksize=quant_state.blocksize,
         quant_type=quant_state.quant_type,
         dtype=quant_state.dtype,
     )
-    setattr(linear, DECODED_STATE, decoded)
 
 
 def dequantized_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 from server.engine import attention
 from server.errors import ModelNotFoundError
+from server.lora import fused
 from server.lora.adapter import LinearShape, ModelDims
 from server.lora.dora import dense_weight
 from server.lora.layer import LoRAContext, LoRALinear
@@ -147,9 +148,11 @@ def load_base(
     base_gemm: BaseGemm | None = None,
     lora_backend: str = "torch",
     lora_dtype: torch.dtype = torch.float32,
+    fuse_projections: bool | None = None,
 ) -> BaseModel:
     """`base_gemm` None: what `select_backends` picks for the device by default. `lora_dtype`: the
-    adapter factors' (fp32: PEFT's; see server/engine/backends.py)."""
+    adapter factors' (fp32: PEFT's; see server/engine/backends.py). `fuse_projections`: q/k/v and
+    gate/up as slices of one matmul (server/lora/fused.py); None: with the triton backend."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -194,6 +197,9 @@ def load_base(
         layer = LoRALinear(linear, max_loras, max_lora_rank, context, dtype=lora_dtype)
         setattr(model.get_submodule(parent_name), child, layer)
         layers[name] = layer
+    if fuse_projections is None:
+        fuse_projections = lora_backend == "triton"
+    groups = fused.fuse_projections(layers) if fuse_projections else []
 
     saveable = saveable_modules(model)
     for name, spec in saveable.items():
@@ -206,8 +212,8 @@ def load_base(
         eos_ids |= {tokenizer.eos_token_id}
     limit = min(getattr(config, "max_position_embeddings", 2048), 8192)
     log.info(
-        "loaded %s (%s, %s on %s, %d LoRA targets, %s factors, base matmul %s)",
-        model_id, quantization, dt, dev, len(layers), lora_dtype, base_gemm.value,
+        "loaded %s (%s, %s on %s, %d LoRA targets, %s factors, base matmul %s, %d fused groups)",
+        model_id, quantization, dt, dev, len(layers), lora_dtype, base_gemm.value, len(groups),
     )  # fmt: skip
     return BaseModel(
         model=model,

@@ -99,3 +99,4 @@ def test_rows_alone_equal_batched() -> None:
 def test_block_sizes_come_from_the_shape_only() -> None:
     assert triton_sgmv.block_sizes(576, 1536, 16) == (64, 64, 16)
     assert triton_sgmv.block_sizes(24, 40, 8) == (32, 64, 16)
+    assert triton_sgmv.block_sizes(24, 16, 8) == (32, 64, 16)  # BLOCK_N: the same for every slice
