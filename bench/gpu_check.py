@@ -33,6 +33,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,53 @@ def kernels(c: Check) -> dict[str, Any]:
     ):
         out[f"sliced_{din}"] = _guarded(_sliced, c, din, widths)
         c.progress(f"kernels sliced_{din}", out[f"sliced_{din}"])
+    # the opt-in NF4 Triton matmul (server/model/nf4_matmul.py) against bitsandbytes and the tiles
+    for din, dout in [(64, 128)] if c.smoke else [(576, 1536), (4096, 14336)]:
+        out[f"nf4_triton_{din}x{dout}"] = _guarded(_nf4_triton, c, din, dout, ms)
+        c.progress(f"kernels nf4_triton_{din}x{dout}", out[f"nf4_triton_{din}x{dout}"])
     return out
+
+
+def _nf4_triton(c: Check, din: int, dout: int, ms: list[int]) -> dict[str, Any]:
+    """Error against dequantize + matmul, row invariance over `ms`, and the time at M = 1, 64 and
+    256 of the kernel, bitsandbytes' own matmul (the default base) and the 16-row tiles."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from server.model.base_gemm import decoded_state
+    from server.model.nf4_matmul import nf4_linear
+
+    half = torch.float32 if c.smoke else torch.bfloat16
+    g = torch.Generator(device=c.dev).manual_seed(3)
+    w = torch.randn(dout, din, device=c.dev, generator=g) / din**0.5
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    plain = decoded_state(state)
+    deq = bnbf.dequantize_4bit(packed, state).to(half)
+    x = torch.randn(max(ms), din, device=c.dev, generator=g).to(half)
+    entry: dict[str, Any] = {}
+    ref = torch.nn.functional.linear(x[:64].float(), deq.float())
+    got = nf4_linear(x[:64], packed, plain, None).float()
+    entry["rel_err"] = float((got - ref).abs().max() / ref.abs().max())
+    entry["invariant"] = _invariant(lambda rows: nf4_linear(x[rows], packed, plain, None), ms)
+    for m in (1, 64, 256):
+        xm = x.repeat(-(-m // x.shape[0]), 1)[:m]
+        runs: dict[str, Callable[[], object]] = {
+            "nf4_triton": partial(nf4_linear, xm, packed, plain, None),
+            "bnb": partial(bnb.matmul_4bit, xm, packed, quant_state=state),
+            "tiled": partial(_dequantized_tiles, xm, packed, plain, half),
+        }
+        for name, run in runs.items():
+            entry[f"us_m{m}_{name}"] = c.time_us(run)
+    return entry
+
+
+def _dequantized_tiles(x: torch.Tensor, packed: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The batch-invariant base as it runs without the kernel: dequantize, then 16-row tiles."""
+    import bitsandbytes.functional as bnbf
+
+    from server.model.base_gemm import tiled_linear
+
+    return tiled_linear(x, bnbf.dequantize_4bit(packed, state).to(dtype))
 
 
 def _sliced(c: Check, din: int, widths: list[int]) -> dict[str, Any]:
@@ -414,6 +461,8 @@ def engine_phase(c: Check) -> dict[str, Any]:
         "batch_invariant_graphs_fused_norms": {
             **FAST, "base_gemm": BaseGemm.TILED, "graphs": True, "fused_norms": True,
         },
+        # opt-in: the base in one NF4 Triton kernel per projection (server/model/nf4_matmul.py)
+        "batch_invariant_graphs_nf4": {**FAST, "base_gemm": BaseGemm.NF4_TRITON, "graphs": True},
     }  # fmt: skip
     if c.smoke:  # no graphs on a CPU: the padded path runs eagerly
         for opts in modes.values():
@@ -684,6 +733,7 @@ def throughput(c: Check) -> dict[str, Any]:
         "batch_invariant_graphs": {**FAST, "graphs": True, "base_gemm": BaseGemm.TILED},
         # the triton backend runs q/k/v and gate/up as slices (server/lora/fused.py); this is without
         "default_graphs_unfused": {**FAST, "graphs": True, "fuse_projections": False},
+        "batch_invariant_graphs_nf4": {**FAST, "graphs": True, "base_gemm": BaseGemm.NF4_TRITON},
         "default_graphs_fused_norms": {**FAST, "graphs": True, "fused_norms": True},
         "default_graphs_bf16_factors": {**FAST, "graphs": True, "lora_dtype": torch.bfloat16},
     }
@@ -695,6 +745,7 @@ def throughput(c: Check) -> dict[str, Any]:
         (small, "batch_invariant_graphs"),
         (large, "default_graphs"),
         (small, "default_graphs_unfused"),
+        (small, "batch_invariant_graphs_nf4"),
         (small, "default_graphs_fused_norms"),
         (large, "batch_invariant_graphs"),
         (small, "default_graphs_bf16_factors"),

@@ -164,6 +164,10 @@ class FusedProjections:
             xc = x if self.compute_dtype is None else x.to(self.compute_dtype)
             b = None if bias is None else bias.to(xc.dtype)
             return bnb.matmul_4bit(xc, self.weight, bias=b, quant_state=self.state).to(x.dtype)
+        if self.state is not None and mode is BaseGemm.NF4_TRITON:
+            from server.model.nf4_matmul import nf4_linear
+
+            return nf4_linear(x, self.weight, self.state, bias)
         if self.state is not None:
             import bitsandbytes.functional as bnbf
 
@@ -172,7 +176,7 @@ class FusedProjections:
             weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        if mode is BaseGemm.TILED:
+        if mode.invariant:
             return tiled_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
         return F.linear(x, weight, bias)
 

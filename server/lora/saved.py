@@ -232,6 +232,6 @@ def dense_linear(
 ) -> torch.Tensor:
     """A full-precision projection (a saved lm_head) with the base's GEMM mode: TILE-row tiles in the
     tiled mode, so its rows are the same bits alone or batched. x: [n, in] -> [n, out]"""
-    if mode is BaseGemm.TILED:
+    if mode.invariant:
         return tiled_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)

@@ -7,6 +7,8 @@
 - `tiled`: the rows are cut into tiles of exactly TILE rows (the last one zero-padded) and each
   tile is its own matmul. Every call has the same shape whatever the batch, so a token's output is
   the same bits alone or in any batch: batch invariance from the shapes, not from one CPU's kernels.
+- `nf4_triton` (opt-in): an NF4 weight in one fixed-tile Triton kernel that dequantizes inside
+  (nf4_matmul.py), row-invariant too; anything else (a full-precision weight) runs `tiled`.
 
 NF4 weights are dequantized with bitsandbytes' own kernels, exactly as its CPU `gemm_4bit` does,
 so both modes compute what bitsandbytes and PEFT compute, without the module's per-call overhead.
@@ -32,6 +34,13 @@ class BaseGemm(enum.Enum):
     BNB = "bnb"
     PLAIN = "plain"
     TILED = "tiled"
+    # one Triton launch per projection, dequantizing inside, row-invariant (nf4_matmul.py); opt-in
+    NF4_TRITON = "nf4_triton"
+
+    @property
+    def invariant(self) -> bool:
+        """Whether a row's bits are the same in any batch (the batch-invariant modes)."""
+        return self in (BaseGemm.TILED, BaseGemm.NF4_TRITON)
 
 
 # attribute of a Linear4bit: its quant state with the block scales decoded (keep_block_scales)
@@ -102,6 +111,13 @@ def base_linear(x: torch.Tensor, linear: nn.Linear, mode: BaseGemm) -> torch.Ten
     """The base projection of the packed rows. x: [..., in] -> [..., out]"""
     if mode is BaseGemm.BNB:
         return linear(x)
+    if mode is BaseGemm.NF4_TRITON:
+        state = getattr(linear, DECODED_STATE, None)
+        if state is not None:
+            from server.model.nf4_matmul import nf4_linear
+
+            return nf4_linear(x, linear.weight.data, state, linear.bias)
+        mode = BaseGemm.TILED
     weight = dequantized_weight(linear, x.dtype)
     bias: torch.Tensor | None = linear.bias
     if bias is not None and bias.dtype != x.dtype:

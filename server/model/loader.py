@@ -180,7 +180,7 @@ def load_base(
 
         base_gemm = select_backends(dev).base_gemm
     context = LoRAContext(base_gemm, lora_backend)
-    if base_gemm is BaseGemm.TILED and dev.type == "cuda":
+    if base_gemm.invariant and dev.type == "cuda":
         tile_norms(model)
     linears = target_linears(model)
     shapes = {
@@ -191,6 +191,8 @@ def load_base(
     for name, linear in linears.items():
         if base_gemm is not BaseGemm.BNB:  # BNB: the module's own kernels, which decode them inside
             keep_block_scales(linear)
+        if base_gemm is BaseGemm.NF4_TRITON:
+            _check_nf4_kernel(linear)
         parent_name, _, child = name.rpartition(".")
         # fp32 factors by default whatever the compute dtype: PEFT computes the term in the adapter's
         # fp32 (autocast_adapter_dtype) and casts before the add.
@@ -235,6 +237,20 @@ def load_base(
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         ),
     )
+
+
+def _check_nf4_kernel(linear: nn.Linear) -> None:
+    """A 4-bit weight the nf4_triton kernel cannot decode would silently run `tiled`: refuse it."""
+    state = getattr(linear.weight, "quant_state", None)
+    if state is None:
+        return
+    from server.model.nf4_matmul import fits
+
+    if not fits(linear.in_features, state.blocksize, state.quant_type):
+        raise ModelNotFoundError(
+            f"base matmul nf4_triton decodes NF4 in blocks of 64 along rows of a multiple of 64; "
+            f"this weight is {state.quant_type} in blocks of {state.blocksize} over {linear.in_features}"
+        )
 
 
 def load_stock(path: Path, quantization: str = "nf4") -> Any:

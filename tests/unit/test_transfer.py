@@ -27,6 +27,7 @@ STEP_MODULES = [
     "server/lora/ops.py",
     "server/lora/segments.py",
     "server/lora/layer.py",
+    "server/lora/fused.py",
 ]
 PAGEABLE = [
     re.compile(r"torch\.(tensor|as_tensor)\([^\n]*device="),  # built on the host, copied blocking
