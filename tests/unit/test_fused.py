@@ -167,3 +167,37 @@ def test_a_step_with_per_row_vectors_runs_each_member_alone(tiny_checkpoint: Cal
     assert k is not None and v is not None and group._x is None  # every member served: released
     base.lora_context.batch = None
     np.testing.assert_array_equal(group.bounds, [0, 64, 96, 128])
+
+
+def test_a_fused_layer_launches_fewer_kernels(tiny_checkpoint: Callable[[str], Path]) -> None:
+    """What fusion is for: per decoder layer, 4 dequantizations and matmuls instead of 7, and 4
+    sliced SGMV shrinks and expands instead of 7 each (counted as dispatched ops, the kernels a
+    GPU launches for them)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter[str] = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    path = tiny_checkpoint("llama")
+    ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+    per_layer = {}
+    for fuse in (False, True):
+        base = _load(path, fuse)
+        for layer in base.lora_layers.values():
+            layer.loaded.add(1)  # the kernels run for a step's slots that are loaded (zeros here)
+        base.lora_context.batch = LoRABatch.build([1] * 6, [], CPU, sgmv=True, num_rows=6)
+        with torch.no_grad(), Count() as count:
+            base.model(ids)
+        base.lora_context.batch = None
+        layers = base.model.config.num_hidden_layers
+        names = ("bitsandbytes.dequantize_4bit", "loraplex.sgmv_shrink", "loraplex.sgmv_expand")
+        per_layer[fuse] = [count.ops[n] / layers for n in names]
+    assert per_layer == {False: [7, 7, 7], True: [4, 4, 4]}
