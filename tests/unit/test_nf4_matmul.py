@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from server.model.base_gemm import BaseGemm, decoded_state
 from server.model.loader import load_base
+from tests.interpreter import ROW_ORDER_NEEDS_AVX512
 
 nf4_matmul = pytest.importorskip("server.model.nf4_matmul", reason="the triton extra is not installed")
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -40,13 +41,7 @@ def test_matches_dequantize_then_matmul(dtype: torch.dtype, n: int, k: int) -> N
         assert torch.allclose(got.float(), want, rtol=tol, atol=tol), f"m={m} {dtype}"
 
 
-@pytest.mark.xfail(
-    torch.backends.cpu.get_cpu_capability() != "AVX512",
-    reason="Triton's interpreter computes tl.dot with numpy's OpenBLAS, whose AVX2 kernels sum a row "
-    "in an order that depends on its place in the micro-tile; the compiled kernel on a GPU is "
-    "checked by bench/gpu_check.py. (test_triton_sgmv.py has the same caveat.)",
-    strict=False,
-)
+@ROW_ORDER_NEEDS_AVX512
 def test_rows_alone_equal_batched() -> None:
     packed, state = _weight(96, 128)
     plain = decoded_state(state)

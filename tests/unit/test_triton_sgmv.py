@@ -9,6 +9,7 @@ import torch
 
 from server.lora.ops import lora_reference
 from server.lora.segments import SEGMENT, build_segments
+from tests.interpreter import ROW_ORDER_NEEDS_AVX512
 
 triton_sgmv = pytest.importorskip(
     "server.lora.backends.triton_sgmv", reason="the triton extra is not installed"
@@ -76,13 +77,7 @@ def test_kernels_match_reference(dtype: torch.dtype, d_in: int, d_out: int) -> N
         assert torch.equal(got[base_rows], y0[base_rows])  # rows without an adapter are untouched
 
 
-@pytest.mark.xfail(
-    torch.backends.cpu.get_cpu_capability() != "AVX512",
-    reason="Triton's interpreter computes tl.dot with numpy's OpenBLAS, whose AVX2 kernels sum a row "
-    "in an order that depends on its place in the micro-tile; the compiled kernel on a GPU is "
-    "checked by bench/gpu_check.py (issue 9). Seen on an AVX2-only EPYC, 2026-12-02.",
-    strict=False,
-)
+@ROW_ORDER_NEEDS_AVX512
 def test_rows_alone_equal_batched() -> None:
     bufs = _buffers(64, 128, torch.float32)
     g = torch.Generator().manual_seed(2)
