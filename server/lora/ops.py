@@ -18,6 +18,9 @@ Two forms of it, one per device, never mixed in one engine:
   factor rows of the token's slot read in place, in index order. A gathered copy of the factors
   per token (lora_rows) wrote and read them twice more: at 16 adapters that was most of the term.
 - on CUDA, lora_rows / lora_shared: one `bmm` item per token over gathered or broadcast factors.
+  These are not invariant: bmm picks its kernel by the number of items (measured on an H200, and
+  on the CPU under MKL's AVX2 path on a Xeon), so the two forms and a row alone vs batched agree
+  within rounding only. Under --batch-invariant, CUDA refuses them for the Triton kernels.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class LoRABatch:
     decode_active: frozenset[int]  # non-zero slots used by decode rows
     sgmv: Segments | None = None  # every row with an adapter, for the Triton kernels
     # When few adapters serve many decode rows: (slot, its rows; None = all decode rows) per slot,
-    # computed with broadcast factors instead of one gathered copy per row (the same bits).
+    # computed with broadcast factors instead of one gathered copy per row (within rounding).
     decode_groups: tuple[tuple[int, torch.Tensor | None], ...] | None = None
     # A captured graph's batch: every layer launches its kernels whatever is loaded at capture time.
     always: bool = False
@@ -159,8 +162,8 @@ def lora_shared(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, slot: int
 ) -> torch.Tensor:
     """Semantics: lora_reference for rows that all use `slot` (a prefill chunk). The same per-row
-    products as lora_rows, bitwise, but the factors are broadcast (stride 0) instead of copied
-    once per row. x: [n, in] -> [n, out]"""
+    products as lora_rows (within rounding: see the module's note on bmm), but the factors are
+    broadcast (stride 0) instead of copied once per row. x: [n, in] -> [n, out]"""
     n = x.shape[0]
     t = torch.bmm(x.unsqueeze(1), A[slot].T.expand(n, -1, -1))  # [n, 1, in] -> [n, 1, R]
     y = torch.bmm(t, B[slot].expand(n, -1, -1)).squeeze(1)  # -> [n, out]

@@ -7,6 +7,8 @@
 - `tiled`: the rows are cut into tiles of exactly TILE rows (the last one zero-padded) and each
   tile is its own matmul. Every call has the same shape whatever the batch, so a token's output is
   the same bits alone or in any batch: batch invariance from the shapes, not from one CPU's kernels.
+  A row's place in its tile does move with the batch; a shape whose kernel computes the places of
+  a tile differently is found by a check and runs one row per call instead (tile_keeps_rows).
 - `nf4_triton` (opt-in): an NF4 weight in one fixed-tile Triton kernel that dequantizes inside
   (nf4_matmul.py), row-invariant too; anything else (a full-precision weight) runs `tiled`.
 
@@ -94,9 +96,16 @@ def dequantized_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Semantics: F.linear(x, weight, bias), computed TILE rows per matmul call.
-    x: [n, in] -> [n, out]"""
+    """Semantics: F.linear(x, weight, bias), computed TILE rows per matmul call, or one row per call
+    for a shape whose BLAS kernel gives a row other bits at another place in the tile (see
+    tile_keeps_rows). x: [n, in] -> [n, out]"""
     n = x.shape[0]
+    if not tile_keeps_rows(weight, bias is not None):
+        return (
+            torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(n)])
+            if n
+            else F.linear(x, weight, bias)
+        )
     full = n - n % TILE
     out = x.new_empty(n, weight.shape[0])
     for i in range(0, full, TILE):
@@ -105,6 +114,41 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         tail = torch.cat([x[full:], x.new_zeros(TILE - (n - full), x.shape[1])])
         out[full:] = F.linear(tail, weight, bias)[: n - full]
     return out
+
+
+# (out, in, dtype, device type, bias, threads) -> whether a TILE-row call keeps each row's bits
+_TILE_KEEPS_ROWS: dict[tuple[object, ...], bool] = {}
+
+
+def tile_keeps_rows(weight: torch.Tensor, bias: bool = False) -> bool:
+    """Whether a TILE-row matmul of this shape gives a row the same bits at every place in the tile.
+
+    Each tile has one shape whatever the batch, but a row's place in it moves with the batch, and
+    a BLAS may compute the places of a tile differently: MKL's AVX2 path on an Intel Xeon does for
+    outputs of at most 64 columns (it then vectorizes across rows), where its AVX-512 path and AMD
+    machines do not. So each shape is checked once per process, on random data at every place
+    (a different order of summation shows in the bits of random data); where the check fails, the
+    rows run one per call, which no other row can touch (such projections are narrow, so reading
+    their weight once per row is cheap). During a CUDA graph capture nothing can be checked: an
+    unchecked shape then runs one row per call too. load_base checks the model's shapes first."""
+    key = (*weight.shape, weight.dtype, weight.device.type, bias, torch.get_num_threads())
+    known = _TILE_KEEPS_ROWS.get(key)
+    if known is not None:
+        return known
+    if weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    g = torch.Generator(device=weight.device).manual_seed(0)
+    out_f, in_f = weight.shape
+    w = torch.randn(out_f, in_f, generator=g, device=weight.device).to(weight.dtype)
+    b = torch.randn(out_f, generator=g, device=weight.device).to(weight.dtype) if bias else None
+    x = torch.randn(TILE, in_f, generator=g, device=weight.device).to(weight.dtype)
+    whole = F.linear(x, w, b)
+    keeps = all(
+        torch.equal(F.linear(torch.roll(x, shift, 0), w, b), torch.roll(whole, shift, 0))
+        for shift in range(1, TILE)
+    )
+    _TILE_KEEPS_ROWS[key] = keeps
+    return keeps
 
 
 def base_linear(x: torch.Tensor, linear: nn.Linear, mode: BaseGemm) -> torch.Tensor:

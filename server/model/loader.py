@@ -19,7 +19,7 @@ from server.lora.adapter import LinearShape, ModelDims
 from server.lora.dora import dense_weight
 from server.lora.layer import LoRAContext, LoRALinear
 from server.lora.saved import SaveableModule, SavedModuleHook, saveable_modules
-from server.model.base_gemm import BaseGemm, RowTiled, keep_block_scales
+from server.model.base_gemm import BaseGemm, RowTiled, keep_block_scales, tile_keeps_rows
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,8 @@ def load_base(
     if fuse_projections is None:
         fuse_projections = lora_backend == "triton"
     groups = fused.fuse_projections(layers) if fuse_projections else []
+    if base_gemm.invariant:
+        _check_tiles(model, layers, groups, dt, dev)
 
     saveable = saveable_modules(model)
     for name, spec in saveable.items():
@@ -237,6 +239,24 @@ def load_base(
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         ),
     )
+
+
+def _check_tiles(
+    model: Any,
+    layers: dict[str, LoRALinear],
+    groups: list[fused.FusedProjections],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Check each matmul shape of the batch-invariant mode before any step (tile_keeps_rows): on
+    CUDA the check cannot run inside a graph capture."""
+    shapes = {(m.out_features, m.in_features, m.base.bias is not None) for m in layers.values()}
+    shapes |= {(g.out_features, g.in_features, g.bias is not None) for g in groups}
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        shapes.add((head.out_features, head.in_features, head.bias is not None))
+    for out_features, in_features, bias in sorted(shapes):
+        tile_keeps_rows(torch.empty(out_features, in_features, dtype=dtype, device=device), bias)
 
 
 def _check_nf4_kernel(linear: nn.Linear) -> None:

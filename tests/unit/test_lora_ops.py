@@ -14,6 +14,8 @@ from server.model.base_gemm import TILE, tiled_linear
 CPU = torch.device("cpu")
 # (in, out) pairs: the tiny test model's, SmolLM2-135M's attention and MLP, and odd sizes
 SHAPES = [(64, 128), (576, 192), (576, 1536), (1536, 576), (24, 40)]
+# with outputs at most 64 wide, which MKL's AVX2 path on a Xeon computes differently per tile place
+TILED_SHAPES = [*SHAPES, (128, 64), (576, 64)]
 ROW_COUNTS = [1, 2, 3, 7, 8, 15, 16, 17, 33, 64, 257]
 
 
@@ -46,15 +48,19 @@ def test_lora_rows_matches_reference() -> None:
         assert torch.equal(got[0], torch.zeros(40))  # slot 0 adds nothing
 
 
-def test_lora_shared_is_lora_rows_bitwise() -> None:
+def test_lora_shared_is_lora_rows() -> None:
+    """Within rounding, not bitwise: both are `bmm`, whose kernel (on CPU, MKL's batched GEMM) may
+    treat broadcast and gathered factors differently (seen under MKL's AVX2 path on a Xeon)."""
     A, B, scale, _ = _slot_buffers(5, 8, 576, 192, seed=3)
     A = stored(A)  # the layer's layout: both products then read [in, R] contiguous
     x = torch.randn(40, 576, generator=torch.Generator().manual_seed(4))
     for slot in range(1, 6):
         slots = torch.full((40,), slot)
         got = lora_shared(x, A, B, scale, slot)
-        assert torch.allclose(got, lora_reference(x, A, B, scale, slots), atol=1e-4)
-        assert torch.equal(got, lora_rows(x, A, B, scale, slots))
+        want = lora_reference(x, A, B, scale, slots)
+        tol = 1e-5 * float(want.abs().max())  # fp32 rounding of sums of 576 terms, at the output's scale
+        assert torch.allclose(got, want, rtol=0, atol=tol)
+        assert torch.allclose(got, lora_rows(x, A, B, scale, slots), rtol=0, atol=tol)
 
 
 def stored(A: torch.Tensor) -> torch.Tensor:
@@ -134,10 +140,12 @@ def test_lora_batch_build() -> None:
     assert none.decode_active == frozenset() and none.active == frozenset({1})
 
 
-@pytest.mark.invariance
 @pytest.mark.parametrize(("d_in", "d_out"), SHAPES)
-def test_lora_rows_alone_equal_batched(d_in: int, d_out: int) -> None:
-    """Each row's term is the same bits alone, in any batch size, in any order, with any mix."""
+def test_lora_rows_alone_close_to_batched(d_in: int, d_out: int) -> None:
+    """The `bmm` form (the torch backend on CUDA; tests run it on the CPU) is not batch invariant:
+    bmm picks its kernel by the number of items (on the H200, and on the CPU under MKL's AVX2 path
+    on a Xeon), so a row alone and in a batch agree within rounding only. Under --batch-invariant
+    CUDA refuses it for the Triton kernels, and the CPU runs lora_bag (the tests above)."""
     A, B, scale, _ = _slot_buffers(8, 16, d_in, d_out, seed=5)
     A = stored(A)
     g = torch.Generator().manual_seed(6)
@@ -147,13 +155,11 @@ def test_lora_rows_alone_equal_batched(d_in: int, d_out: int) -> None:
     for t in ROW_COUNTS:
         got = lora_rows(x[:t], A, B, scale, slots[:t])
         m = min(t, 64)
-        assert torch.equal(got[:m], alone[:m]), f"T={t}: a row's LoRA term changed with the batch"
-    perm = torch.randperm(64, generator=g)
-    assert torch.equal(lora_rows(x[:64][perm], A, B, scale, slots[:64][perm]), alone[perm])
-    for slot in (1, 8):  # a prefill chunk on one slot: the same bits as those rows in a mixed batch
+        assert torch.allclose(got[:m], alone[:m], rtol=1e-5, atol=1e-3), f"T={t}"
+    for slot in (1, 8):  # a prefill chunk on one slot
         rows = torch.full((64,), slot)
         each = torch.cat([lora_rows(x[i : i + 1], A, B, scale, rows[:1]) for i in range(64)])
-        assert torch.equal(lora_shared(x[:64], A, B, scale, slot), each)
+        assert torch.allclose(lora_shared(x[:64], A, B, scale, slot), each, rtol=1e-5, atol=1e-3)
 
 
 def test_tiled_linear_matches_plain() -> None:
@@ -169,7 +175,7 @@ def test_tiled_linear_matches_plain() -> None:
 
 
 @pytest.mark.invariance
-@pytest.mark.parametrize(("d_in", "d_out"), SHAPES)
+@pytest.mark.parametrize(("d_in", "d_out"), TILED_SHAPES)
 def test_tiled_linear_alone_equal_batched(d_in: int, d_out: int) -> None:
     """A row's base output is the same bits alone (padded to one tile) and at any position of any batch."""
     g = torch.Generator().manual_seed(8)
@@ -181,6 +187,31 @@ def test_tiled_linear_alone_equal_batched(d_in: int, d_out: int) -> None:
         assert torch.equal(tiled_linear(x[:t], w)[:m], alone[:m]), f"T={t}: a row's base output changed"
     perm = torch.randperm(64, generator=g)
     assert torch.equal(tiled_linear(x[:64][perm], w), alone[perm])
+
+
+def test_a_shape_whose_tile_places_differ_runs_row_by_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tile_keeps_rows finds a kernel that rounds each place of a tile its own way (here a stand-in
+    for F.linear that does), and tiled_linear then runs that shape one row per call."""
+    from server.model import base_gemm
+
+    real = F.linear
+
+    def by_place(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        out = real(x, w, b)
+        if x.shape[0] > 1:  # a different last bit for every place but the first
+            out = out + torch.arange(x.shape[0]).unsqueeze(1) * out.abs() * 2**-22
+        return out
+
+    monkeypatch.setattr(base_gemm, "_TILE_KEEPS_ROWS", {})
+    w = torch.randn(48, 40, generator=torch.Generator().manual_seed(1))
+    assert base_gemm.tile_keeps_rows(w)
+    monkeypatch.setattr(base_gemm.F, "linear", by_place)
+    monkeypatch.setattr(base_gemm, "_TILE_KEEPS_ROWS", {})
+    assert not base_gemm.tile_keeps_rows(w)
+    x = torch.randn(19, 40, generator=torch.Generator().manual_seed(2))
+    got = tiled_linear(x, w)
+    assert torch.equal(got, torch.cat([real(x[i : i + 1], w) for i in range(19)]))
+    assert torch.equal(tiled_linear(x[5:6], w)[0], got[5])
 
 
 def test_tiled_rows_and_row_tiled_norms() -> None:
