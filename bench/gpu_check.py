@@ -487,6 +487,10 @@ def engine_phase(c: Check) -> dict[str, Any]:
         gc.collect()
         if c.dev.type == "cuda":
             torch.cuda.empty_cache()
+    from server.model.base_gemm import checked_tiles
+
+    # the invariant modes' check of each matmul shape (base_gemm.tile_keeps_rows): False runs by row
+    out["tile_keeps_rows"] = {"x".join(map(str, k[:2])) + f" {k[2]}": v for k, v in checked_tiles().items()}
     return out
 
 

@@ -120,6 +120,11 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 _TILE_KEEPS_ROWS: dict[tuple[object, ...], bool] = {}
 
 
+def checked_tiles() -> dict[tuple[object, ...], bool]:
+    """What tile_keeps_rows has found so far in this process, shape by shape."""
+    return dict(_TILE_KEEPS_ROWS)
+
+
 def tile_keeps_rows(weight: torch.Tensor, bias: bool = False) -> bool:
     """Whether a TILE-row matmul of this shape gives a row the same bits at every place in the tile.
 
