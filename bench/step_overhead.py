@@ -2,8 +2,11 @@
 rank-16 adapters on all seven projections: loraplex's engine step, and PEFT's mixed-batch forward
 (`adapter_names`) on the same NF4 base with the same adapters, as ratios of the median steps (and,
 for ours, of the fastest). Every case runs in the same process, interleaved round by round so that
-drift on a shared machine hits all of them alike. `--lora-dtype bfloat16` (or float16) adds the
-16-adapter step with the factors in that dtype (the fast mode), a second copy of the base.
+drift on a shared machine hits all of them alike. The LoRA backend is the server's default for the
+device (on CPU the cpp kernel where it builds); when that is not `torch`, the torch backend's 1- and
+16-adapter steps run beside it on a second copy of the base (its reference form). `--lora-dtype
+bfloat16` (or float16) adds the 16-adapter step with the factors in that dtype (the fast mode),
+another copy of the base.
 
     .venv/bin/python -m bench.step_overhead [--rounds 8] [--steps 5] [--no-peft] [--lora-dtype bfloat16]
 """
@@ -89,6 +92,14 @@ def main() -> None:
     cases: dict[tuple[str, int], Callable[[], None]] = {
         ("loraplex", n): engine_case(base, registry, loaded, n) for n in DISTINCT
     }
+    backend = base.lora_context.lora_backend
+    reference = "loraplex torch" if backend != "torch" else None
+    if reference is not None:  # the default backend's reference form, on its own copy of the base
+        plain = workload.load(max_loras=max(DISTINCT), lora_backend="torch")
+        plain_registry, plain_records, plain_weights, _ = workload.register(plain, max(DISTINCT), RANK)
+        plain_loaded = list(zip(plain_records, plain_weights, strict=True))
+        for n in (1, max(DISTINCT)):
+            cases[(reference, n)] = engine_case(plain, plain_registry, plain_loaded, n)
     half = f"loraplex {args.lora_dtype}" if args.lora_dtype else None
     if half is not None:
         fast = workload.load(max_loras=max(DISTINCT), lora_dtype=getattr(torch, args.lora_dtype))
@@ -127,6 +138,17 @@ def main() -> None:
             entry |= {"peft_ms": theirs, "peft_ratio": theirs_ratio, "peft_over_loraplex": theirs / ours}
         rows.append(row)
         results[str(n)] = entry
+    if reference is not None:
+        for n in (1, max(DISTINCT)):
+            key = (reference, n)
+            ratio, best_ratio = ms[key] / ms[("loraplex", 0)], best[key] / best[("loraplex", 0)]
+            rows.append([f"{n} adapters, lora=torch", f"{ms[key]:.1f}", ratio, best_ratio]
+                        + ([] if args.no_peft else ["-"] * 3))  # fmt: skip
+            results[f"{n}/torch"] = {
+                "loraplex_ms": ms[key],
+                "loraplex_ratio": ratio,
+                "loraplex_min_ratio": best_ratio,
+            }
     if half is not None:
         key, n = (half, max(DISTINCT)), max(DISTINCT)
         ratio, best_ratio = ms[key] / ms[("loraplex", 0)], best[key] / best[("loraplex", 0)]
@@ -144,7 +166,9 @@ def main() -> None:
         header,
         rows,
     )
-    record: dict[str, Any] = {"batch": BATCH, "rank": RANK, "cases": results, "table": text}
+    record: dict[str, Any] = {
+        "batch": BATCH, "rank": RANK, "lora_backend": backend, "cases": results, "table": text
+    }  # fmt: skip
     if not args.no_breakdown:
         alone = lora_alone(base, args.rounds * args.steps)
         extra = ms[("loraplex", max(DISTINCT))] - ms[("loraplex", 0)]
@@ -152,8 +176,14 @@ def main() -> None:
         record["breakdown"] = alone
         print(
             f"\n{max(DISTINCT)} adapters: the step costs {extra:.1f} ms more than base only; "
-            f"the LoRA products alone take {alone['lora_products_ms']:.1f} ms "
-            f"({alone['gflop_computed']:.2f} GFLOP computed, {alone['gflop_useful']:.2f} useful, "
+            f"the LoRA products alone take {alone['lora_products_ms']:.1f} ms ({alone['lora_products_form']}"
+            + (
+                f"; {alone['lora_products_torch_ms']:.1f} ms as torch's bags"
+                if "lora_products_torch_ms" in alone
+                else ""
+            )
+            + ", "
+            f"{alone['gflop_computed']:.2f} GFLOP computed, {alone['gflop_useful']:.2f} useful, "
             f"{alone['mb_of_adapter_weights_read']:.0f} MB of adapter weights read)"
         )
     save("step_overhead", record)
@@ -170,24 +200,38 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
     slots = torch.tensor(slot_list, device=base.device)
     xs = [torch.randn(BATCH, layer.in_features, device=base.device) for layer in layers]
 
-    def run() -> None:
+    ys = [torch.zeros(BATCH, layer.out_features, device=base.device) for layer in layers]
+    kernel = base.lora_context.lora_backend == "cpp"
+
+    def run(form: str) -> None:
         bag = LoRABatch.build(slot_list, [], base.device).bag  # built once per step, as the engine does
-        for layer, x in zip(layers, xs, strict=True):
-            if bag is not None:
+        for layer, x, y in zip(layers, xs, ys, strict=True):
+            if form == "cpp" and bag is not None:
+                from server.lora.backends.cpp_lora import lora_add_
+
+                lora_add_(
+                    y, x, layer.lora_A, layer.lora_B, layer.lora_scale, layer.lora_rank, bag.rows, bag.slots
+                )
+            elif bag is not None:
                 lora_bag(x, layer.lora_A, layer.lora_B, layer.lora_scale, bag)
             else:
                 lora_rows(x, layer.lora_A, layer.lora_B, layer.lora_scale, slots)
 
-    run()
-    times = []
+    forms = ["cpp", "torch"] if kernel else ["torch"]
+    times: dict[str, list[float]] = {form: [] for form in forms}
+    for form in forms:
+        run(form)
     for _ in range(steps):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
+        for form in forms:
+            t = time.perf_counter()
+            run(form)
+            times[form].append(time.perf_counter() - t)
     dims = sum(layer.in_features + layer.out_features for layer in layers)
     computed = 2 * BATCH * RANK * dims  # every row x its own slot's factors
     return {
-        "lora_products_ms": statistics.median(times) * 1000,
+        "lora_products_ms": statistics.median(times[forms[0]]) * 1000,
+        "lora_products_form": forms[0],
+        **({"lora_products_torch_ms": statistics.median(times["torch"]) * 1000} if kernel else {}),
         "gflop_computed": computed / 1e9,
         "gflop_useful": computed / 1e9,
         "mb_of_adapter_weights_read": 4 * n * RANK * dims / 1e6,

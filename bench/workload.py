@@ -61,16 +61,22 @@ def model_path() -> tuple[Path, str]:
     return resolve_model(None, default_cache_dir())
 
 
-def load(max_loras: int, lora_dtype: torch.dtype = torch.float32) -> BaseModel:
+def load(max_loras: int, lora_dtype: torch.dtype = torch.float32, lora_backend: str = "auto") -> BaseModel:
     """The base exactly as the server loads it, with `max_loras` device slots of rank RANK (factors
-    in `lora_dtype`: --lora-dtype)."""
+    in `lora_dtype`: --lora-dtype) and the LoRA backend `lora_backend` (auto: the server's default
+    for this device, resolved by select_backends)."""
     from transformers.utils import logging
 
+    from server.engine.backends import select_backends
+
+    if lora_backend == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        lora_backend = select_backends(device).lora
     logging.disable_progress_bar()  # one bar per load would bury the tables
     path, model_id = model_path()
     return load_base(
         path, model_id, quantization="nf4", device="auto", max_loras=max_loras, max_lora_rank=RANK,
-        lora_dtype=lora_dtype,
+        lora_dtype=lora_dtype, lora_backend=lora_backend,
     )  # fmt: skip
 
 

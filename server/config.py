@@ -120,9 +120,10 @@ class Settings(BaseSettings):
     logprobs_mode: Literal["processed", "raw"] = Field(
         "processed", description="logprobs of the distribution sampled from, or of the raw model"
     )
-    lora_backend: Literal["auto", "torch", "triton"] = Field(
+    lora_backend: Literal["auto", "torch", "triton", "cpp"] = Field(
         "auto",
-        description="LoRA term: torch (reference) or triton (SGMV kernels); auto: triton on CUDA, else torch",
+        description="LoRA term: torch (reference), triton (SGMV kernels) or cpp (CPU kernel, compiled at "
+        "the first start); auto: triton on CUDA, cpp on CPU where it builds, else torch",
     )
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32",

@@ -173,7 +173,16 @@ class LoRALinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(A.dtype)
         if batch.bag is not None:  # CPU: every row with an adapter in one pair of bag sums
             bag = batch.bag
-            g = dora.index_select(0, bag.slots) if self.dora_slots & batch.active else None
+            dora_rows = bool(self.dora_slots & batch.active)
+            if self.context.lora_backend == "cpp" and not dora_rows and y2.dtype == torch.float32:
+                # one call for the whole term (lora_cpu.cpp); DoRA steps keep the bag's form below
+                from server.lora.backends.cpp_lora import lora_add_
+
+                x32 = x.reshape(-1, self.in_features)
+                lora_add_(y2, x32 if x32.dtype == torch.float32 else x32.float(), A, B, scale,
+                          self.lora_rank, bag.rows, bag.slots)  # fmt: skip
+                return y
+            g = dora.index_select(0, bag.slots) if dora_rows else None
             _add_rows(y2, x2, bag.rows, bag.num_rows, partial(lora_bag, A=A, B=B, scale=scale, rows=bag), g)
             return y
         d = batch.num_decode

@@ -10,21 +10,29 @@ import torch
 from server.cli import _add_settings_flags, _settings
 from server.engine.backends import select_backends
 from server.errors import BackendError
+from server.lora.backends import cpp_lora
 from server.model.base_gemm import BaseGemm
 
 CPU = torch.device("cpu")
 
 
 def test_cpu_defaults_and_invariant_mode(caplog: pytest.LogCaptureFixture) -> None:
+    """auto on a CPU: the cpp LoRA kernel where it builds (a C++ compiler here), else torch."""
+    lora = "cpp" if cpp_lora.load() else "torch"
     with caplog.at_level(logging.INFO, logger="server.engine.backends"):
         plain = select_backends(CPU)
     assert (plain.lora, plain.attention, plain.base_gemm, plain.batch_invariant) == (
-        "torch",
+        lora,
         "torch",
         BaseGemm.PLAIN,
         False,
     )
-    assert "backends: device=cpu lora=torch lora_dtype=float32 attention=torch base_gemm=plain" in caplog.text
+    assert (
+        f"backends: device=cpu lora={lora} lora_dtype=float32 attention=torch base_gemm=plain" in caplog.text
+    )
+    assert select_backends(CPU, lora="torch").lora == "torch"
+    # a bf16 base adds into bf16 outputs, which the kernel does not: auto keeps torch there
+    assert select_backends(CPU, compute_dtype=torch.bfloat16).lora == "torch"
     with pytest.raises(BackendError, match="--cuda-graphs needs a CUDA device"):
         select_backends(CPU, cuda_graphs=True)
     assert select_backends(CPU, batch_invariant=True).base_gemm is BaseGemm.TILED
@@ -38,6 +46,17 @@ def test_cpu_defaults_and_invariant_mode(caplog: pytest.LogCaptureFixture) -> No
 def test_unknown_backend_is_refused_by_name(kwargs: dict[str, str], named: str) -> None:
     with pytest.raises(BackendError, match=named):
         select_backends(CPU, **kwargs)  # type: ignore[arg-type]
+
+
+def test_cpp_backend_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(BackendError, match="cpp is the CPU kernel"):
+        select_backends(torch.device("cuda"), lora="cpp")
+    with pytest.raises(BackendError, match="fp32 outputs"):
+        select_backends(CPU, lora="cpp", compute_dtype=torch.bfloat16)
+    monkeypatch.setattr(cpp_lora, "_state", {"ok": False, "error": "RuntimeError: no compiler"})
+    with pytest.raises(BackendError, match=r"could not build its kernel \(RuntimeError: no compiler"):
+        select_backends(CPU, lora="cpp")
+    assert select_backends(CPU).lora == "torch", "auto must fall back where the kernel does not build"
 
 
 def test_lora_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,7 +119,7 @@ def test_cuda_auto_takes_the_kernels_the_gpu_check_verified() -> None:
     assert (chosen.lora, chosen.attention, chosen.base_gemm) == ("triton", "flex", BaseGemm.BNB)
     assert select_backends(cuda, block_size=8).attention == "torch"
     assert select_backends(cuda, cuda_graphs=True).cuda_graphs
-    assert (select_backends(CPU).lora, select_backends(CPU).attention) == ("torch", "torch")
+    assert select_backends(CPU).lora in ("cpp", "torch") and select_backends(CPU).attention == "torch"
 
 
 def test_cuda_batch_invariance_needs_the_triton_lora_rows() -> None:

@@ -18,6 +18,7 @@ from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
 from server.errors import ModelNotFoundError
 from server.lora.adapter import AdapterWeights
+from server.lora.backends import cpp_lora
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.model.base_gemm import BaseGemm
 from server.model.loader import BaseModel, disable_cpu_weight_packing, load_base
@@ -335,12 +336,19 @@ def test_async_engine_serves_from_either_thread(llama: BaseModel, mode: str) -> 
 
 
 @pytest.mark.invariance
-def test_mixed_batch_logits_are_bitwise_solo(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora", ["torch", "cpp"])
+def test_mixed_batch_logits_are_bitwise_solo(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, lora: str
+) -> None:
     """Every logit row of every request is the same bits alone and inside a mixed batch: two
     adapters and the base, a tighter token budget (chunks wait for room), decode rows beside
-    prefill chunks of other sequences."""
+    prefill chunks of other sequences. With either CPU LoRA backend."""
+    if lora == "cpp" and not cpp_lora.load():
+        pytest.skip(f"cpp backend not built: {cpp_lora.error()}")
     texts = [*PROMPTS, "a longer prompt that takes several chunks of the token budget to prefill"]
-    base, registry, jobs = tiny_nf4_setup(tiny_checkpoint("llama"), tmp_path, texts, base_gemm=TILED)
+    base, registry, jobs = tiny_nf4_setup(
+        tiny_checkpoint("llama"), tmp_path, texts, base_gemm=TILED, lora_backend=lora
+    )
     solo: dict[str, list[torch.Tensor]] = {}
     for job in jobs:
         engine = engine_for(base, registry, max_num_batched_tokens=64, prefill_chunk_tokens=16)
@@ -356,6 +364,37 @@ def test_mixed_batch_logits_are_bitwise_solo(tiny_checkpoint: Callable[[str], Pa
         assert len(mixed[rid]) == len(alone) == 8
         for i, (a, b) in enumerate(zip(alone, mixed[rid], strict=True)):
             assert torch.equal(a, b), f"{rid}: logits of token {i} differ alone vs in the mixed batch"
+
+
+def test_cpp_backend_gives_the_torch_logits(
+    tiny_checkpoint: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cpp LoRA kernel in the whole engine against the torch backend: the same greedy tokens for
+    base and adapter requests in one mixed batch, every logit row within rounding, and the adapters
+    really moving their rows."""
+    if not cpp_lora.load():
+        pytest.skip(f"cpp backend not built: {cpp_lora.error()}")
+    calls = []
+    kernel = cpp_lora.lora_add_
+
+    def counted(*args: Any) -> None:
+        calls.append(1)
+        kernel(*args)
+
+    monkeypatch.setattr(cpp_lora, "lora_add_", counted)
+    path = tiny_checkpoint("llama")
+    logits, tokens = {}, {}
+    for lora in ("torch", "cpp"):
+        base, registry, jobs = tiny_nf4_setup(path, tmp_path, PROMPTS, lora_backend=lora)
+        engine = engine_for(base, registry, max_num_seqs=8, prefill_chunk_tokens=8)
+        logits[lora] = record_logits(engine)
+        tokens[lora] = greedy(engine, jobs, max_tokens=8)
+    assert calls, "the cpp backend never ran its kernel"
+    assert tokens["cpp"] == tokens["torch"]
+    assert tokens["torch"]["qv/0"] != tokens["torch"]["None/0"]
+    for rid, rows in logits["torch"].items():
+        for i, (a, b) in enumerate(zip(rows, logits["cpp"][rid], strict=True)):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"{rid} token {i}"
 
 
 @pytest.mark.slow
@@ -445,7 +484,12 @@ def test_padded_decode_steps_give_the_unpadded_logits(
 
 @pytest.mark.parametrize(
     ("lora", "dtype"),
-    [("torch", torch.bfloat16), pytest.param("triton", torch.float16, marks=pytest.mark.slow)],
+    [
+        ("torch", torch.bfloat16),
+        ("cpp", torch.bfloat16),
+        ("cpp", torch.float16),
+        pytest.param("triton", torch.float16, marks=pytest.mark.slow),
+    ],
 )
 def test_half_precision_factors(
     tiny_checkpoint: Callable[[str], Path], tmp_path: Path, lora: str, dtype: torch.dtype
@@ -460,6 +504,8 @@ def test_half_precision_factors(
 
     if lora == "triton":
         pytest.importorskip("triton")
+    if lora == "cpp" and not cpp_lora.load():
+        pytest.skip(f"cpp backend not built: {cpp_lora.error()}")
     path = tiny_checkpoint("llama")
     logits: dict[torch.dtype, dict[str, list[torch.Tensor]]] = {}
     tokens: dict[torch.dtype, dict[str, list[int]]] = {}
@@ -476,7 +522,7 @@ def test_half_precision_factors(
         tokens[factors] = greedy(engine, jobs, max_tokens=6)
         held = engine.cache.get(registry.resolve("all"))  # the CPU tier keeps them in the slots' dtype
         assert held is not None and {m.A.dtype for m in held.modules.values()} == {factors}
-        if factors == dtype and lora == "torch":  # (the interpreter's dot is not row invariant on AVX2)
+        if factors == dtype and lora != "triton":  # (the interpreter's dot is not row invariant on AVX2)
             for job in jobs:
                 engine = engine_for(base, registry)
                 solo = record_logits(engine)

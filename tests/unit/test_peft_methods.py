@@ -173,6 +173,20 @@ def test_every_method_gives_the_torch_tokens_on_the_triton_and_flex_backends(
     assert tokens["flex"] == tokens["torch"]
 
 
+def test_every_method_gives_the_torch_tokens_on_the_cpp_backend(
+    nf4: BaseModel, made: dict[str, Path], tiny_checkpoint: Callable[[str], Path]
+) -> None:
+    """The cpp kernel with every method in one batch: its steps with DoRA rows fall back to the bag
+    form, (IA)3 vectors and saved modules sit around it; the torch backend's greedy tokens."""
+    from server.lora.backends import cpp_lora
+
+    if not cpp_lora.load():
+        pytest.skip(f"cpp backend not built: {cpp_lora.error()}")
+    cpp = tiny_nf4(tiny_checkpoint("llama"), 6, lora_backend="cpp")
+    tokens = backend_tokens({"torch": nf4, "cpp": cpp}, made, TEXTS[0], registry_for, max_loras=6)
+    assert tokens["cpp"] == tokens["torch"]
+
+
 def registry_for(
     base: BaseModel, store: AdapterStore | None = None, budget: int = SAVED_BUDGET
 ) -> AdapterRegistry:
