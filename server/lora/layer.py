@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from server.lora.adapter import ModuleIA3, ModuleLoRA
+from server.lora.backends import cpp_lora
 from server.lora.ops import LoRABatch, lora_bag, lora_rows, lora_shared
 from server.model.base_gemm import BaseGemm, base_linear
 
@@ -170,21 +171,19 @@ class LoRALinear(nn.Module):
                 # DoRA's output is g * (base + s B A x): one row-wise product after the kernel
                 y2.mul_(dora.index_select(0, rows))
             return y
-        x2 = x.reshape(-1, self.in_features).to(A.dtype)
-        if batch.bag is not None:  # CPU: every row with an adapter in one pair of bag sums
+        if batch.bag is not None:  # CPU: every row with an adapter at once
             bag = batch.bag
             dora_rows = bool(self.dora_slots & batch.active)
             if self.context.lora_backend == "cpp" and not dora_rows and y2.dtype == torch.float32:
-                # one call for the whole term (lora_cpu.cpp); DoRA steps keep the bag's form below
-                from server.lora.backends.cpp_lora import lora_add_
-
-                x32 = x.reshape(-1, self.in_features)
-                lora_add_(y2, x32 if x32.dtype == torch.float32 else x32.float(), A, B, scale,
-                          self.lora_rank, bag.rows, bag.slots)  # fmt: skip
+                # the whole term in one call (lora_cpu.cpp); a step with DoRA rows keeps the bag form
+                x32 = x.reshape(-1, self.in_features).float()
+                cpp_lora.lora_add_(y2, x32, A, B, scale, self.lora_rank, bag.rows, bag.slots)
                 return y
             g = dora.index_select(0, bag.slots) if dora_rows else None
+            x2 = x.reshape(-1, self.in_features).to(A.dtype)
             _add_rows(y2, x2, bag.rows, bag.num_rows, partial(lora_bag, A=A, B=B, scale=scale, rows=bag), g)
             return y
+        x2 = x.reshape(-1, self.in_features).to(A.dtype)
         d = batch.num_decode
         if batch.decode_groups is not None:
             for slot, group in batch.decode_groups:

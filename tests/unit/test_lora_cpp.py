@@ -147,3 +147,28 @@ def test_refuses_bad_input() -> None:
     with pytest.raises(RuntimeError, match="fp32"):
         cpp_lora.lora_add_(y.half(), x, A, B, scale, rank, None, slots)
     assert torch.equal(y, torch.zeros(4, 128)), "a refused call wrote into y"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_is_the_dtype_conversion_in_every_lane(dtype: torch.dtype) -> None:
+    """With one input and rank 1 every sum is a single product, so the kernel's result can be
+    written out in torch: x, the shrink, the expand and the scaled term each rounded to the
+    factors' dtype by torch's own conversion (round to nearest even). Columns 0-31 run in the
+    vector lanes, 32-39 one by one; the values include ties, subnormals, overflow and NaN."""
+    g = torch.Generator().manual_seed(9)
+    out = 40
+    special = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 2**-130, 1e-41, 3e38, float("nan"), 65504.0, 1e-7])
+    b = torch.cat([torch.randn(out - len(special), generator=g) * 100, special]).to(dtype)
+    x = torch.tensor([[1.0 + 2**-9 + 2**-20], [-3.3], [1e-3], [7e4]])
+    A = torch.tensor([1.0 + 2**-7, 1.0, 1.0, 1.0], dtype=dtype).view(4, 1, 1)  # [S, R=1, in=1]
+    B = b.view(1, 1, out).repeat(4, 1, 1)
+    scale = torch.tensor([0.0, 0.7, 1.3, 1.0])
+    rank = torch.tensor([0, 1, 1, 1], dtype=torch.int32)
+    slots = torch.tensor([1, 2, 3, 1])
+    y = torch.ones(4, out)
+    cpp_lora.lora_add_(y, x, A, B, scale, rank, None, slots)
+    for i, s in enumerate(slots.tolist()):
+        t = (x[i].to(dtype).float() * A[s, 0].float()).to(dtype).float()
+        term = (t * B[s, 0].float()).to(dtype).float()
+        want = 1.0 + (term * scale[s]).to(dtype).float()
+        assert torch.equal(y[i].nan_to_num(123.0), want.nan_to_num(123.0)), f"row {i}"

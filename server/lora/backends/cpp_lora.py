@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp")  # OpenMP: at::parallel_for's threa
 
 _lock = threading.Lock()
 _state: dict[str, str | bool] = {}
+_ops: dict[str, Any] = {}
 
 
 def _cpu_flags() -> str:
@@ -93,4 +95,12 @@ def lora_add_(
     """y[rows] += the term of each row with its slot (semantics: ops.lora_reference, cast to y and
     added). y: [T, out] fp32, x: [T, in] fp32, A/B/scale/rank: a LoRALinear's slot buffers,
     rows: [n] ascending (None: the first n rows), slots: [n] int64."""
-    torch.ops.loraplex_cpu.lora_add_(y, x, A, B, scale, rank, rows, slots)
+    _op()(y, x, A, B, scale, rank, rows, slots)
+
+
+def _op() -> Any:
+    """The op's overload, looked up once: torch.ops' name resolution costs microseconds a call,
+    and the engine calls it once per projection per step."""
+    if "op" not in _ops:
+        _ops["op"] = torch.ops.loraplex_cpu.lora_add_.default
+    return _ops["op"]

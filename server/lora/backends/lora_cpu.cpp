@@ -68,6 +68,29 @@ inline vf load16<c10::BFloat16>(const c10::BFloat16* p) {
   return v;
 }
 
+// round_to for 16 lanes at once, the same bits as c10's scalar conversions: bf16 by c10's
+// round-to-nearest-even on the fp32 bits (NaN -> 0x7FC0), fp16 by the IEEE conversion (F16C).
+template <typename T>
+inline vf round16(vf v);
+template <>
+inline vf round16<float>(vf v) { return v; }
+template <>
+inline vf round16<c10::BFloat16>(vf v) {
+  vw bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  vw rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  vw nan = (vw)(v != v);  // all ones in NaN lanes
+  vw out = (rounded & ~nan) | (0x7FC00000u & nan);
+  vf r;
+  std::memcpy(&r, &out, sizeof r);
+  return r;
+}
+typedef _Float16 vhf __attribute__((vector_size(32)));
+template <>
+inline vf round16<c10::Half>(vf v) {
+  return __builtin_convertvector(__builtin_convertvector(v, vhf), vf);
+}
+
 // t[g][q0 .. q0 + 16) for up to G rows: each row's sums in its own register, k ascending.
 template <typename T>
 inline void shrink_block(const float* const* xr, const T* const* a, float* const* t, int64_t in,
@@ -77,18 +100,18 @@ inline void shrink_block(const float* const* xr, const T* const* a, float* const
   for (int64_t k = 0; k < in; ++k)
     for (int g = 0; g < G; ++g) acc[g] += xr[g][k] * load16<T>(a[g] + k * R + q0);
   for (int g = 0; g < G; ++g) {
-    float tmp[W];
-    std::memcpy(tmp, &acc[g], sizeof tmp);
-    for (int u = 0; u < W; ++u) t[g][q0 + u] = round_to<T>(tmp[u]);
+    const vf r = round16<T>(acc[g]);
+    std::memcpy(t[g] + q0, &r, sizeof r);
   }
 }
 
 // y[j] += round(round(acc[j]) * sc) for 16 columns
 template <typename T>
 inline void add_out(float* y, vf acc, float sc) {
-  float tmp[W];
-  std::memcpy(tmp, &acc, sizeof tmp);
-  for (int u = 0; u < W; ++u) y[u] += round_to<T>(round_to<T>(tmp[u]) * sc);
+  vf out;
+  std::memcpy(&out, y, sizeof out);
+  out += round16<T>(round16<T>(acc) * sc);
+  std::memcpy(y, &out, sizeof out);
 }
 
 template <typename T>
@@ -113,7 +136,12 @@ void add_term(float* y, const float* x, const T* A, const T* B, const float* sca
         const int64_t s = slots[i];
         float* xg = xv.data() + g * in;
         const float* xi = x + row * x_stride;
-        for (int64_t k = 0; k < in; ++k) xg[k] = round_to<T>(xi[k]);
+        int64_t k = 0;
+        for (; k + W <= in; k += W) {
+          const vf r = round16<T>(load16<float>(xi + k));
+          std::memcpy(xg + k, &r, sizeof r);
+        }
+        for (; k < in; ++k) xg[k] = round_to<T>(xi[k]);
         xr[g] = xg;
         a[g] = A + s * in * R;
         t[g] = tv.data() + g * R;
