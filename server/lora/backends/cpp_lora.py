@@ -5,10 +5,10 @@ What it computes and why it is batch invariant: see lora_cpu.cpp. Its reference 
 (the `torch` backend on CPU) and the oracle ops.lora_reference; tests/unit/test_lora_cpp.py
 compares them.
 
-The build uses -march=native, so the cache directory is named for the CPU's instruction sets as
-well as the source: a home directory shared by machines with different CPUs never runs a build
-made for another. Nothing of a request reaches the build; its inputs are this file's directory and
-the torch install.
+The build uses -march=native (or LORAPLEX_CPP_ARCH), so the cache directory is named for the
+CPU's instruction sets and the flags as well as the source: a home directory shared by machines
+with different CPUs never runs a build made for another. Nothing of a request reaches the build;
+its inputs are this file's directory and the torch install.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_cpu.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp")  # OpenMP: at::parallel_for's threads are torch's own pool
+# LORAPLEX_CPP_ARCH: the -march to build for (default native); tests build x86-64-v3 (AVX2) and
+# x86-64 (SSE2 only) on any machine to run the code paths other CPUs take
+ARCH = os.environ.get("LORAPLEX_CPP_ARCH", "native")
+FLAGS = ("-O3", f"-march={ARCH}", "-fopenmp")  # OpenMP: at::parallel_for's threads are torch's own pool
 
 _lock = threading.Lock()
 _state: dict[str, str | bool] = {}
@@ -73,9 +76,17 @@ def load() -> bool:
                 _state["ok"] = True
             except Exception as e:  # a compiler, ninja or header missing: the caller decides
                 _state["ok"] = False
-                _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+                _state["error"] = _reason(e)
                 log.warning("cpp LoRA backend unavailable: %s", _state["error"])
         return bool(_state["ok"])
+
+
+def _reason(e: Exception) -> str:
+    """The compiler's first error line where there is one (the builder's message ends with ninja's
+    'build stopped'), else the message's last line."""
+    lines = str(e).strip().splitlines() or [""]
+    first = next((line for line in lines if "error:" in line), lines[-1])
+    return f"{type(e).__name__}: {first.strip()}"
 
 
 def error() -> str:

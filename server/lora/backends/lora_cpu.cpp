@@ -22,6 +22,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -29,13 +31,33 @@
 
 namespace {
 
-// 16 floats: one AVX-512 register or two AVX2 ones (GCC's vector extension lowers to either).
+// 16 floats: one AVX-512 register, or a pair of 8-float vectors (two AVX2 registers). GCC lowers a
+// 64-byte vector type badly where no 64-byte registers exist (8x slower under -march=x86-64-v3),
+// hence the pair.
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint32_t vw8 __attribute__((vector_size(32)));
+#if defined(__AVX512F__)
 typedef float vf __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint32_t vw __attribute__((vector_size(64)));
+#else
+struct vf {
+  v8 lo, hi;
+};
+inline vf operator*(float s, vf v) { return {s * v.lo, s * v.hi}; }
+inline vf operator*(vf v, float s) { return {v.lo * s, v.hi * s}; }
+inline vf& operator+=(vf& a, vf b) {
+  a.lo += b.lo;
+  a.hi += b.hi;
+  return a;
+}
+#endif
+static_assert(sizeof(vf) == 64, "16 floats");
 constexpr int64_t W = 16;  // ranks per shrink block, columns per expand vector
 constexpr int G = 4;       // rows whose shrinks run side by side (independent sums hide latency)
-constexpr int V = 8;       // expand vectors per pass (eight independent sums)
+#if defined(__AVX512F__)
+constexpr int V = 8;  // expand vectors per pass: eight independent sums in 8 of the 32 registers
+#else
+constexpr int V = 4;  // four (eight AVX2 registers of 16): more would spill
+#endif
 
 template <typename T>
 inline float f32(T v) { return static_cast<float>(v); }
@@ -54,41 +76,124 @@ inline vf load16(const T* p) {
 }
 template <>
 inline vf load16<float>(const float* p) {
+#if defined(__AVX512F__)
   vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
+#else
+  v8 lo, hi;
+  std::memcpy(&lo, p, sizeof lo);
+  std::memcpy(&hi, p + 8, sizeof hi);
+  return {lo, hi};
+#endif
 }
 template <>
-inline vf load16<c10::BFloat16>(const c10::BFloat16* p) {
-  vh h;  // bf16 is the high half of an fp32: widening is exact
-  std::memcpy(&h, p, sizeof h);
-  vw w = __builtin_convertvector(h, vw) << 16;
+inline vf load16<c10::Half>(const c10::Half* p) {
+#if defined(__AVX512F__)
+  const __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   vf v;
   std::memcpy(&v, &w, sizeof v);
   return v;
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  vf v;
+  std::memcpy(&v, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+  return v;
+#else
+  float tmp[W];
+  for (int u = 0; u < W; ++u) tmp[u] = f32(p[u]);
+  vf v;
+  std::memcpy(&v, tmp, sizeof v);
+  return v;
+#endif
+}
+template <>
+inline vf load16<c10::BFloat16>(const c10::BFloat16* p) {
+#if defined(__AVX512F__)
+  const __m512i wide =
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  vf r;
+  std::memcpy(&r, &wide, sizeof r);
+  return r;
+#elif defined(__AVX2__)
+  const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  const __m256i hi =
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16);
+  vf r;
+  std::memcpy(&r, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&r) + sizeof lo, &hi, sizeof hi);
+  return r;
+#else
+  float tmp[W];
+  for (int u = 0; u < W; ++u) tmp[u] = f32(p[u]);
+  vf v;
+  std::memcpy(&v, tmp, sizeof v);
+  return v;
+#endif
 }
 
 // round_to for 16 lanes at once, the same bits as c10's scalar conversions: bf16 by c10's
-// round-to-nearest-even on the fp32 bits (NaN -> 0x7FC0), fp16 by the IEEE conversion (F16C).
+// round-to-nearest-even on the fp32 bits (NaN -> 0x7FC0), fp16 by the hardware's IEEE conversion
+// (AVX-512F or F16C, round to nearest even; c10 without them).
 template <typename T>
 inline vf round16(vf v);
 template <>
 inline vf round16<float>(vf v) { return v; }
 template <>
 inline vf round16<c10::BFloat16>(vf v) {
-  vw bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  vw rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-  vw nan = (vw)(v != v);  // all ones in NaN lanes
-  vw out = (rounded & ~nan) | (0x7FC00000u & nan);
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_loadu_ps(reinterpret_cast<const float*>(&v));
+  const __m512i bits = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                                           _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  const __m512i out = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
   vf r;
   std::memcpy(&r, &out, sizeof r);
   return r;
+#else
+  vf r;
+  v8 halves[2];
+  std::memcpy(halves, &v, sizeof halves);
+  for (v8& h : halves) {
+    vw8 bits;
+    std::memcpy(&bits, &h, sizeof bits);
+    const vw8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    const vw8 nan = (vw8)(h != h);  // all ones in NaN lanes
+    const vw8 out = (rounded & ~nan) | (0x7FC00000u & nan);
+    std::memcpy(&h, &out, sizeof h);
+  }
+  std::memcpy(&r, halves, sizeof r);
+  return r;
+#endif
 }
-typedef _Float16 vhf __attribute__((vector_size(32)));
 template <>
 inline vf round16<c10::Half>(vf v) {
-  return __builtin_convertvector(__builtin_convertvector(v, vhf), vf);
+#if defined(__AVX512F__)
+  __m512 w;
+  std::memcpy(&w, &v, sizeof w);
+  w = _mm512_cvtph_ps(_mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+#elif defined(__F16C__)
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  lo = _mm256_cvtph_ps(_mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  hi = _mm256_cvtph_ps(_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  std::memcpy(&v, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+  return v;
+#else
+  float tmp[W];
+  std::memcpy(tmp, &v, sizeof tmp);
+  for (int u = 0; u < W; ++u) tmp[u] = round_to<c10::Half>(tmp[u]);
+  std::memcpy(&v, tmp, sizeof v);
+  return v;
+#endif
 }
 
 // t[g][q0 .. q0 + 16) for up to G rows: each row's sums in its own register, k ascending.
