@@ -51,8 +51,16 @@ def _build_dir() -> Path:
     ).hexdigest()[:16]
     root = Path(os.environ.get("LORAPLEX_EXT_CACHE") or Path.home() / ".cache" / "loraplex" / "extensions")
     path = root / f"lora_cpu-{key}"
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        # a read-only HOME (a container): no attempt to write there at all
+        raise _Unavailable("no writable cache directory for its build; set LORAPLEX_EXT_CACHE")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class _Unavailable(Exception):
+    pass
 
 
 def load() -> bool:
@@ -84,6 +92,8 @@ def load() -> bool:
 def _reason(e: Exception) -> str:
     """The compiler's first error line where there is one (the builder's message ends with ninja's
     'build stopped'), else the message's last line."""
+    if isinstance(e, _Unavailable):
+        return str(e)
     lines = str(e).strip().splitlines() or [""]
     first = next((line for line in lines if "error:" in line), lines[-1])
     return f"{type(e).__name__}: {first.strip()}"
