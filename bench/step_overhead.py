@@ -25,6 +25,7 @@ from bench import workload
 from bench.report import save, table
 from server.engine.sequence import SamplingParams, Sequence
 from server.lora.adapter import AdapterWeights
+from server.lora.backends import cpp_lora
 from server.lora.ops import LoRABatch, lora_bag, lora_rows
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.model.loader import BaseModel
@@ -207,9 +208,7 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
         bag = LoRABatch.build(slot_list, [], base.device).bag  # built once per step, as the engine does
         for layer, x, y in zip(layers, xs, ys, strict=True):
             if form == "cpp" and bag is not None:
-                from server.lora.backends.cpp_lora import lora_add_
-
-                lora_add_(
+                cpp_lora.lora_add_(
                     y, x, layer.lora_A, layer.lora_B, layer.lora_scale, layer.lora_rank, bag.rows, bag.slots
                 )
             elif bag is not None:

@@ -66,6 +66,18 @@ inline float f32(T v) { return static_cast<float>(v); }
 template <typename T>
 inline float round_to(float v) { return f32(static_cast<T>(v)); }
 
+// The 16 floats of two 8-float halves (AVX2 or F16C registers), lo first.
+template <typename H>
+inline vf join(const H& lo, const H& hi) {
+  static_assert(sizeof(H) == 32, "8 lanes of 32 bits");
+  vf v;
+  std::memcpy(&v, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+  return v;
+}
+
+// 16 values of T widened to fp32 (exact). The template is the scalar path; the specializations
+// below exist only where the CPU has the instructions for them.
 template <typename T>
 inline vf load16(const T* p) {
   float tmp[W];
@@ -81,64 +93,59 @@ inline vf load16<float>(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 #else
-  v8 lo, hi;
+  v8 lo, hi;  // one 64-byte copy into the pair compiled to a slow path (8x under x86-64-v3)
   std::memcpy(&lo, p, sizeof lo);
   std::memcpy(&hi, p + 8, sizeof hi);
   return {lo, hi};
 #endif
 }
+#if defined(__AVX512F__)
 template <>
 inline vf load16<c10::Half>(const c10::Half* p) {
-#if defined(__AVX512F__)
   const __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   vf v;
   std::memcpy(&v, &w, sizeof v);
   return v;
-#elif defined(__F16C__)
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  vf v;
-  std::memcpy(&v, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
-  return v;
-#else
-  float tmp[W];
-  for (int u = 0; u < W; ++u) tmp[u] = f32(p[u]);
-  vf v;
-  std::memcpy(&v, tmp, sizeof v);
-  return v;
-#endif
 }
 template <>
 inline vf load16<c10::BFloat16>(const c10::BFloat16* p) {
-#if defined(__AVX512F__)
+  // bf16 is the high half of an fp32: widening is a shift
   const __m512i wide =
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
-  vf r;
-  std::memcpy(&r, &wide, sizeof r);
-  return r;
-#elif defined(__AVX2__)
-  const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-  const __m256i hi =
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16);
-  vf r;
-  std::memcpy(&r, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<char*>(&r) + sizeof lo, &hi, sizeof hi);
-  return r;
-#else
-  float tmp[W];
-  for (int u = 0; u < W; ++u) tmp[u] = f32(p[u]);
   vf v;
-  std::memcpy(&v, tmp, sizeof v);
+  std::memcpy(&v, &wide, sizeof v);
   return v;
-#endif
 }
+#else
+#if defined(__F16C__)
+template <>
+inline vf load16<c10::Half>(const c10::Half* p) {
+  return join(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+              _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
+}
+#endif
+#if defined(__AVX2__)
+template <>
+inline vf load16<c10::BFloat16>(const c10::BFloat16* p) {
+  auto half = [](const c10::BFloat16* q) {
+    return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16);
+  };
+  return join(half(p), half(p + 8));
+}
+#endif
+#endif
 
 // round_to for 16 lanes at once, the same bits as c10's scalar conversions: bf16 by c10's
 // round-to-nearest-even on the fp32 bits (NaN -> 0x7FC0), fp16 by the hardware's IEEE conversion
-// (AVX-512F or F16C, round to nearest even; c10 without them).
+// (AVX-512F or F16C, round to nearest even; c10's scalar one, the template, without them).
 template <typename T>
-inline vf round16(vf v);
+inline vf round16(vf v) {
+  float tmp[W];
+  std::memcpy(tmp, &v, sizeof tmp);
+  for (int u = 0; u < W; ++u) tmp[u] = round_to<T>(tmp[u]);
+  std::memcpy(&v, tmp, sizeof v);
+  return v;
+}
 template <>
 inline vf round16<float>(vf v) { return v; }
 template <>
@@ -170,31 +177,24 @@ inline vf round16<c10::BFloat16>(vf v) {
   return r;
 #endif
 }
+#if defined(__AVX512F__)
 template <>
 inline vf round16<c10::Half>(vf v) {
-#if defined(__AVX512F__)
   __m512 w;
   std::memcpy(&w, &v, sizeof w);
   w = _mm512_cvtph_ps(_mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   std::memcpy(&v, &w, sizeof v);
   return v;
-#elif defined(__F16C__)
-  __m256 lo, hi;
-  std::memcpy(&lo, &v, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  lo = _mm256_cvtph_ps(_mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  hi = _mm256_cvtph_ps(_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  std::memcpy(&v, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
-  return v;
-#else
-  float tmp[W];
-  std::memcpy(tmp, &v, sizeof tmp);
-  for (int u = 0; u < W; ++u) tmp[u] = round_to<c10::Half>(tmp[u]);
-  std::memcpy(&v, tmp, sizeof v);
-  return v;
-#endif
 }
+#elif defined(__F16C__)
+template <>
+inline vf round16<c10::Half>(vf v) {
+  __m256 half[2];
+  std::memcpy(half, &v, sizeof half);
+  for (__m256& h : half) h = _mm256_cvtph_ps(_mm256_cvtps_ph(h, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return join(half[0], half[1]);
+}
+#endif
 
 // t[g][q0 .. q0 + 16) for up to G rows: each row's sums in its own register, k ascending.
 template <typename T>
