@@ -222,6 +222,57 @@ def test_pinned_factors_are_laid_out_as_the_slots_read_them(monkeypatch: pytest.
         assert torch.equal(m.A, weights.modules[name].A) and torch.equal(m.B, weights.modules[name].B)
 
 
+def test_host_tier_loader_keeps_its_one_thread_to_itself() -> None:
+    """The loader runs torch on one thread of its own, and only there: a thread started after it
+    (the engine's, an HTTP worker) keeps the process's thread count, also across its first call into
+    the cpp kernel. torch.set_num_threads in the loader once set the default those adopt, and the
+    engine fell to one thread at its first cpp-kernel call (half its speed, other GEMM bits). Only
+    meaningful with 2+ threads (every CI machine; not the one-thread kernel family)."""
+    import threading
+
+    from server.lora.backends import cpp_lora
+    from server.lora.cache import AdapterCache
+    from server.lora.registry import AdapterRecord
+
+    threads = torch.get_num_threads()
+    inside: list[int] = []
+
+    def load(record: AdapterRecord) -> AdapterWeights:
+        inside.append(torch.get_num_threads())
+        return _weights(1)
+
+    record = AdapterRecord(
+        name="a",
+        version="v1",
+        path=Path(),
+        rank=2,
+        target_modules=("q",),
+        size_bytes=0,
+        report=ConfigReport(),
+    )
+    cache = AdapterCache(8, load)
+    cache.get(record)
+    cache.wait_for_loads(10.0)
+    cache.close()
+    seen: list[int] = []
+
+    def engine_thread() -> None:
+        seen.append(torch.get_num_threads())
+        if cpp_lora.load():
+            A = torch.ones(2, 8, 4).transpose(1, 2)  # [S, R, in] stored rank-innermost
+            B, scale, rank = torch.ones(2, 4, 8), torch.ones(2), torch.tensor([0, 4], dtype=torch.int32)
+            y, x = torch.zeros(4, 8), torch.ones(4, 8)
+            cpp_lora.lora_add_(y, x, A, B, scale, rank, None, torch.ones(4, dtype=torch.long))
+            assert torch.equal(y, torch.full((4, 8), 32.0))
+            seen.append(torch.get_num_threads())
+
+    worker = threading.Thread(target=engine_thread)
+    worker.start()
+    worker.join()
+    assert inside == [1]
+    assert seen and seen == [threads] * len(seen) and torch.get_num_threads() == threads
+
+
 def test_two_slot_tables_on_one_base_take_turns() -> None:
     """Engines built on one base model share its slot buffers: a SlotTable that finds another one
     wrote since its last step writes its own adapters again instead of reading the other's."""
