@@ -105,7 +105,8 @@ def main() -> None:
         ["model", "path", "tok/s", "x generate", "same tokens"],
         rows,
     )
-    save("single_stream", {"tokens": args.tokens, "cases": results, "table": text})
+    backend = base.lora_context.lora_backend
+    save("single_stream", {"tokens": args.tokens, "lora_backend": backend, "cases": results, "table": text})
 
 
 if __name__ == "__main__":
