@@ -234,7 +234,6 @@ def _serve(settings: Settings, log_level: str) -> int:
     import signal
     import threading
 
-    import torch
     import uvicorn
 
     from server.api.app import create_app
@@ -242,6 +241,7 @@ def _serve(settings: Settings, log_level: str) -> int:
     from server.api.http_protocol import MAX_HEAD_BYTES, protocol_class
     from server.engine.async_engine import EXIT_ENGINE_FAULT
     from server.runtime import build_runtime
+    from server.torch_threads import use_one_torch_thread
 
     log = logging.getLogger("loraplex")
     keys = KeyRing.from_settings(settings)  # a bad keys document stops the start before the model loads
@@ -265,7 +265,7 @@ def _serve(settings: Settings, log_level: str) -> int:
     server = uvicorn.Server(config)
 
     def http() -> None:
-        torch.set_num_threads(1)  # the odd tensor op here must not start a second OpenMP pool
+        use_one_torch_thread()  # the odd tensor op here must not start a second OpenMP pool
         try:
             server.run()
         finally:

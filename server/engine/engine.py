@@ -20,6 +20,7 @@ from server.lora.cache import AdapterCache
 from server.lora.registry import AdapterRegistry
 from server.lora.slots import SlotTable
 from server.model.loader import BaseModel
+from server.torch_threads import KeptThreadCount
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config, self.blocks, gate=self)
         self.runner = ModelRunner(base, config)
+        self.threads = KeptThreadCount()
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
         # Adapters of admitted sequences, held here so the CPU LRU can never drop weights in use.
@@ -139,6 +141,7 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.threads.keep()
         outputs = self._fail_unloadable()
         sched = self.scheduler.schedule()
         outputs += self._fail_unloadable()

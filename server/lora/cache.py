@@ -15,6 +15,7 @@ import torch
 from server.errors import AdapterError
 from server.lora.adapter import AdapterWeights
 from server.lora.registry import AdapterRecord
+from server.torch_threads import use_one_torch_thread
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ class AdapterCache:
         self._failed: dict[str, AdapterError] = {}
         self._lock = threading.Lock()
         self._load_done = threading.Condition(self._lock)
-        self._pool = _one_torch_thread_pool("adapter-loader")
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="adapter-loader", initializer=use_one_torch_thread
+        )
         self.hits = 0
         self.misses = 0
         self.observe_load: Callable[[float], None] | None = None  # load-time histogram, if any
@@ -121,27 +124,3 @@ class AdapterCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _one_torch_thread_pool(name: str) -> ThreadPoolExecutor:
-    """A one-worker pool whose torch ops run on one thread: a second OpenMP pool beside the
-    engine's slows every engine step.
-
-    torch.set_num_threads also sets the process default that every thread's first parallel op
-    adopts, a thread started later and any thread that first calls a C++ extension's
-    at::parallel_for (its inlined lazy init re-reads it): left at 1, the engine thread fell to one
-    thread at its first cpp-kernel call, halving its speed and changing its GEMMs' bits. So the
-    worker is started now and the default put back at once, from this thread, whose own count
-    it already is."""
-    threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_one_torch_thread)
-    pool.submit(int).result()
-    torch.set_num_threads(threads)
-    return pool
-
-
-def _one_torch_thread() -> None:
-    # get_num_threads first: a thread's first parallel op (lazy init) would otherwise adopt the
-    # process default again, which set_num_threads does not count as initializing
-    torch.get_num_threads()
-    torch.set_num_threads(1)

@@ -230,6 +230,27 @@ def test_decoding_continues_while_an_adapter_loads(
     assert done == {"base", "tuned"}
 
 
+def test_a_step_puts_back_the_engines_torch_threads(
+    llama: BaseModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something in the process resetting the engine thread's torch thread count (as the adapter
+    loader once did, through torch's process default) is undone at the next step, with a warning:
+    the lost thread cost every later step 1.5x. Only meaningful with 2+ threads."""
+    registry = AdapterRegistry(llama.linear_shapes, 8)
+    engine = engine_for(llama, registry)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with caplog.at_level("WARNING", logger="server.torch_threads"):
+            greedy(engine, [("r", None, prompt_ids(llama, "hello"))], max_tokens=2)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
+    if threads > 1:
+        assert engine.threads.resets == 1
+        assert f"changed from {threads} to 1" in caplog.text
+
+
 def test_seeded_sampling_is_independent_of_the_batch(llama: BaseModel) -> None:
     registry = AdapterRegistry(llama.linear_shapes, 8)
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
