@@ -6,7 +6,8 @@ drift on a shared machine hits all of them alike. The LoRA backend is the server
 device (on CPU the cpp kernel where it builds); when that is not `torch`, the torch backend's 1- and
 16-adapter steps run beside it on a second copy of the base (its reference form). `--lora-dtype
 bfloat16` (or float16) adds the 16-adapter step with the factors in that dtype (the fast mode),
-another copy of the base.
+another copy of the base. Where the server dequantizes NF4 with our CPU kernel, the base-only and
+16-adapter steps also run on a copy that dequantizes with bitsandbytes (the same bits, its speed).
 
     .venv/bin/python -m bench.step_overhead [--rounds 8] [--steps 5] [--no-peft] [--lora-dtype bfloat16]
 """
@@ -107,6 +108,13 @@ def main() -> None:
         fast_registry, fast_records, fast_weights, _ = workload.register(fast, max(DISTINCT), RANK)
         fast_loaded = list(zip(fast_records, fast_weights, strict=True))
         cases[(half, max(DISTINCT))] = engine_case(fast, fast_registry, fast_loaded, max(DISTINCT))
+    bnb = "loraplex dequant=bnb" if base.dequant == "cpp" else None
+    if bnb is not None:  # the same base dequantized by bitsandbytes: what our kernel saves
+        slow = workload.load(max_loras=max(DISTINCT), dequant="bnb")
+        slow_registry, slow_records, slow_weights, _ = workload.register(slow, max(DISTINCT), RANK)
+        slow_loaded = list(zip(slow_records, slow_weights, strict=True))
+        for n in (0, max(DISTINCT)):
+            cases[(bnb, n)] = engine_case(slow, slow_registry, slow_loaded, n)
     if not args.no_peft:
         model = workload.peft_model(dirs, base.tokenizer.eos_token_id)
         cases |= {("peft", n): peft_case(model, base.tokenizer, n) for n in DISTINCT}
@@ -158,6 +166,16 @@ def main() -> None:
         results[f"{n}/{args.lora_dtype}"] = {
             "loraplex_ms": ms[key], "loraplex_ratio": ratio, "loraplex_min_ratio": best_ratio
         }  # fmt: skip
+    if bnb is not None:
+        for n in (0, max(DISTINCT)):
+            key = (bnb, n)
+            ratio, best_ratio = ms[key] / ms[("loraplex", 0)], best[key] / best[("loraplex", 0)]
+            label = f"{n} adapters" if n else "base only"
+            rows.append([f"{label}, dequant=bnb", f"{ms[key]:.1f}", ratio, best_ratio]
+                        + ([] if args.no_peft else ["-"] * 3))  # fmt: skip
+            results[f"{n}/dequant_bnb"] = {
+                "loraplex_ms": ms[key], "loraplex_ratio": ratio, "loraplex_min_ratio": best_ratio
+            }  # fmt: skip
     header = ["batch 16", "loraplex ms", "x base", "x base (min)"] + (
         ["PEFT ms", "x base", "PEFT/loraplex"] if not args.no_peft else []
     )
@@ -168,7 +186,8 @@ def main() -> None:
         rows,
     )
     record: dict[str, Any] = {
-        "batch": BATCH, "rank": RANK, "lora_backend": backend, "cases": results, "table": text
+        "batch": BATCH, "rank": RANK, "lora_backend": backend, "dequant": base.dequant, "cases": results,
+        "table": text,
     }  # fmt: skip
     if not args.no_breakdown:
         alone = lora_alone(base, args.rounds * args.steps)

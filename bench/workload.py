@@ -61,10 +61,15 @@ def model_path() -> tuple[Path, str]:
     return resolve_model(None, default_cache_dir())
 
 
-def load(max_loras: int, lora_dtype: torch.dtype = torch.float32, lora_backend: str = "auto") -> BaseModel:
+def load(
+    max_loras: int,
+    lora_dtype: torch.dtype = torch.float32,
+    lora_backend: str = "auto",
+    dequant: str | None = None,
+) -> BaseModel:
     """The base exactly as the server loads it, with `max_loras` device slots of rank RANK (factors
     in `lora_dtype`: --lora-dtype) and the LoRA backend `lora_backend` (auto: the server's default
-    for this device, resolved by select_backends)."""
+    for this device, resolved by select_backends); `dequant` None: the server's NF4 dequantization."""
     from transformers.utils import logging
 
     from server.engine.backends import select_backends
@@ -76,7 +81,7 @@ def load(max_loras: int, lora_dtype: torch.dtype = torch.float32, lora_backend: 
     path, model_id = model_path()
     return load_base(
         path, model_id, quantization="nf4", device="auto", max_loras=max_loras, max_lora_rank=RANK,
-        lora_dtype=lora_dtype, lora_backend=lora_backend,
+        lora_dtype=lora_dtype, lora_backend=lora_backend, dequant=dequant,
     )  # fmt: skip
 
 

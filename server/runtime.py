@@ -156,6 +156,7 @@ def build_runtime(settings: Settings) -> Runtime:
         base_gemm=backends.base_gemm,
         lora_backend=backends.lora,
         lora_dtype=backends.lora_dtype,
+        dequant=backends.dequant,
     )
     if template is not None:  # before anything reads the tokenizer's template
         base.tokenizer.chat_template = template

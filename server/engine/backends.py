@@ -62,13 +62,16 @@ class Backends:
     batch_invariant: bool
     cuda_graphs: bool = False
     lora_dtype: torch.dtype = torch.float32
+    # who dequantizes NF4 weights for the plain and tiled base: "cpp" (our CPU kernel, the same
+    # bits, server/model/nf4_cpu.py) or "bnb" (bitsandbytes)
+    dequant: str = "bnb"
 
     def describe(self) -> str:
         return (
             f"device={self.device.type} lora={self.lora} "
             f"lora_dtype={str(self.lora_dtype).removeprefix('torch.')} attention={self.attention} "
             f"base_gemm={self.base_gemm.value} batch_invariant={self.batch_invariant} "
-            f"cuda_graphs={self.cuda_graphs}"
+            f"cuda_graphs={self.cuda_graphs} dequant={self.dequant}"
         )
 
 
@@ -120,6 +123,11 @@ def select_backends(
             )
     plain = BaseGemm.BNB if cuda else BaseGemm.PLAIN
     base_gemm = BaseGemm.TILED if batch_invariant else plain
+    dequant = "bnb"
+    if not cuda and compute_dtype == torch.float32:
+        from server.model import nf4_cpu
+
+        dequant = "cpp" if nf4_cpu.load() else "bnb"  # the same bits either way; load() logs why not
     if attention == "flex":
         if not _has_flex():
             raise BackendError(
@@ -142,6 +150,7 @@ def select_backends(
         batch_invariant=batch_invariant,
         cuda_graphs=cuda_graphs,
         lora_dtype=factors,
+        dequant=dequant,
     )
     log.info("backends: %s", chosen.describe())
     return chosen

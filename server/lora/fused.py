@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from server.lora.layer import LoRALinear
-from server.model.base_gemm import DECODED_STATE, BaseGemm, decoded_state, tiled_linear
+from server.model import nf4_cpu
+from server.model.base_gemm import CPP_DEQUANT, DECODED_STATE, BaseGemm, decoded_state, tiled_linear
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ class FusedProjections:
         self.out_features = self.bounds[-1]
         self.bias = _cat_bias(members)
         self.weight, self.state, self.compute_dtype = self._share_weights()
+        # our CPU dequantization where every member had it (the group's state is theirs side by side)
+        self.cpp_dequant = (
+            self.state is not None
+            and all(getattr(m.base, CPP_DEQUANT, False) for m in members)
+            and nf4_cpu.takes(self.weight, self.state)
+        )
         self.A, self.B, self.scale, self.rank = self._share_slots()
         from server.lora.backends.triton_sgmv import slice_tiles
 
@@ -168,7 +175,9 @@ class FusedProjections:
             from server.model.nf4_matmul import nf4_linear
 
             return nf4_linear(x, self.weight, self.state, bias)
-        if self.state is not None:
+        if self.state is not None and self.cpp_dequant and x.dtype is torch.float32:
+            weight = nf4_cpu.dequantize(self.weight, self.state)
+        elif self.state is not None:
             import bitsandbytes.functional as bnbf
 
             weight = bnbf.dequantize_4bit(self.weight, self.state).to(x.dtype)

@@ -13,7 +13,8 @@
   (nf4_matmul.py), row-invariant too; anything else (a full-precision weight) runs `tiled`.
 
 NF4 weights are dequantized with bitsandbytes' own kernels, exactly as its CPU `gemm_4bit` does,
-so both modes compute what bitsandbytes and PEFT compute, without the module's per-call overhead.
+so both modes compute what bitsandbytes and PEFT compute, without the module's per-call overhead;
+on a CPU computing in fp32, by our kernel with the same bits (nf4_cpu.py: `dequant=cpp`).
 The double-quantized block scales are decoded once at load (keep_block_scales) where bitsandbytes
 decodes them again in every call: the same fp32 values, for 4 bytes per 64 weights.
 """
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from server.model import nf4_cpu
 
 # SGLang's segment size; also the row count above which CPU GEMM kernels stop changing path.
 TILE = 16
@@ -47,19 +50,28 @@ class BaseGemm(enum.Enum):
 
 # attribute of a Linear4bit: its quant state with the block scales decoded (keep_block_scales)
 DECODED_STATE = "loraplex_decoded_state"
+# attribute of a Linear4bit whose fp32 dequantization runs in our CPU kernel (nf4_cpu.py)
+CPP_DEQUANT = "loraplex_cpp_dequant"
 
 
-def keep_block_scales(linear: nn.Linear) -> None:
+def keep_block_scales(linear: nn.Linear, dequant: str = "bnb") -> None:
     """Decode a double-quantized NF4 weight's block scales (8-bit codes of fp32 scales) once, and
     keep them beside it as a plain quant state for dequantized_weight. bitsandbytes decodes them in
     every dequantization: on CPU that was a third of its time (14 of 40 ms a step for SmolLM2's
     210 projections). The values are the ones bitsandbytes computes each call (`dequantize_4bit`
     with `nested`); a test compares the weights bitwise. Costs 0.5 bit per weight, so it is kept
-    only where the base runs through dequantized_weight (the plain and tiled modes)."""
+    only where the base runs through dequantized_weight (the plain and tiled modes).
+
+    `dequant` "cpp": fp32 dequantizations of this weight run in our CPU kernel where it takes the
+    weight (nf4_cpu.takes), with the same bits."""
     quant_state = getattr(linear.weight, "quant_state", None)
-    if quant_state is None or not quant_state.nested:
+    if quant_state is None:
         return
-    setattr(linear, DECODED_STATE, decoded_state(quant_state))
+    if quant_state.nested:
+        setattr(linear, DECODED_STATE, decoded_state(quant_state))
+    if dequant == "cpp":
+        state = getattr(linear, DECODED_STATE, quant_state)
+        setattr(linear, CPP_DEQUANT, nf4_cpu.takes(linear.weight.data, state))
 
 
 def decoded_state(quant_state: Any, absmax: torch.Tensor | None = None) -> Any:
@@ -90,6 +102,8 @@ def dequantized_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     quant_state = getattr(linear, DECODED_STATE, None) or getattr(weight, "quant_state", None)
     if quant_state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)
+    if dtype is torch.float32 and getattr(linear, CPP_DEQUANT, False):
+        return nf4_cpu.dequantize(weight.data, quant_state)
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)

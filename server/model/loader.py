@@ -67,6 +67,7 @@ class BaseModel:
     saveable: dict[str, SaveableModule] = field(default_factory=dict)
     dims: ModelDims | None = None  # what prompt, P- and prefix tuning adapters must match
     lora_dtype: torch.dtype = torch.float32  # the adapter factors' in the slots (--lora-dtype)
+    dequant: str = "bnb"  # who dequantizes NF4 weights: "cpp" (nf4_cpu.py) or "bnb"
 
     def chat_ids(
         self,
@@ -149,10 +150,12 @@ def load_base(
     lora_backend: str = "torch",
     lora_dtype: torch.dtype = torch.float32,
     fuse_projections: bool | None = None,
+    dequant: str | None = None,
 ) -> BaseModel:
     """`base_gemm` None: what `select_backends` picks for the device by default. `lora_dtype`: the
     adapter factors' (fp32: PEFT's; see server/engine/backends.py). `fuse_projections`: q/k/v and
-    gate/up as slices of one matmul (server/lora/fused.py); None: with the triton backend."""
+    gate/up as slices of one matmul (server/lora/fused.py); None: with the triton backend.
+    `dequant`: who dequantizes NF4 weights ("cpp" or "bnb"); None: `select_backends`' choice."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -175,10 +178,12 @@ def load_base(
     disable_cpu_weight_packing(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
-    if base_gemm is None:
+    if base_gemm is None or dequant is None:
         from server.engine.backends import select_backends
 
-        base_gemm = select_backends(dev).base_gemm
+        chosen = select_backends(dev, compute_dtype=dt)
+        base_gemm = chosen.base_gemm if base_gemm is None else base_gemm
+        dequant = chosen.dequant if dequant is None else dequant
     context = LoRAContext(base_gemm, lora_backend)
     if base_gemm.invariant and dev.type == "cuda":
         tile_norms(model)
@@ -190,7 +195,7 @@ def load_base(
     layers: dict[str, LoRALinear] = {}
     for name, linear in linears.items():
         if base_gemm is not BaseGemm.BNB:  # BNB: the module's own kernels, which decode them inside
-            keep_block_scales(linear)
+            keep_block_scales(linear, dequant)
         if base_gemm is BaseGemm.NF4_TRITON:
             _check_nf4_kernel(linear)
         parent_name, _, child = name.rpartition(".")
@@ -216,8 +221,9 @@ def load_base(
         eos_ids |= {tokenizer.eos_token_id}
     limit = min(getattr(config, "max_position_embeddings", 2048), 8192)
     log.info(
-        "loaded %s (%s, %s on %s, %d LoRA targets, %s factors, base matmul %s, %d fused groups)",
-        model_id, quantization, dt, dev, len(layers), lora_dtype, base_gemm.value, len(groups),
+        "loaded %s (%s, %s on %s, %d LoRA targets, %s factors, base matmul %s, NF4 dequantized by %s, "
+        "%d fused groups)",
+        model_id, quantization, dt, dev, len(layers), lora_dtype, base_gemm.value, dequant, len(groups),
     )  # fmt: skip
     return BaseModel(
         model=model,
@@ -238,6 +244,7 @@ def load_base(
             config.num_key_value_heads,
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         ),
+        dequant=dequant,
     )
 
 

@@ -53,10 +53,26 @@ def test_cpp_backend_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch)
         select_backends(torch.device("cuda"), lora="cpp")
     with pytest.raises(BackendError, match="fp32 outputs"):
         select_backends(CPU, lora="cpp", compute_dtype=torch.bfloat16)
-    monkeypatch.setattr(cpp_lora, "_state", {"ok": False, "error": "RuntimeError: no compiler"})
+    monkeypatch.setattr(cpp_lora.KERNEL, "_ok", False)
+    monkeypatch.setattr(cpp_lora.KERNEL, "_error", "RuntimeError: no compiler")
     with pytest.raises(BackendError, match=r"could not build its kernel \(RuntimeError: no compiler"):
         select_backends(CPU, lora="cpp")
     assert select_backends(CPU).lora == "torch", "auto must fall back where the kernel does not build"
+
+
+def test_nf4_dequantization_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Our CPU kernel dequantizes NF4 for an fp32 base where it builds (the same bits as
+    bitsandbytes); a bf16 base, CUDA, or a machine that cannot build it keep bitsandbytes."""
+    from server.model import nf4_cpu
+
+    with caplog.at_level(logging.INFO, logger="server.engine.backends"):
+        chosen = select_backends(CPU)
+    want = "cpp" if nf4_cpu.load() else "bnb"
+    assert chosen.dequant == want and f"dequant={want}" in caplog.text
+    assert select_backends(CPU, compute_dtype=torch.bfloat16).dequant == "bnb"
+    assert select_backends(torch.device("cuda")).dequant == "bnb"
+    monkeypatch.setattr(nf4_cpu.KERNEL, "_ok", False)
+    assert select_backends(CPU).dequant == "bnb"
 
 
 def test_lora_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

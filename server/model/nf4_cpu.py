@@ -1,0 +1,62 @@
+"""NF4 weights dequantized to fp32 by our CPU kernel (nf4_cpu.cpp), the same bits as bitsandbytes'
+`dequantize_4bit`, its reference, at a fraction of its time. Chosen at start-up with the other
+backends (server/engine/backends.py: `dequant=cpp` on a CPU computing in fp32 where it builds);
+tests/unit/test_nf4_cpu.py compares it bitwise with bitsandbytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.cpp_build import CppKernel
+
+KERNEL = CppKernel("loraplex_nf4_cpu", Path(__file__).with_name("nf4_cpu.cpp"), "cpp NF4 dequantization")
+_ops: dict[str, Any] = {}
+
+
+def load() -> bool:
+    """Build (once per CPU and source) and load the kernel; False, with the reason logged, where
+    this machine cannot build it."""
+    return KERNEL.load()
+
+
+def error() -> str:
+    return KERNEL.error()
+
+
+def takes(packed: torch.Tensor, state: Any) -> bool:
+    """Whether the kernel can dequantize this weight (checked once, at load): NF4 on CPU, with
+    plain (decoded) fp32 block scales and whole blocks; anything else stays with bitsandbytes."""
+    return (
+        packed.device.type == "cpu"
+        and packed.is_contiguous()
+        and packed.dtype == torch.uint8
+        and state.quant_type == "nf4"
+        and not state.nested
+        and state.absmax.dtype == torch.float32
+        and state.code is not None
+        and state.code.dtype == torch.float32
+        and state.code.numel() == 16
+        and len(state.shape) == 2
+        and (state.shape[0] * state.shape[1]) % state.blocksize == 0
+        # QLoRA's 64 (and 32). For larger blocks bitsandbytes 0.50's CPU kernel does not compute
+        # code * absmax (measured: twice the round-trip error at 128 and 256), and its bits are
+        # the contract here (PEFT computes with them), so those stay with it.
+        and state.blocksize in (32, 64)
+    )
+
+
+def dequantize(packed: torch.Tensor, state: Any) -> torch.Tensor:
+    """bitsandbytes.functional.dequantize_4bit(packed, state) in fp32, for what `takes` accepts."""
+    rows, cols = state.shape
+    return _op()(packed, state.absmax, state.code, state.blocksize, rows, cols)
+
+
+def _op() -> Any:
+    """The op's overload, looked up once (torch.ops' name resolution costs microseconds a call)."""
+    if "op" not in _ops:
+        _ops["op"] = torch.ops.loraplex_nf4.dequantize.default
+    return _ops["op"]
