@@ -96,25 +96,23 @@ def main() -> None:
     }
     backend = base.lora_context.lora_backend
     reference = "loraplex torch" if backend != "torch" else None
-    if reference is not None:  # the default backend's reference form, on its own copy of the base
-        plain = workload.load(max_loras=max(DISTINCT), lora_backend="torch")
-        plain_registry, plain_records, plain_weights, _ = workload.register(plain, max(DISTINCT), RANK)
-        plain_loaded = list(zip(plain_records, plain_weights, strict=True))
-        for n in (1, max(DISTINCT)):
-            cases[(reference, n)] = engine_case(plain, plain_registry, plain_loaded, n)
+
+    def on_a_copy(name: str, counts: tuple[int, ...], **load: Any) -> None:
+        """Cases `name` at these adapter counts, on their own copy of the base loaded with `load`."""
+        copy = workload.load(max_loras=max(DISTINCT), **load)
+        copy_registry, copy_records, copy_weights, _ = workload.register(copy, max(DISTINCT), RANK)
+        copy_loaded = list(zip(copy_records, copy_weights, strict=True))
+        for n in counts:
+            cases[(name, n)] = engine_case(copy, copy_registry, copy_loaded, n)
+
+    if reference is not None:  # the default backend's reference form
+        on_a_copy(reference, (1, max(DISTINCT)), lora_backend="torch")
     half = f"loraplex {args.lora_dtype}" if args.lora_dtype else None
     if half is not None:
-        fast = workload.load(max_loras=max(DISTINCT), lora_dtype=getattr(torch, args.lora_dtype))
-        fast_registry, fast_records, fast_weights, _ = workload.register(fast, max(DISTINCT), RANK)
-        fast_loaded = list(zip(fast_records, fast_weights, strict=True))
-        cases[(half, max(DISTINCT))] = engine_case(fast, fast_registry, fast_loaded, max(DISTINCT))
+        on_a_copy(half, (max(DISTINCT),), lora_dtype=getattr(torch, args.lora_dtype))
     bnb = "loraplex dequant=bnb" if base.dequant == "cpp" else None
     if bnb is not None:  # the same base dequantized by bitsandbytes: what our kernel saves
-        slow = workload.load(max_loras=max(DISTINCT), dequant="bnb")
-        slow_registry, slow_records, slow_weights, _ = workload.register(slow, max(DISTINCT), RANK)
-        slow_loaded = list(zip(slow_records, slow_weights, strict=True))
-        for n in (0, max(DISTINCT)):
-            cases[(bnb, n)] = engine_case(slow, slow_registry, slow_loaded, n)
+        on_a_copy(bnb, (0, max(DISTINCT)), dequant="bnb")
     if not args.no_peft:
         model = workload.peft_model(dirs, base.tokenizer.eos_token_id)
         cases |= {("peft", n): peft_case(model, base.tokenizer, n) for n in DISTINCT}
@@ -147,35 +145,22 @@ def main() -> None:
             entry |= {"peft_ms": theirs, "peft_ratio": theirs_ratio, "peft_over_loraplex": theirs / ours}
         rows.append(row)
         results[str(n)] = entry
+
+    def extra_row(key: tuple[str, int], label: str, entry: str) -> None:
+        """A row and a JSON entry for a case on a copy of the base, as a ratio of our base-only step."""
+        ratio, best_ratio = ms[key] / ms[("loraplex", 0)], best[key] / best[("loraplex", 0)]
+        rows.append([label, f"{ms[key]:.1f}", ratio, best_ratio] + ([] if args.no_peft else ["-"] * 3))
+        results[entry] = {"loraplex_ms": ms[key], "loraplex_ratio": ratio, "loraplex_min_ratio": best_ratio}
+
     if reference is not None:
         for n in (1, max(DISTINCT)):
-            key = (reference, n)
-            ratio, best_ratio = ms[key] / ms[("loraplex", 0)], best[key] / best[("loraplex", 0)]
-            rows.append([f"{n} adapters, lora=torch", f"{ms[key]:.1f}", ratio, best_ratio]
-                        + ([] if args.no_peft else ["-"] * 3))  # fmt: skip
-            results[f"{n}/torch"] = {
-                "loraplex_ms": ms[key],
-                "loraplex_ratio": ratio,
-                "loraplex_min_ratio": best_ratio,
-            }
+            extra_row((reference, n), f"{n} adapters, lora=torch", f"{n}/torch")
     if half is not None:
-        key, n = (half, max(DISTINCT)), max(DISTINCT)
-        ratio, best_ratio = ms[key] / ms[("loraplex", 0)], best[key] / best[("loraplex", 0)]
-        row = [f"{n} adapters, {args.lora_dtype} factors", f"{ms[key]:.1f}", ratio, best_ratio]
-        rows.append(row + ([] if args.no_peft else ["-"] * 3))
-        results[f"{n}/{args.lora_dtype}"] = {
-            "loraplex_ms": ms[key], "loraplex_ratio": ratio, "loraplex_min_ratio": best_ratio
-        }  # fmt: skip
+        n = max(DISTINCT)
+        extra_row((half, n), f"{n} adapters, {args.lora_dtype} factors", f"{n}/{args.lora_dtype}")
     if bnb is not None:
         for n in (0, max(DISTINCT)):
-            key = (bnb, n)
-            ratio, best_ratio = ms[key] / ms[("loraplex", 0)], best[key] / best[("loraplex", 0)]
-            label = f"{n} adapters" if n else "base only"
-            rows.append([f"{label}, dequant=bnb", f"{ms[key]:.1f}", ratio, best_ratio]
-                        + ([] if args.no_peft else ["-"] * 3))  # fmt: skip
-            results[f"{n}/dequant_bnb"] = {
-                "loraplex_ms": ms[key], "loraplex_ratio": ratio, "loraplex_min_ratio": best_ratio
-            }  # fmt: skip
+            extra_row((bnb, n), f"{f'{n} adapters' if n else 'base only'}, dequant=bnb", f"{n}/dequant_bnb")
     header = ["batch 16", "loraplex ms", "x base", "x base (min)"] + (
         ["PEFT ms", "x base", "PEFT/loraplex"] if not args.no_peft else []
     )

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 
 from server.lora.layer import LoRALinear
 from server.model import nf4_cpu
-from server.model.base_gemm import CPP_DEQUANT, DECODED_STATE, BaseGemm, decoded_state, tiled_linear
+from server.model.base_gemm import (
+    CPP_DEQUANT,
+    DECODED_STATE,
+    BaseGemm,
+    decoded_state,
+    dequantize,
+    tiled_linear,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +182,8 @@ class FusedProjections:
             from server.model.nf4_matmul import nf4_linear
 
             return nf4_linear(x, self.weight, self.state, bias)
-        if self.state is not None and self.cpp_dequant and x.dtype is torch.float32:
-            weight = nf4_cpu.dequantize(self.weight, self.state)
-        elif self.state is not None:
-            import bitsandbytes.functional as bnbf
-
-            weight = bnbf.dequantize_4bit(self.weight, self.state).to(x.dtype)
+        if self.state is not None:
+            weight = dequantize(self.weight, self.state, x.dtype, self.cpp_dequant)
         else:
             weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         if bias is not None and bias.dtype != x.dtype:

@@ -102,11 +102,17 @@ def dequantized_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     quant_state = getattr(linear, DECODED_STATE, None) or getattr(weight, "quant_state", None)
     if quant_state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)
-    if dtype is torch.float32 and getattr(linear, CPP_DEQUANT, False):
-        return nf4_cpu.dequantize(weight.data, quant_state)
+    return dequantize(weight.data, quant_state, dtype, getattr(linear, CPP_DEQUANT, False))
+
+
+def dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype, cpp: bool) -> torch.Tensor:
+    """An NF4 weight in `dtype`: by our CPU kernel where `cpp` (nf4_cpu.takes, checked at load) and
+    the dtype is fp32, else by bitsandbytes; the same bits either way."""
+    if cpp and dtype is torch.float32:
+        return nf4_cpu.dequantize(packed, state)
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
+    return bnbf.dequantize_4bit(packed, state).to(dtype)
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from server.lora.adapter import LinearShape, ModelDims
 from server.lora.dora import dense_weight
 from server.lora.layer import LoRAContext, LoRALinear
 from server.lora.saved import SaveableModule, SavedModuleHook, saveable_modules
-from server.model.base_gemm import BaseGemm, RowTiled, keep_block_scales, tile_keeps_rows
+from server.model.base_gemm import CPP_DEQUANT, BaseGemm, RowTiled, keep_block_scales, tile_keeps_rows
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,8 @@ def load_base(
         if spec.kind != "lm_head":  # the model runner runs lm_head itself, on the sampled rows
             model.get_submodule(name).register_forward_hook(SavedModuleHook(name, spec.prefix, context))
 
+    # what the base's NF4 weights actually use: none to dequantize (an unquantized base) is "bnb"
+    dequant = "cpp" if any(getattr(layer.base, CPP_DEQUANT, False) for layer in layers.values()) else "bnb"
     eos = model.generation_config.eos_token_id
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     if tokenizer.eos_token_id is not None:

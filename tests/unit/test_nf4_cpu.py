@@ -106,6 +106,7 @@ def test_a_loaded_base_uses_it_and_gives_bitsandbytes_logits(tiny_checkpoint: Ca
         base = load_base(path, "tiny", quantization="nf4", device="cpu", max_loras=1, dequant=dequant)
         flags = [getattr(layer.base, CPP_DEQUANT, False) for layer in base.lora_layers.values()]
         assert flags and all(flags) == (dequant == "cpp") and any(flags) == (dequant == "cpp"), dequant
+        assert base.dequant == dequant
         with torch.no_grad():
             logits[dequant] = base.model(ids).logits
     assert torch.equal(logits["cpp"], logits["bnb"])
