@@ -35,6 +35,9 @@ FILES = ("adapter_config.json", "adapter_model.safetensors")
 SHIPPED = Path(__file__).resolve().parents[2] / "adapters"
 PERSONA_A, PERSONA_B, PERSONA_C = "pirate", "robot", "shakespeare"
 WAIT_MS = 240_000  # a slow, shared CPU: generous, but every wait is on a DOM state, never a sleep
+# expect()'s own default is 5 s, apart from the page's: a first token later than that on a loaded
+# CPU failed a test, and the reply it never stopped then blocked the next one
+expect.set_options(timeout=WAIT_MS)
 
 if not CHROMIUM.exists():
     pytest.skip("Debian chromium is missing (`make test` installs it)", allow_module_level=True)
@@ -88,7 +91,7 @@ def send(page: Page, text: str) -> Locator:
 
 
 def finished(bubble: Locator) -> str:
-    expect(bubble).to_have_attribute("data-state", "done", timeout=WAIT_MS)
+    expect(bubble).to_have_attribute("data-state", "done")
     text = bubble.locator('[data-testid="message-text"]').inner_text().strip()
     assert text and text != "(empty reply)"
     return text
