@@ -3,6 +3,7 @@ enough for a thousand) and kept under the cache directory so later runs reuse th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -76,7 +77,12 @@ def adapter_set(
     """`count` distinct adapters (seeds 0..count-1), written once under the cache and reused."""
     from server.config import default_cache_dir  # pydantic: imported here so gpu_check can skip it
 
-    tag = f"r{rank}-{'-'.join(t.split('_')[0] for t in targets)}-{str(dtype).split('.')[-1]}"
+    # the shapes are in the name: adapters made for another model must not be reused for this one
+    shaped = hashlib.sha256(
+        repr(sorted((n, s.in_features, s.out_features) for n, s in shapes.items())).encode()
+    )
+    kind = f"{'-'.join(t.split('_')[0] for t in targets)}-{str(dtype).split('.')[-1]}"
+    tag = f"r{rank}-{kind}-{shaped.hexdigest()[:8]}"
     root = default_cache_dir() / "bench" / tag
     paths = []
     for i in range(count):

@@ -151,3 +151,30 @@ def test_block_arrays_and_owners_match_a_loop_over_the_tables() -> None:
     assert flex.owner.tolist() == want_owner.tolist() and flex.logical.tolist() == want_logical.tolist()
     assert flex.dec_pos[: len(decode)].tolist() == [p for _, p in decode]
     assert _Flat.of([]).blocks.size == 0
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_refilled_static_decode_step_ignores_what_earlier_steps_left(compiled: bool) -> None:
+    """fill_decode writes only the columns of the step's longest table: the index columns that a
+    step with longer tables filled before stay behind, unread. A static step refilled after such
+    a step attends exactly as a fresh one filled once, and as the reference does."""
+    k, v, tables = _world()
+    flex = FlexAttention(NB, BS, 8, CPU, compiled=compiled)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(H, 4, HD, generator=g)
+    long = [(tables[3], 19), (tables[1], 15), (tables[2], 11), (tables[0], 7)]
+    short = [(tables[4][:1], 2), (tables[0][:1], 0), ([], 0), (tables[2][:1], 3)]  # a padding row
+    reused = flex.static_decode(4)
+    flex.fill_decode(reused, long)
+    flex.run(q, k, v, reused, None)
+    flex.fill_decode(reused, short)
+    assert reused.decode is not None
+    assert reused.decode.kv_num_blocks.flatten().tolist() == [1, 1, 0, 1]
+    out = flex.run(q, k, v, reused, None)
+    fresh = flex.static_decode(4)
+    flex.fill_decode(fresh, short)
+    assert torch.equal(flex.run(q, k, v, fresh, None), out)
+    for i, (table, pos) in enumerate(short):
+        if table:
+            ref = _reference(q[:, i : i + 1], k, v, table, pos)[0]
+            assert torch.allclose(out[i], ref, atol=1e-5), (out[i] - ref).abs().max()

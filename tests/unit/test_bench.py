@@ -23,6 +23,8 @@ SCRIPTS = (
     "scaling",
     "structured",
     "soak",
+    "host_step",
+    "single_stream",
 )
 
 
@@ -192,6 +194,7 @@ def test_gpu_check_smoke_kernels(tmp_path: Path) -> None:
     for key in ("torch_rows_invariant", "triton_fp32_invariant", "tiled_matmul_invariant"):
         assert all(entry[key].values()), key
     assert entry["triton_fp32_rel_err"] < 1e-5
+    assert entry["us_m64_triton_fp32_kernel"] > 0 and entry["us_m64_triton_fast_kernel"] > 0
     for groups in ("9_3", "32_8"):  # SmolLM2's head groups, and Llama-3's power-of-two ones
         assert kernels[f"flex_decode_{groups}"]["row_alone_equals_batched"], groups
 
