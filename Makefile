@@ -60,6 +60,7 @@ bench: model
 	$(PY) -m bench.churn
 	$(PY) -m bench.scaling
 	$(PY) -m bench.structured
+	$(PY) -m bench.host_step
 
 # 10 minutes of 64 streaming clients, disconnects and adapter churn against the real server; prints its
 # goals and writes bench/results/soak.json (make test runs a 2-minute version: tests/e2e/test_soak.py).

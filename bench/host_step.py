@@ -10,7 +10,8 @@ This runs the engine exactly as the GPU's default configuration does (Flex atten
 tables, SGMV routing into the graphs' static buffers, `--cuda-graphs` buckets), on the CPU, with
 the replay replaced by fixed logits: the device's work is left out, the host's is all there. The
 model has SmolLM2-135M's tokenizer, vocabulary and layer count with a tiny width (the host's work
-does not depend on it); 16 random adapters; greedy requests that never stop. The sampler's argmax
+does not depend on it); 16 random adapters; greedy requests that never stop; a KV cache with room
+for every sequence's 2,048 tokens (Flex's per-step block arrays grow with it). The sampler's argmax
 over the stub logits is device work on a GPU: it is timed alone over the same logits in the same
 run and left out. Each part's time is given as its share of the host's step, from the same run.
 
