@@ -174,10 +174,10 @@ class AsyncEngine:
             log.exception("engine loop crashed")
             self.error = e
             with self._lock:
-                streams = list(self._streams.items())
-            for rid, (loop, q) in streams:
-                out = RequestOutput(rid, (), "", True, "abort", 0, 0, error=f"engine failure: {e}")
-                loop.call_soon_threadsafe(q.put_nowait, out)
+                ids = list(self._streams)
+            self._deliver(
+                [RequestOutput(rid, (), "", True, "abort", 0, 0, error=f"engine failure: {e}") for rid in ids]
+            )
 
     def _step(self) -> list[RequestOutput]:
         self._steps += 1
@@ -200,9 +200,22 @@ class AsyncEngine:
                     self._deliver([out])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            with self._lock:
+        """Each output to its request's queue: one `call_soon_threadsafe` per event loop per step,
+        not one per output. Each call wakes the loop's thread, which then contends for the GIL with
+        this one: at 64 streams per-output calls took 0.4-0.5 ms of the engine thread's step, batched
+        25 µs (a throwaway measurement beside an asyncio loop thread). Each queue still gets its
+        outputs in order."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
+        with self._lock:
+            for out in outputs:
                 target = self._streams.get(out.request_id)
-            if target is not None:
-                loop, q = target
-                loop.call_soon_threadsafe(q.put_nowait, out)
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:
+    """On the event loop: a step's outputs into their queues (unbounded: never blocks)."""
+    for q, item in items:
+        q.put_nowait(item)
