@@ -15,15 +15,22 @@ for every sequence's 2,048 tokens (Flex's per-step block arrays grow with it). T
 over the stub logits is device work on a GPU: it is timed alone over the same logits in the same
 run and left out. Each part's time is given as its share of the host's step, from the same run.
 
+Then the same engine serves: its loop in AsyncEngine's thread and each request's outputs read from
+its stream by a consumer on an asyncio loop thread, as the HTTP layer reads them (without HTTP).
+`x served` is the engine thread's time per step there over the bare step's, same run: the
+delivery, and the GIL the two threads share.
+
     .venv/bin/python -m bench.host_step [--batches 16,64,256] [--steps 100] [--rounds 5] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +40,7 @@ import torch
 
 from bench import workload
 from bench.report import save, table
+from server.engine.async_engine import AsyncEngine
 from server.engine.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.sequence import SamplingParams, Sequence
@@ -203,6 +211,58 @@ def measure(
     }
 
 
+def served(eng: LLMEngine, records: list[Any], batch: int, steps: int, rounds: int) -> list[float]:
+    """Seconds per step of the engine thread when the engine runs in AsyncEngine's loop and each
+    output goes to its request's stream, read by a consumer on an asyncio loop thread: the serving
+    path's side of the host work (delivery, and the GIL shared with the loop), without HTTP."""
+    for rid in list(eng.seqs):
+        eng.abort(rid)
+    front = AsyncEngine(eng, max_queue=batch)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="consumers", daemon=True).start()
+    received = [0]
+
+    async def consume(seq: Sequence) -> None:
+        async for out in front.generate(seq):
+            received[0] += len(out.token_ids)
+
+    stamps: list[float] = []
+    inner = front._step
+
+    def stamped() -> list[Any]:
+        stamps.append(time.perf_counter())
+        return inner()
+
+    front._step = stamped  # type: ignore[method-assign]
+    front.start()
+    ids = workload.chat_ids(eng.base, batch)
+    params = SamplingParams(max_tokens=1_000_000, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        asyncio.run_coroutine_threadsafe(
+            consume(Sequence(f"s{i}", ids[i], params, adapter=records[i % ADAPTERS])), loop
+        )
+    try:
+        while len(eng.scheduler.running) < batch or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
+            time.sleep(0.01)
+        first = len(stamps) + 10
+        while len(stamps) < first + steps * rounds + 1:
+            time.sleep(0.01)
+            assert front.alive, front.error
+    finally:
+        front.shutdown()
+        asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+    assert received[0] >= batch * steps * rounds
+    return [(stamps[first + (r + 1) * steps] - stamps[first + r * steps]) / steps for r in range(rounds)]
+
+
+async def _cancel_all() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="16,64,256")
@@ -219,19 +279,23 @@ def main() -> None:
         results: dict[str, Any] = {}
         for batch in (int(b) for b in args.batches.split(",")):
             eng, stubs = graphed_engine(base, registry, loaded, batch)
-            results[str(batch)] = measure(eng, stubs, records, args.steps, args.rounds, args.profile)
+            r = measure(eng, stubs, records, args.steps, args.rounds, args.profile)
+            per_step = served(eng, records, batch, args.steps, args.rounds)
+            r["served_ms_per_step"] = statistics.median(per_step) * 1e3 - r["stub_argmax_ms_left_out"]
+            r["served_over_step"] = r["served_ms_per_step"] / r["host_ms_per_step"]
+            results[str(batch)] = r
             del eng
     names = list(next(iter(results.values()))["shares"])
     rows = []
     for size, r in results.items():
         rows.append(
-            [size, f"{r['host_ms_per_step']:.2f}", f"{r['ceiling_tok_s']:.0f}"]
+            [size, f"{r['host_ms_per_step']:.2f}", f"{r['ceiling_tok_s']:.0f}", r["served_over_step"]]
             + [f"{100 * r['shares'][n]:.0f}%" for n in names]
         )
     text = table(
         f"host work per graphed decode step, {ADAPTERS} adapters, replay stubbed "
         f"(median of {args.rounds} rounds of {args.steps} steps)",
-        ["batch", "host ms", "ceiling tok/s", *names],
+        ["batch", "host ms", "ceiling tok/s", "x served", *names],
         rows,
     )
     save("host_step", {"adapters": ADAPTERS, "batches": results, "table": text})
