@@ -79,12 +79,16 @@ class Scheduler:
             if n > budget:
                 kept.append(seq)
                 continue
-            while not self.blocks.can_allocate(seq, n) and running:
+            # counted once: preempting others frees blocks but does not change what this one needs
+            # (a decode step needs none 15 times in 16, and then allocates nothing)
+            need = self.blocks.blocks_needed(seq, n)
+            while need > self.blocks.num_free and running:
                 self._preempt(running.pop(), out)
-            if not self.blocks.can_allocate(seq, n):
+            if need > self.blocks.num_free:
                 self._preempt(seq, out)
                 continue
-            self.blocks.allocate(seq, n)
+            if need:
+                self.blocks.allocate(seq, n)
             budget -= n
             kept.append(seq)
             if seq.num_uncomputed == 1:
