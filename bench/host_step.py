@@ -74,7 +74,8 @@ class Parts:
     def __init__(self) -> None:
         self.spent: dict[str, float] = {}
 
-    def wrap(self, owner: Any, method: str, name: str) -> None:
+    def wrap(self, owner: Any, method: str, name: str) -> Callable[..., Any]:
+        """Time `owner.method` (an instance's method or a module's function); returns the original."""
         inner: Callable[..., Any] = getattr(owner, method)
         self.spent[name] = 0.0
 
@@ -86,6 +87,7 @@ class Parts:
                 self.spent[name] += time.perf_counter() - t
 
         setattr(owner, method, timed)
+        return inner
 
     def reset(self) -> None:
         for name in self.spent:
@@ -131,6 +133,19 @@ def graphed_engine(
     return eng, stubs
 
 
+def requests(eng: LLMEngine, records: list[Any], batch: int, prefix: str) -> list[Sequence]:
+    """`batch` greedy chat requests that never stop, over the adapters in turn."""
+    ids = workload.chat_ids(eng.base, batch)
+    params = SamplingParams(max_tokens=1_000_000, temperature=0.0, ignore_eos=True)
+    return [Sequence(f"{prefix}{i}", ids[i], params, adapter=records[i % ADAPTERS]) for i in range(batch)]
+
+
+def decoding(eng: LLMEngine, batch: int) -> bool:
+    """Whether `batch` sequences run and every one is past its prompt."""
+    running = eng.scheduler.running
+    return len(running) >= batch and all(s.num_uncomputed <= 1 for s in running)
+
+
 def measure(
     eng: LLMEngine,
     stubs: list[torch.Tensor],
@@ -142,11 +157,9 @@ def measure(
     """Host ms per step (the sampler's argmax over the stub logits left out: on a GPU it is device
     work, and on this CPU it is timed alone, over the same logits, in the same run)."""
     batch = len(stubs[0])
-    ids = workload.chat_ids(eng.base, batch)
-    params = SamplingParams(max_tokens=1_000_000, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        eng.add_request(Sequence(f"r{i}", ids[i], params, adapter=records[i % ADAPTERS]))
-    while len(eng.scheduler.running) < batch or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
+    for seq in requests(eng, records, batch, "r"):
+        eng.add_request(seq)
+    while not decoding(eng, batch):
         eng.step()  # prefill (eager)
     parts = Parts()
     parts.wrap(eng.scheduler, "schedule", "schedule")
@@ -156,18 +169,8 @@ def measure(
     parts.wrap(eng.runner.graphs, "run", "graph inputs")
     import server.engine.engine as engine_module
 
-    sample = engine_module.sample
+    sample = parts.wrap(engine_module, "sample", "sample")  # the engine's own name for it
     spent = parts.spent
-    spent["sample"] = 0.0
-
-    def timed_sample(*args: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return sample(*args)
-        finally:
-            spent["sample"] += time.perf_counter() - t
-
-    engine_module.sample = timed_sample  # type: ignore[assignment]
     per_round: list[float] = []
     argmax: list[float] = []
     shares: dict[str, list[float]] = {name: [] for name in (*spent, "outputs")}
@@ -235,14 +238,10 @@ def served(eng: LLMEngine, records: list[Any], batch: int, steps: int, rounds: i
 
     front._step = stamped  # type: ignore[method-assign]
     front.start()
-    ids = workload.chat_ids(eng.base, batch)
-    params = SamplingParams(max_tokens=1_000_000, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        asyncio.run_coroutine_threadsafe(
-            consume(Sequence(f"s{i}", ids[i], params, adapter=records[i % ADAPTERS])), loop
-        )
+    for seq in requests(eng, records, batch, "s"):
+        asyncio.run_coroutine_threadsafe(consume(seq), loop)
     try:
-        while len(eng.scheduler.running) < batch or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
+        while not decoding(eng, batch):
             time.sleep(0.01)
         first = len(stamps) + 10
         while len(stamps) < first + steps * rounds + 1:

@@ -118,11 +118,14 @@ class FlexAttention:
 
         return mask
 
-    def _block_arrays(self, flat: _Flat, q_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-        """kv_num_blocks [rows, 1, q_blocks] and kv_indices [rows, 1, q_blocks, num_blocks]."""
+    def _block_arrays(
+        self, flat: _Flat, q_blocks: int, width: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """kv_num_blocks [rows, 1, q_blocks] and kv_indices [rows, 1, q_blocks, width] (width:
+        num_blocks unless given; at least the longest table)."""
         rows = len(flat.lens)
         num = np.repeat(flat.lens.astype(np.int32)[:, None, None], q_blocks, axis=2)
-        idx = np.zeros((rows, self.num_blocks), dtype=np.int32)
+        idx = np.zeros((rows, self.num_blocks if width is None else width), dtype=np.int32)
         idx[flat.rows, flat.cols] = flat.blocks
         idx4 = idx[:, None, None, :]  # a view: a decode row has one query block
         return num, idx4 if q_blocks == 1 else np.repeat(idx4, q_blocks, axis=2)
@@ -191,10 +194,9 @@ class FlexAttention:
         # never read. The whole [rows, num_blocks] index rewritten each step was 34 MB at batch 256
         # with a 512k-token cache, most of the host's step (bench/host_step.py).
         width = max(1, int(flat.lens.max(initial=0)))
-        idx = np.zeros((len(decode), width), dtype=np.int32)
-        idx[flat.rows, flat.cols] = flat.blocks
-        copy_into(step.decode.kv_num_blocks, flat.lens.astype(np.int32).reshape(-1, 1, 1))
-        copy_into(step.decode.kv_indices[:, 0, 0, :width], idx)
+        num, idx = self._block_arrays(flat, 1, width)
+        copy_into(step.decode.kv_num_blocks, num)
+        copy_into(step.decode.kv_indices[..., :width], idx)
 
     def run(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: FlexStep, scale: float | None
