@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
@@ -25,9 +26,11 @@ from server.torch_threads import KeptThreadCount
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
-    """What one step produced for one request: the new tokens and text since the previous output."""
+class RequestOutput(NamedTuple):
+    """What one step produced for one request: the new tokens and text since the previous output.
+    Immutable, since it crosses from the engine's thread to the event loop's; a named tuple, not a
+    frozen dataclass, because one is built per request per step and a frozen dataclass's __init__
+    sets each field through object.__setattr__: 2.1 against 0.8 µs (bench/host_step)."""
 
     request_id: str
     token_ids: tuple[int, ...]
@@ -184,19 +187,22 @@ class LLMEngine:
             reason = FinishReason.STOP
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        out = self._output(seq, (token,), text)
-        if choice.logprob is not None or (first and seq.prompt_logprobs is not None):
-            out = replace(
-                out,
-                logprobs=(choice.logprob,) if choice.logprob is not None else (),
-                prompt_logprobs=tuple(seq.prompt_logprobs)
-                if first and seq.prompt_logprobs is not None
-                else None,
-            )
-        return out
+        return self._output(
+            seq,
+            (token,),
+            text,
+            logprobs=(choice.logprob,) if choice.logprob is not None else (),
+            prompt_logprobs=tuple(seq.prompt_logprobs) if first and seq.prompt_logprobs is not None else None,
+        )
 
     def _output(
-        self, seq: Sequence, tokens: tuple[int, ...], text: str, error: str | None = None
+        self,
+        seq: Sequence,
+        tokens: tuple[int, ...],
+        text: str,
+        error: str | None = None,
+        logprobs: tuple[TokenLogprob, ...] = (),
+        prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None,
     ) -> RequestOutput:
         if seq.is_finished:
             self.seqs.pop(seq.request_id, None)
@@ -211,6 +217,8 @@ class LLMEngine:
             prompt_tokens=len(seq.prompt_token_ids),
             completion_tokens=len(seq.output_token_ids),
             error=error,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _fail_unloadable(self) -> list[RequestOutput]:

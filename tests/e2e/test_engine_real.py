@@ -4,6 +4,7 @@ continuous batching. Greedy decoding throughout, so every comparison is exact to
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,20 +155,99 @@ def test_abort_frees_its_place_within_one_step(
     assert not engine.has_work()
 
 
+def _deltas(base: BaseModel, ids: list[int], window: bool = False) -> list[str]:
+    """Each step's new text, one token at a time, the last step final; with `window`, through the
+    plain window path instead of tokenizers' DecodeStream."""
+    from server.engine.detokenizer import Detokenizer, Stream, Window, text_decoder
+
+    det = Detokenizer(base.tokenizer, ())
+    assert isinstance(det.source, Stream)  # SmolLM2's decode is its Rust decoder's alone
+    if window:
+        det.source = Window(text_decoder(base.tokenizer))
+    grown: list[int] = []
+    out = []
+    for i, token in enumerate(ids):
+        grown.append(token)
+        out.append(det.update(grown, final=i == len(ids) - 1)[0])
+    return out
+
+
 def test_incremental_detokenizer_matches_full_decode(base: BaseModel) -> None:
     """SmolLM2's byte-level BPE: emoji and accents span several tokens, words carry leading spaces.
-    The deltas, streamed one token at a time, add up to the whole decode."""
-    from server.engine.detokenizer import Detokenizer
-
+    The deltas, streamed one token at a time, add up to the whole decode, and each step's delta is
+    the plain window path's."""
     tok = base.tokenizer
     text = "Café déjà vu 🐙🦑 naïve — «quoted» 東京 and 2½ cups.\n  Indented\tline 🎉"
     ids = tok.encode(text) * 3
     g = torch.Generator().manual_seed(0)
     ids += torch.randint(0, tok.vocab_size, (200,), generator=g).tolist()
-    det = Detokenizer(tok, ())
-    streamed = "".join(det.update(ids[: i + 1], final=False)[0] for i in range(len(ids)))
-    streamed += det.update(ids, final=True)[0]
-    assert streamed == tok.decode(ids, skip_special_tokens=True)
+    streamed = _deltas(base, ids)
+    assert "".join(streamed) == tok.decode(ids, skip_special_tokens=True)
+    assert streamed == _deltas(base, ids, window=True)
+
+
+def test_decode_stream_equals_the_window_on_broken_bytes(base: BaseModel) -> None:
+    """Random outputs mixing any token, the 256 single-byte tokens (lone halves of characters) and
+    special tokens (skipped): DecodeStream releases the same text at the same step as the window,
+    and all of it adds up to the whole decode, U+FFFD where bytes never formed a character."""
+    tok = base.tokenizer
+    g = torch.Generator().manual_seed(2)
+    specials = torch.tensor(tok.all_special_ids)
+    for _ in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        pools = [
+            torch.randint(0, len(tok), (n,), generator=g),
+            torch.randint(0, 256, (n,), generator=g),
+            specials[torch.randint(0, len(specials), (n,), generator=g)],
+        ]
+        pick = torch.randint(0, 3, (n,), generator=g)
+        ids = [int(pools[int(k)][i]) for i, k in enumerate(pick)]
+        streamed = _deltas(base, ids)
+        assert "".join(streamed) == tok.decode(ids, skip_special_tokens=True), ids
+        assert streamed == _deltas(base, ids, window=True), ids
+
+
+def test_decode_stream_releases_a_half_character_at_the_end(base: BaseModel) -> None:
+    """An output that ends inside a character: nothing is released while it may still complete,
+    and the last step releases it as the whole decode prints it."""
+    tok = base.tokenizer
+    octopus = tok.encode("🐙", add_special_tokens=False)
+    assert len(octopus) > 1  # byte-level BPE splits the emoji
+    ids = tok.encode("ok ", add_special_tokens=False) + octopus[:-1]
+    streamed = _deltas(base, ids)
+    assert streamed[-2] == ""  # held: the character is not complete
+    assert streamed[-1].endswith("\ufffd")
+    assert "".join(streamed) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_decode_stream_failure_goes_on_by_window(base: BaseModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tokenizers' DecodeStream can lose its prefix on some outputs (vLLM issue 17448). The sequence
+    then goes on with the window path from the stream's last release, and loses no text; any other
+    error is raised."""
+    from server.engine import detokenizer
+
+    real = detokenizer.DecodeStream
+
+    class Failing:
+        def __init__(self, skip_special_tokens: bool, error: str) -> None:
+            self.inner, self.error, self.steps = real(skip_special_tokens=skip_special_tokens), error, 0
+
+        def step(self, tokenizer: Any, token: int) -> Any:
+            self.steps += 1
+            if self.steps == 9:
+                raise Exception(self.error)
+            return self.inner.step(tokenizer, token)
+
+    tok = base.tokenizer
+    ids = tok.encode("Café déjà vu 🐙🦑 naïve, then some plain words to finish the line.")
+    monkeypatch.setattr(
+        detokenizer, "DecodeStream", lambda **kw: Failing(error=detokenizer.INVALID_PREFIX, **kw)
+    )
+    streamed = _deltas(base, ids)
+    assert "".join(streamed) == tok.decode(ids, skip_special_tokens=True)
+    monkeypatch.setattr(detokenizer, "DecodeStream", lambda **kw: Failing(error="something else", **kw))
+    with pytest.raises(Exception, match="something else"):
+        _deltas(base, ids)
 
 
 def test_direct_rust_decoding_is_the_tokenizers_own(base: BaseModel) -> None:
