@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from server.model.base_gemm import BaseGemm, decoded_state
 from server.model.loader import load_base
-from tests.interpreter import ROW_ORDER_NEEDS_AVX512
+from tests.interpreter import INTERPRETER_ROW_ORDER
 
 nf4_matmul = pytest.importorskip("server.model.nf4_matmul", reason="the triton extra is not installed")
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -41,7 +41,8 @@ def test_matches_dequantize_then_matmul(dtype: torch.dtype, n: int, k: int) -> N
         assert torch.allclose(got.float(), want, rtol=tol, atol=tol), f"m={m} {dtype}"
 
 
-@ROW_ORDER_NEEDS_AVX512
+@pytest.mark.invariance
+@INTERPRETER_ROW_ORDER
 def test_rows_alone_equal_batched() -> None:
     packed, state = _weight(96, 128)
     plain = decoded_state(state)

@@ -9,7 +9,7 @@ import torch
 
 from server.lora.ops import lora_reference
 from server.lora.segments import SEGMENT, build_segments
-from tests.interpreter import ROW_ORDER_NEEDS_AVX512
+from tests.interpreter import INTERPRETER_ROW_ORDER
 
 triton_sgmv = pytest.importorskip(
     "server.lora.backends.triton_sgmv", reason="the triton extra is not installed"
@@ -77,7 +77,8 @@ def test_kernels_match_reference(dtype: torch.dtype, d_in: int, d_out: int) -> N
         assert torch.equal(got[base_rows], y0[base_rows])  # rows without an adapter are untouched
 
 
-@ROW_ORDER_NEEDS_AVX512
+@pytest.mark.invariance
+@INTERPRETER_ROW_ORDER
 def test_rows_alone_equal_batched() -> None:
     bufs = _buffers(64, 128, torch.float32)
     g = torch.Generator().manual_seed(2)
