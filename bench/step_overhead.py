@@ -189,7 +189,9 @@ def main() -> None:
             )
             + ", "
             f"{alone['gflop_computed']:.2f} GFLOP computed, {alone['gflop_useful']:.2f} useful, "
-            f"{alone['mb_of_adapter_weights_read']:.0f} MB of adapter weights read)"
+            f"{alone['mb_of_adapter_weights_read']:.0f} MB of adapter weights read); summing those "
+            f"{alone['read_floor_mb']:.0f} MB takes {alone['read_floor_ms']:.1f} ms "
+            f"({alone['read_floor_gb_per_s']:.1f} GB/s): the products at {alone['over_read_floor']:.2f}x it"
         )
     save("step_overhead", record)
 
@@ -198,7 +200,9 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
     """The grouped low-rank products of one 16-adapter decode step, timed alone: every LoRA layer's
     per-token products in the engine's form for the device (lora_bag on CPU, lora_rows on CUDA) on
     16 rows, one per slot the engine filled, without the base model around it. Each row is
-    multiplied by its own slot's factors only."""
+    multiplied by its own slot's factors only. Beside them, in the same rounds, the read floor:
+    torch summing those slots' factor bytes, layer by layer (a sum reads each byte once, at the
+    memory bandwidth these cores reach, with nothing else to do)."""
     layers = list(base.lora_layers.values())
     n = max(DISTINCT)
     slot_list = [1 + i % n for i in range(BATCH)]
@@ -209,6 +213,11 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
     kernel = base.lora_context.lora_backend == "cpp"
 
     def run(form: str) -> None:
+        if form == "read":
+            for layer in layers:
+                layer.lora_A[1 : n + 1].sum()
+                layer.lora_B[1 : n + 1].sum()
+            return
         bag = LoRABatch.build(slot_list, [], base.device).bag  # built once per step, as the engine does
         for layer, x, y in zip(layers, xs, ys, strict=True):
             if form == "cpp" and bag is not None:
@@ -220,7 +229,7 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
             else:
                 lora_rows(x, layer.lora_A, layer.lora_B, layer.lora_scale, slots)
 
-    forms = ["cpp", "torch"] if kernel else ["torch"]
+    forms = ["cpp", "torch", "read"] if kernel else ["torch", "read"]
     times: dict[str, list[float]] = {form: [] for form in forms}
     for form in forms:
         run(form)
@@ -231,6 +240,8 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
             times[form].append(time.perf_counter() - t)
     dims = sum(layer.in_features + layer.out_features for layer in layers)
     computed = 2 * BATCH * RANK * dims  # every row x its own slot's factors
+    read_bytes = sum((layer.lora_A[1 : n + 1].nbytes + layer.lora_B[1 : n + 1].nbytes) for layer in layers)
+    read_ms = statistics.median(times["read"]) * 1000
     return {
         "lora_products_ms": statistics.median(times[forms[0]]) * 1000,
         "lora_products_form": forms[0],
@@ -238,6 +249,10 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
         "gflop_computed": computed / 1e9,
         "gflop_useful": computed / 1e9,
         "mb_of_adapter_weights_read": 4 * n * RANK * dims / 1e6,
+        "read_floor_ms": read_ms,
+        "read_floor_mb": read_bytes / 1e6,
+        "read_floor_gb_per_s": read_bytes / 1e6 / read_ms,
+        "over_read_floor": statistics.median(times[forms[0]]) * 1000 / read_ms,
     }
 
 
