@@ -413,6 +413,7 @@ def test_cpp_backend_gives_the_torch_logits(
         engine = engine_for(base, registry, max_num_seqs=8, prefill_chunk_tokens=8)
         logits[lora] = record_logits(engine)
         tokens[lora] = greedy(engine, jobs, max_tokens=8)
+        assert max(len(r.adapters) for r in engine.records) == 2, f"{lora}: the adapters never shared a step"
     assert calls, "the cpp backend never ran its kernel"
     assert tokens["cpp"] == tokens["torch"]
     assert tokens["torch"]["qv/0"] != tokens["torch"]["None/0"]
