@@ -53,6 +53,7 @@ clean:
 # Each script prints its table and writes bench/results/<name>.json (about 40 min in all on 2 CPU cores).
 bench: model
 	$(PY) -m bench.step_overhead
+	$(PY) -m bench.base_matmul
 	$(PY) -m bench.peft_methods
 	$(PY) -m bench.single_stream
 	$(PY) -m bench.throughput

@@ -6,8 +6,9 @@ drift on a shared machine hits all of them alike. The LoRA backend is the server
 device (on CPU the cpp kernel where it builds); when that is not `torch`, the torch backend's 1- and
 16-adapter steps run beside it on a second copy of the base (its reference form). `--lora-dtype
 bfloat16` (or float16) adds the 16-adapter step with the factors in that dtype (the fast mode),
-another copy of the base. Where the server dequantizes NF4 with our CPU kernel, the base-only and
-16-adapter steps also run on a copy that dequantizes with bitsandbytes (the same bits, its speed).
+another copy of the base. Where the server runs NF4 through our CPU kernels (dequantization, and
+at 16 rows the product that decodes in registers), the base-only and 16-adapter steps also run on
+a copy that dequantizes with bitsandbytes and multiplies with BLAS (the same weights, its speed).
 
     .venv/bin/python -m bench.step_overhead [--rounds 8] [--steps 5] [--no-peft] [--lora-dtype bfloat16]
 """
@@ -111,7 +112,7 @@ def main() -> None:
     if half is not None:
         on_a_copy(half, (max(DISTINCT),), lora_dtype=getattr(torch, args.lora_dtype))
     bnb = "loraplex dequant=bnb" if base.dequant == "cpp" else None
-    if bnb is not None:  # the same base dequantized by bitsandbytes: what our kernel saves
+    if bnb is not None:  # the same base dequantized by bitsandbytes: what our kernels save
         on_a_copy(bnb, (0, max(DISTINCT)), dequant="bnb")
     if not args.no_peft:
         model = workload.peft_model(dirs, base.tokenizer.eos_token_id)

@@ -34,8 +34,10 @@ from server.lora.layer import LoRALinear
 from server.model import nf4_cpu
 from server.model.base_gemm import (
     CPP_DEQUANT,
+    CPP_MATMUL,
     DECODED_STATE,
     BaseGemm,
+    cpu_matmul,
     decoded_state,
     dequantize,
     tiled_linear,
@@ -67,6 +69,11 @@ class FusedProjections:
             self.state is not None
             and all(getattr(m.base, CPP_DEQUANT, False) for m in members)
             and nf4_cpu.takes(self.weight, self.state)
+        )
+        self.cpp_matmul = (
+            self.cpp_dequant
+            and all(getattr(m.base, CPP_MATMUL, False) for m in members)
+            and nf4_cpu.multiplies(self.weight, self.state)
         )
         self.A, self.B, self.scale, self.rank = self._share_slots()
         from server.lora.backends.triton_sgmv import slice_tiles
@@ -182,12 +189,16 @@ class FusedProjections:
             from server.model.nf4_matmul import nf4_linear
 
             return nf4_linear(x, self.weight, self.state, bias)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if self.cpp_matmul:
+            y = cpu_matmul(x, self.weight, self.state, bias, mode)
+            if y is not None:
+                return y
         if self.state is not None:
             weight = dequantize(self.weight, self.state, x.dtype, self.cpp_dequant)
         else:
             weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
         if mode.invariant:
             return tiled_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
         return F.linear(x, weight, bias)

@@ -14,7 +14,12 @@
 
 NF4 weights are dequantized with bitsandbytes' own kernels, exactly as its CPU `gemm_4bit` does,
 so both modes compute what bitsandbytes and PEFT compute, without the module's per-call overhead;
-on a CPU computing in fp32, by our kernel with the same bits (nf4_cpu.py: `dequant=cpp`).
+on a CPU computing in fp32, by our kernel with the same bits (nf4_cpu.py: `dequant=cpp`). There
+(with AVX2), an NF4 projection does not write its weight out at all: our kernel decodes each
+weight in registers to the same value and multiplies it into the rows (nf4_cpu.matmul), a row's
+sums in an order no other row can change. `tiled` uses it for every row count (row-invariant by
+construction, and faster than the tiles at every size measured); `plain` up to CPU_MATMUL_ROWS
+rows, above which dequantizing once for a BLAS matmul pays (bench/HISTORY.md, 2026-12-07).
 The double-quantized block scales are decoded once at load (keep_block_scales) where bitsandbytes
 decodes them again in every call: the same fp32 values, for 4 bytes per 64 weights.
 """
@@ -52,6 +57,12 @@ class BaseGemm(enum.Enum):
 DECODED_STATE = "loraplex_decoded_state"
 # attribute of a Linear4bit whose fp32 dequantization runs in our CPU kernel (nf4_cpu.py)
 CPP_DEQUANT = "loraplex_cpp_dequant"
+# attribute of a Linear4bit whose fp32 product runs in our CPU kernel without dequantizing (nf4_cpu.matmul)
+CPP_MATMUL = "loraplex_cpp_matmul"
+# the most rows `plain` gives nf4_cpu.matmul: over SmolLM2-135M's 210 projections on 2 cores of an AMD
+# EPYC (AVX2), three runs of bench/base_matmul.py put it at 0.6-0.8x the time of dequantize + matmul at
+# 1 row, 0.3-0.5x at 8, 0.5-0.85x at 16, 0.74-1.04x at 32 and 1.2-1.3x at 64
+CPU_MATMUL_ROWS = 16
 
 
 def keep_block_scales(linear: nn.Linear, dequant: str = "bnb") -> None:
@@ -72,6 +83,7 @@ def keep_block_scales(linear: nn.Linear, dequant: str = "bnb") -> None:
     if dequant == "cpp":
         state = getattr(linear, DECODED_STATE, quant_state)
         setattr(linear, CPP_DEQUANT, nf4_cpu.takes(linear.weight.data, state))
+        setattr(linear, CPP_MATMUL, nf4_cpu.multiplies(linear.weight.data, state))
 
 
 def decoded_state(quant_state: Any, absmax: torch.Tensor | None = None) -> Any:
@@ -187,14 +199,34 @@ def base_linear(x: torch.Tensor, linear: nn.Linear, mode: BaseGemm) -> torch.Ten
 
             return nf4_linear(x, linear.weight.data, state, linear.bias)
         mode = BaseGemm.TILED
-    weight = dequantized_weight(linear, x.dtype)
     bias: torch.Tensor | None = linear.bias
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    if getattr(linear, CPP_MATMUL, False):
+        y = cpu_matmul(x, linear.weight.data, getattr(linear, DECODED_STATE), bias, mode)
+        if y is not None:
+            return y
+    weight = dequantized_weight(linear, x.dtype)
     if mode is BaseGemm.PLAIN:
         return F.linear(x, weight, bias)
     y = tiled_linear(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def cpu_matmul(
+    x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None, mode: BaseGemm
+) -> torch.Tensor | None:
+    """x @ W.T (+ bias) by nf4_cpu.matmul for a weight it multiplies (CPP_MATMUL, checked at load),
+    where the mode takes it for this many rows; None where dequantize + matmul is the better way."""
+    if x.dtype is not torch.float32 or x.requires_grad:  # the kernel has no backward
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    if not mode.invariant and rows.shape[0] > CPU_MATMUL_ROWS:
+        return None
+    y = nf4_cpu.matmul(rows, packed, state)
+    if bias is not None:
+        y += bias  # to the row's whole sum, which no other row can change
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def tiled_rows(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

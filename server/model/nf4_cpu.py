@@ -1,7 +1,9 @@
 """NF4 weights dequantized to fp32 by our CPU kernel (nf4_cpu.cpp), the same bits as bitsandbytes'
 `dequantize_4bit`, its reference, at a fraction of its time. Chosen at start-up with the other
 backends (server/engine/backends.py: `dequant=cpp` on a CPU computing in fp32 where it builds);
-tests/unit/test_nf4_cpu.py compares it bitwise with bitsandbytes.
+tests/unit/test_nf4_cpu.py compares it bitwise with bitsandbytes. Its `matmul` multiplies by such
+a weight without writing it out (the base's product for a few rows, and for any number of rows in
+the batch-invariant mode: server/model/base_gemm.py).
 """
 
 from __future__ import annotations
@@ -49,14 +51,37 @@ def takes(packed: torch.Tensor, state: Any) -> bool:
     )
 
 
+def multiplies(packed: torch.Tensor, state: Any) -> bool:
+    """Whether `matmul` takes this weight (checked once, at load): what `takes` accepts, each weight
+    row whole blocks, on a build with the vector path."""
+    return takes(packed, state) and state.shape[1] % state.blocksize == 0 and vectorized()
+
+
 def dequantize(packed: torch.Tensor, state: Any) -> torch.Tensor:
     """bitsandbytes.functional.dequantize_4bit(packed, state) in fp32, for what `takes` accepts."""
     rows, cols = state.shape
     return _op()(packed, state.absmax, state.code, state.blocksize, rows, cols)
 
 
-def _op() -> Any:
+def vectorized() -> bool:
+    """Whether this machine's build has the vector path of `matmul` (AVX2 with FMA); the scalar
+    one is there to be correct on any x86-64, not to be fast, so the base does not use it."""
+    if "lanes" not in _ops:
+        _ops["lanes"] = int(torch.ops.loraplex_nf4.vector_lanes())
+    return bool(_ops["lanes"] > 1)
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, state: Any) -> torch.Tensor:
+    """x @ dequantize(packed, state).T without the dequantized weight: each weight is decoded in
+    registers to the value `dequantize` gives and multiplied there. Row-invariant: a row's output
+    is the same bits whatever other rows share the call. For what `takes` accepts. x: [M, in] fp32
+    -> [M, out]; only the sums' order differs from dequantize + matmul (within fp32 rounding)."""
+    rows, cols = state.shape
+    return _op("matmul")(x, packed, state.absmax, state.code, state.blocksize, rows, cols)
+
+
+def _op(name: str = "dequantize") -> Any:
     """The op's overload, looked up once (torch.ops' name resolution costs microseconds a call)."""
-    if "op" not in _ops:
-        _ops["op"] = torch.ops.loraplex_nf4.dequantize.default
-    return _ops["op"]
+    if name not in _ops:
+        _ops[name] = getattr(torch.ops.loraplex_nf4, name).default
+    return _ops[name]

@@ -25,6 +25,7 @@ SCRIPTS = (
     "soak",
     "host_step",
     "single_stream",
+    "base_matmul",
 )
 
 

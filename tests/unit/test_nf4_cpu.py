@@ -1,7 +1,10 @@
 """Our CPU NF4 dequantization (server/model/nf4_cpu.cpp) against its reference, bitsandbytes'
 `dequantize_4bit`: the same bits for every weight (signed zeros included), on this CPU's build and
 on the AVX2 and baseline x86-64 builds; bad input refused; a loaded base that uses it computes
-bitsandbytes' logits bit for bit."""
+bitsandbytes' logits bit for bit. Its product that never writes the weight out (`matmul`): the
+dequantized weight's product within fp32 rounding, each row the same bits alone, in any batch, at
+any place and on any thread split, on the same three builds; a base that uses it gives
+bitsandbytes' logits within that rounding."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import pytest
 import torch
 
 from server.model import nf4_cpu
-from server.model.base_gemm import CPP_DEQUANT, decoded_state
+from server.model.base_gemm import CPP_DEQUANT, CPP_MATMUL, decoded_state
 
 pytestmark = pytest.mark.skipif(not nf4_cpu.load(), reason=f"NF4 kernel not built: {nf4_cpu.error()}")
 
@@ -69,6 +72,45 @@ def test_thread_split_changes_nothing() -> None:
     assert torch.equal(nf4_cpu.dequantize(packed, state).view(torch.int32), one.view(torch.int32))
 
 
+# every row group of the kernel (eight at a time, tails of 1-7), and more than one group
+ROW_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 21, 33]
+
+
+@pytest.mark.parametrize("blocksize", [64, 32])
+@pytest.mark.parametrize(("out", "inp"), SHAPES)
+def test_matmul_is_the_dequantized_product(out: int, inp: int, blocksize: int) -> None:
+    packed, state = _quantized(out, inp, blocksize)
+    weight = nf4_cpu.dequantize(packed, state).double()
+    g = torch.Generator().manual_seed(1)
+    for m in ROW_COUNTS:
+        x = torch.randn(m, inp, generator=g)
+        got = nf4_cpu.matmul(x, packed, state)
+        want = x.double() @ weight.T
+        assert got.shape == (m, out) and got.dtype == torch.float32
+        # fp32 sums of `inp` products, in another order than the fp64 reference's
+        bound = 4 * inp * 2.0**-24 * (x.double().abs() @ weight.abs().T)
+        assert ((got.double() - want).abs() <= bound).all(), (m, (got.double() - want).abs().max())
+
+
+def test_matmul_rows_are_the_same_alone_in_any_batch_at_any_place() -> None:
+    packed, state = _quantized(192, 576, 64)
+    x = torch.randn(max(ROW_COUNTS), 576, generator=torch.Generator().manual_seed(2))
+    alone = torch.cat([nf4_cpu.matmul(x[i : i + 1], packed, state) for i in range(x.shape[0])])
+    for m in ROW_COUNTS:
+        for shift in (0, 1, 5):
+            rows = torch.roll(x, shift, 0)[:m]
+            got = nf4_cpu.matmul(rows, packed, state)
+            want = torch.roll(alone, shift, 0)[:m]
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, shift)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = nf4_cpu.matmul(x, packed, state)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.view(torch.int32), alone.view(torch.int32))
+
+
 def test_what_it_does_not_take_stays_with_bitsandbytes() -> None:
     import bitsandbytes.functional as bnbf
 
@@ -81,6 +123,10 @@ def test_what_it_does_not_take_stays_with_bitsandbytes() -> None:
     # bitsandbytes' CPU kernel computes other values than code * absmax for blocks above 64
     big, state = bnbf.quantize_4bit(w, blocksize=128, quant_type="nf4", compress_statistics=True)
     assert not nf4_cpu.takes(big, decoded_state(state))
+    # matmul: each weight row whole blocks; 64 x 96 dequantizes (whole blocks overall), not that
+    odd, state = bnbf.quantize_4bit(torch.randn(64, 96), blocksize=64, quant_type="nf4")
+    assert nf4_cpu.takes(odd, state) and not nf4_cpu.multiplies(odd, state)
+    assert nf4_cpu.multiplies(packed, decoded_state(nested)) == nf4_cpu.vectorized()
 
 
 def test_refuses_bad_input() -> None:
@@ -94,6 +140,16 @@ def test_refuses_bad_input() -> None:
         op(packed, state.absmax, state.code[:8], 64, 64, 128)
     with pytest.raises(RuntimeError, match="absmax must be contiguous fp32"):
         op(packed, state.absmax.double(), state.code, 64, 64, 128)
+    mm = torch.ops.loraplex_nf4.matmul.default
+    x = torch.randn(3, 128)
+    with pytest.raises(RuntimeError, match=r"x must be \[M, cols\] fp32"):
+        mm(x.double(), packed, state.absmax, state.code, 64, 64, 128)
+    with pytest.raises(RuntimeError, match=r"x must be \[M, cols\] fp32"):
+        mm(x[:, :64], packed, state.absmax, state.code, 64, 64, 128)
+    with pytest.raises(RuntimeError, match="whole blocks of 16s"):
+        mm(torch.randn(3, 32), packed, state.absmax, state.code, 64, 256, 32)  # rows of half a block
+    with pytest.raises(RuntimeError, match="sizes do not match"):
+        mm(x, packed, state.absmax, state.code, 64, 64, 256)
 
 
 def test_a_loaded_base_uses_it_and_gives_bitsandbytes_logits(tiny_checkpoint: Callable[[str], Path]) -> None:
@@ -101,26 +157,36 @@ def test_a_loaded_base_uses_it_and_gives_bitsandbytes_logits(tiny_checkpoint: Ca
 
     path = tiny_checkpoint("llama")
     ids = torch.randint(3, 90, (1, 9), generator=torch.Generator().manual_seed(0))
-    logits = {}
+    logits: dict[str, torch.Tensor] = {}
     for dequant in ("cpp", "bnb"):
         base = load_base(path, "tiny", quantization="nf4", device="cpu", max_loras=1, dequant=dequant)
-        flags = [getattr(layer.base, CPP_DEQUANT, False) for layer in base.lora_layers.values()]
+        layers = [layer.base for layer in base.lora_layers.values()]
+        flags = [getattr(layer, CPP_DEQUANT, False) for layer in layers]
         assert flags and all(flags) == (dequant == "cpp") and any(flags) == (dequant == "cpp"), dequant
+        multiplies = [getattr(layer, CPP_MATMUL, False) for layer in layers]
+        assert all(multiplies) == any(multiplies) == (dequant == "cpp" and nf4_cpu.vectorized())
         assert base.dequant == dequant
         with torch.no_grad():
             logits[dequant] = base.model(ids).logits
-    assert torch.equal(logits["cpp"], logits["bnb"])
+            if dequant == "cpp":  # the dequantized weights' product, without nf4_cpu.matmul
+                for layer in layers:
+                    setattr(layer, CPP_MATMUL, False)
+                logits["cpp dequantized"] = base.model(ids).logits
+    assert torch.equal(logits["cpp dequantized"], logits["bnb"])
+    # the same weights, summed in another order: within fp32 rounding of logits about 1 in size
+    assert torch.allclose(logits["cpp"], logits["bnb"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(bool(os.environ.get("LORAPLEX_CPP_ARCH")), reason="already a build for another CPU")
 @pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
 def test_the_code_other_cpus_build(arch: str) -> None:
     """The AVX2 path (two 8-entry permutes per lookup) and the scalar one, built here and run
-    through this file's bitwise tests, so an AVX2-only machine runs code that was tested here too."""
+    through this file's bitwise tests and its product's, so an AVX2-only machine runs code that was
+    tested here too (the scalar `matmul` too, which the base leaves unused: it is only correct)."""
     env = {**os.environ, "LORAPLEX_CPP_ARCH": arch, "PYTHONPATH": str(ROOT)}
-    tests = "same_bits or split or refuses"
+    tests = "same_bits or split or refuses or matmul"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests, str(Path(__file__))]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     passed = re.search(r"(\d+) passed", out.stdout)
-    assert passed is not None and int(passed.group(1)) >= 16, out.stdout[-500:]  # built, not skipped
+    assert passed is not None and int(passed.group(1)) >= 31, out.stdout[-500:]  # built, not skipped
