@@ -203,7 +203,9 @@ def base_linear(x: torch.Tensor, linear: nn.Linear, mode: BaseGemm) -> torch.Ten
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     if getattr(linear, CPP_MATMUL, False):
-        y = cpu_matmul(x, linear.weight.data, getattr(linear, DECODED_STATE), bias, mode)
+        # the decoded scales of a double-quantized weight, or a plain weight's own state
+        state = getattr(linear, DECODED_STATE, None) or getattr(linear.weight, "quant_state", None)
+        y = cpu_matmul(x, linear.weight.data, state, bias, mode)
         if y is not None:
             return y
     weight = dequantized_weight(linear, x.dtype)

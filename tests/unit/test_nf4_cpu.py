@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from server.model import nf4_cpu
-from server.model.base_gemm import CPP_DEQUANT, CPP_MATMUL, decoded_state
+from server.model.base_gemm import CPP_DEQUANT, CPP_MATMUL, DECODED_STATE, decoded_state
 
 pytestmark = pytest.mark.skipif(not nf4_cpu.load(), reason=f"NF4 kernel not built: {nf4_cpu.error()}")
 
@@ -109,6 +109,42 @@ def test_matmul_rows_are_the_same_alone_in_any_batch_at_any_place() -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one.view(torch.int32), alone.view(torch.int32))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_linear4bit_runs_through_it_in_both_modes(double_quant: bool) -> None:
+    """base_linear on a bitsandbytes Linear4bit as the loader prepares it (keep_block_scales), with
+    QLoRA's double-quantized scales or plain ones: the kernel's product in `tiled` at any row count
+    and in `plain` up to CPU_MATMUL_ROWS rows; dequantize + matmul above."""
+    import bitsandbytes as bnb
+    import torch.nn.functional as F
+
+    from server.model.base_gemm import (
+        CPU_MATMUL_ROWS,
+        BaseGemm,
+        base_linear,
+        dequantized_weight,
+        keep_block_scales,
+    )
+
+    linear = bnb.nn.Linear4bit(128, 48, bias=True, compress_statistics=double_quant, quant_type="nf4")
+    linear.load_state_dict({"weight": torch.randn(48, 128), "bias": torch.randn(48)})
+    linear = linear.to("cpu")  # quantizes
+    keep_block_scales(linear, "cpp")
+    assert getattr(linear, CPP_MATMUL) == nf4_cpu.vectorized()
+    weight = dequantized_weight(linear, torch.float32)
+    state = getattr(linear, DECODED_STATE, None) or getattr(linear.weight, "quant_state", None)
+    assert (state is getattr(linear.weight, "quant_state", None)) == (not double_quant)
+    x = torch.randn(CPU_MATMUL_ROWS + 3, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for mode in (BaseGemm.TILED, BaseGemm.PLAIN):
+            for m in (1, CPU_MATMUL_ROWS, CPU_MATMUL_ROWS + 3):
+                got = base_linear(x[:m], linear, mode)
+                plain_above = mode is BaseGemm.PLAIN and m > CPU_MATMUL_ROWS
+                if nf4_cpu.vectorized() and not plain_above:
+                    want = nf4_cpu.matmul(x[:m], linear.weight.data, state) + linear.bias
+                    assert torch.equal(got, want), (mode, m)
+                assert torch.allclose(got, F.linear(x[:m], weight, linear.bias), rtol=0, atol=1e-4), (mode, m)
 
 
 def test_what_it_does_not_take_stays_with_bitsandbytes() -> None:
