@@ -92,6 +92,7 @@ def test_matmul_is_the_dequantized_product(out: int, inp: int, blocksize: int) -
         assert ((got.double() - want).abs() <= bound).all(), (m, (got.double() - want).abs().max())
 
 
+@pytest.mark.invariance
 def test_matmul_rows_are_the_same_alone_in_any_batch_at_any_place() -> None:
     packed, state = _quantized(192, 576, 64)
     x = torch.randn(max(ROW_COUNTS), 576, generator=torch.Generator().manual_seed(2))
