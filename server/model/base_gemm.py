@@ -19,7 +19,7 @@ on a CPU computing in fp32, by our kernel with the same bits (nf4_cpu.py: `dequa
 weight in registers to the same value and multiplies it into the rows (nf4_cpu.matmul), a row's
 sums in an order no other row can change. `tiled` uses it for every row count (row-invariant by
 construction, and faster than the tiles at every size measured); `plain` up to CPU_MATMUL_ROWS
-rows, above which dequantizing once for a BLAS matmul pays (bench/HISTORY.md, 2026-12-07).
+rows, above which dequantizing once for a BLAS matmul pays (bench/base_matmul.py, README figure 9).
 The double-quantized block scales are decoded once at load (keep_block_scales) where bitsandbytes
 decodes them again in every call: the same fp32 values, for 4 bytes per 64 weights.
 """
