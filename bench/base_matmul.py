@@ -24,15 +24,15 @@ from server.model import nf4_cpu
 from server.model.base_gemm import (
     CPP_MATMUL,
     CPU_MATMUL_ROWS,
-    DECODED_STATE,
     dequantized_weight,
+    nf4_state,
     tiled_linear,
 )
 
 WAYS: dict[str, Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]] = {
     "dequantize + matmul": lambda x, m: F.linear(x, dequantized_weight(m, torch.float32)),
     "dequantize + 16-row tiles": lambda x, m: tiled_linear(x, dequantized_weight(m, torch.float32)),
-    "nf4_cpu.matmul": lambda x, m: nf4_cpu.matmul(x, m.weight.data, getattr(m, DECODED_STATE)),
+    "nf4_cpu.matmul": lambda x, m: nf4_cpu.matmul(x, m.weight.data, nf4_state(m)),
 }
 
 

@@ -108,10 +108,16 @@ def decoded_state(quant_state: Any, absmax: torch.Tensor | None = None) -> Any:
     )
 
 
+def nf4_state(linear: nn.Linear) -> Any:
+    """The quant state to compute a Linear4bit's weight from: its decoded block scales where it was
+    double-quantized (keep_block_scales), else its own; None for a full-precision weight."""
+    return getattr(linear, DECODED_STATE, None) or getattr(linear.weight, "quant_state", None)
+
+
 def dequantized_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     """The projection's weight [out, in] in `dtype`: dequantized for a bitsandbytes Linear4bit."""
     weight = linear.weight
-    quant_state = getattr(linear, DECODED_STATE, None) or getattr(weight, "quant_state", None)
+    quant_state = nf4_state(linear)
     if quant_state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)
     return dequantize(weight.data, quant_state, dtype, getattr(linear, CPP_DEQUANT, False))
@@ -203,9 +209,7 @@ def base_linear(x: torch.Tensor, linear: nn.Linear, mode: BaseGemm) -> torch.Ten
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     if getattr(linear, CPP_MATMUL, False):
-        # the decoded scales of a double-quantized weight, or a plain weight's own state
-        state = getattr(linear, DECODED_STATE, None) or getattr(linear.weight, "quant_state", None)
-        y = cpu_matmul(x, linear.weight.data, state, bias, mode)
+        y = cpu_matmul(x, linear.weight.data, nf4_state(linear), bias, mode)
         if y is not None:
             return y
     weight = dequantized_weight(linear, x.dtype)

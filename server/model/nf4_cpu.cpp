@@ -23,6 +23,15 @@
 
 namespace {
 
+#if defined(__AVX2__)
+// the NF4 values of 8 nibbles, a 16-entry table from two 8-entry permutes picked by the index's bit
+// 3 (moved to the sign)
+inline __m256 nf4_values(__m256i idx, __m256 lut_lo, __m256 lut_hi) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+#endif
+
 // elements [begin, end) of a weight, both multiples of the block size
 void dequantize_range(float* out, const uint8_t* packed, const float* absmax, const float* code, int64_t begin,
                       int64_t end, int64_t blocksize) {
@@ -50,18 +59,13 @@ void dequantize_range(float* out, const uint8_t* packed, const float* absmax, co
   if (blocksize % 16 == 0) {
     const __m256 lut_lo = _mm256_loadu_ps(code), lut_hi = _mm256_loadu_ps(code + 8);
     const __m256i low4 = _mm256_set1_epi32(15);
-    // a 16-entry table from two 8-entry permutes, picked by the index's bit 3 (moved to the sign)
-    auto lookup = [&](__m256i idx) {
-      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
-                              _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-    };
     for (int64_t b0 = begin; b0 < end; b0 += blocksize) {
       const __m256 s = _mm256_set1_ps(absmax[b0 / blocksize]);
       for (int64_t e = b0; e < b0 + blocksize; e += 16) {
         const __m256i bytes =
             _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + e / 2)));
-        const __m256 hi = _mm256_mul_ps(lookup(_mm256_srli_epi32(bytes, 4)), s);
-        const __m256 lo = _mm256_mul_ps(lookup(_mm256_and_si256(bytes, low4)), s);
+        const __m256 hi = _mm256_mul_ps(nf4_values(_mm256_srli_epi32(bytes, 4), lut_lo, lut_hi), s);
+        const __m256 lo = _mm256_mul_ps(nf4_values(_mm256_and_si256(bytes, low4), lut_lo, lut_hi), s);
         // unpack interleaves within 128-bit halves: [h0 l0 h1 l1 | h4 l4 h5 l5], [h2 l2 h3 l3 | h6 ..]
         const __m256 a = _mm256_unpacklo_ps(hi, lo), b = _mm256_unpackhi_ps(hi, lo);
         _mm256_storeu_ps(out + e, _mm256_permute2f128_ps(a, b, 0x20));
@@ -84,11 +88,6 @@ constexpr int kLanes = 8;
 // x's elements in the order one 8-byte load of the weight yields them: in each 16-element chunk
 // the eight even ones (high nibbles) and then the eight odd ones (low nibbles)
 constexpr int64_t kChunk = 16;
-
-inline __m256 nf4_values(__m256i idx, __m256 lut_lo, __m256 lut_hi) {
-  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
-                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
 
 inline float sum_lanes(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

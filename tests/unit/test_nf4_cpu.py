@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from server.model import nf4_cpu
-from server.model.base_gemm import CPP_DEQUANT, CPP_MATMUL, DECODED_STATE, decoded_state
+from server.model.base_gemm import CPP_DEQUANT, CPP_MATMUL, decoded_state
 
 pytestmark = pytest.mark.skipif(not nf4_cpu.load(), reason=f"NF4 kernel not built: {nf4_cpu.error()}")
 
@@ -126,6 +126,7 @@ def test_a_linear4bit_runs_through_it_in_both_modes(double_quant: bool) -> None:
         base_linear,
         dequantized_weight,
         keep_block_scales,
+        nf4_state,
     )
 
     linear = bnb.nn.Linear4bit(128, 48, bias=True, compress_statistics=double_quant, quant_type="nf4")
@@ -134,7 +135,7 @@ def test_a_linear4bit_runs_through_it_in_both_modes(double_quant: bool) -> None:
     keep_block_scales(linear, "cpp")
     assert getattr(linear, CPP_MATMUL) == nf4_cpu.vectorized()
     weight = dequantized_weight(linear, torch.float32)
-    state = getattr(linear, DECODED_STATE, None) or getattr(linear.weight, "quant_state", None)
+    state = nf4_state(linear)
     assert (state is getattr(linear.weight, "quant_state", None)) == (not double_quant)
     x = torch.randn(CPU_MATMUL_ROWS + 3, 128, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
