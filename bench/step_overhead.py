@@ -194,6 +194,12 @@ def main() -> None:
             f"{alone['read_floor_mb']:.0f} MB takes {alone['read_floor_ms']:.1f} ms "
             f"({alone['read_floor_gb_per_s']:.1f} GB/s): the products at {alone['over_read_floor']:.2f}x it"
         )
+        if "lora_products_shared_ms" in alone:
+            few = alone["lora_products_shared_ms"]
+            print(
+                f"rows sharing a slot: the products of 16 rows with 1 / 4 adapters take {few['1']:.1f} / "
+                f"{few['4']:.1f} ms, of a 64-token prompt with one adapter {few['prompt']:.1f} ms"
+            )
     save("step_overhead", record)
 
 
@@ -203,15 +209,22 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
     16 rows, one per slot the engine filled, without the base model around it. Each row is
     multiplied by its own slot's factors only. Beside them, in the same rounds, the read floor:
     torch summing those slots' factor bytes, layer by layer (a sum reads each byte once, at the
-    memory bandwidth these cores reach, with nothing else to do)."""
+    memory bandwidth these cores reach, with nothing else to do). With the cpp kernel, also its
+    products for 16 rows of 1 and of 4 adapters and for a 64-token prompt of one adapter: rows that
+    share a slot share each factor load there, so these cost less than 16 distinct adapters."""
     layers = list(base.lora_layers.values())
     n = max(DISTINCT)
     slot_list = [1 + i % n for i in range(BATCH)]
     slots = torch.tensor(slot_list, device=base.device)
-    xs = [torch.randn(BATCH, layer.in_features, device=base.device) for layer in layers]
-
-    ys = [torch.zeros(BATCH, layer.out_features, device=base.device) for layer in layers]
+    prompt = 64
+    xs = [torch.randn(prompt, layer.in_features, device=base.device) for layer in layers]
+    ys = [torch.zeros(prompt, layer.out_features, device=base.device) for layer in layers]
     kernel = base.lora_context.lora_backend == "cpp"
+    shared = {  # form -> the rows' slots
+        "cpp/1": [1] * BATCH,
+        "cpp/4": [1 + i % 4 for i in range(BATCH)],
+        "cpp/prompt": [1] * prompt,
+    }
     # the filled slots' factors, sliced once so the read floor times reading, not slicing
     factors = [f[1 : n + 1] for layer in layers for f in (layer.lora_A, layer.lora_B)]
 
@@ -220,18 +233,19 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
             for f in factors:
                 f.sum()
             return
-        bag = LoRABatch.build(slot_list, [], base.device).bag  # built once per step, as the engine does
+        step_slots = shared.get(form, slot_list)
+        bag = LoRABatch.build(step_slots, [], base.device).bag  # built once per step, as the engine does
+        t = len(step_slots)
         for layer, x, y in zip(layers, xs, ys, strict=True):
-            if form == "cpp" and bag is not None:
-                cpp_lora.lora_add_(
-                    y, x, layer.lora_A, layer.lora_B, layer.lora_scale, layer.lora_rank, bag.rows, bag.slots
-                )
+            if form.startswith("cpp") and bag is not None:
+                A, B, scale, rank = layer.lora_A, layer.lora_B, layer.lora_scale, layer.lora_rank
+                cpp_lora.lora_add_(y[:t], x[:t], A, B, scale, rank, bag.rows, bag.slots)
             elif bag is not None:
-                lora_bag(x, layer.lora_A, layer.lora_B, layer.lora_scale, bag)
+                lora_bag(x[:t], layer.lora_A, layer.lora_B, layer.lora_scale, bag)
             else:
-                lora_rows(x, layer.lora_A, layer.lora_B, layer.lora_scale, slots)
+                lora_rows(x[:t], layer.lora_A, layer.lora_B, layer.lora_scale, slots)
 
-    forms = ["cpp", "torch", "read"] if kernel else ["torch", "read"]
+    forms = ["cpp", "torch", "read", *shared] if kernel else ["torch", "read"]
     times: dict[str, list[float]] = {form: [] for form in forms}
     for form in forms:
         run(form)
@@ -256,6 +270,11 @@ def lora_alone(base: BaseModel, steps: int) -> dict[str, Any]:
         "read_floor_mb": read_bytes / 1e6,
         "read_floor_gb_per_s": read_bytes / 1e6 / read_ms,
         "over_read_floor": products_ms / read_ms,
+        **(
+            {"lora_products_shared_ms": {form[4:]: statistics.median(times[form]) * 1000 for form in shared}}
+            if kernel
+            else {}
+        ),
     }
 
 

@@ -115,6 +115,32 @@ def test_rows_alone_equal_batched(d_in: int, d_out: int, dtype: torch.dtype) -> 
     assert torch.equal(_term(xs, buffers, slots[:64], rows)[rows], alone), "a row's place changed it"
 
 
+@pytest.mark.invariance
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("d_in", "d_out"), [(576, 1536), (1536, 576), (17, 145)])
+def test_rows_sharing_a_slot_equal_alone(d_in: int, d_out: int, dtype: torch.dtype) -> None:
+    """Rows with one slot (a batch with few adapters, a prompt's rows) run four at a time on each
+    load of their factors: each row still the same bits as alone, whether its slot's rows fill
+    such groups or leave some over, beside rows of other slots, and at any place in y."""
+    buffers = _slots(4, 24, d_in, d_out, dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(40, d_in, generator=g)
+    patterns = {
+        "one slot": torch.full((40,), 2),
+        "two slots in runs": torch.tensor([1] * 9 + [3] * 6 + [1] * 3 + [3] * 22),
+        "interleaved": torch.arange(40) % 3 + 1,
+        "mostly one": torch.tensor([2] * 30 + [1, 3, 4, 0, 2, 2, 1, 3, 2, 4]),
+    }
+    for name, slots in patterns.items():
+        alone = torch.cat([_term(x[i : i + 1], buffers, slots[i : i + 1]) for i in range(40)])
+        for t in (4, 5, 8, 13, 40):
+            assert torch.equal(_term(x[:t], buffers, slots[:t]), alone[:t]), f"{name}, T={t}: a row changed"
+        rows = torch.arange(1, 81, 2)
+        xs = torch.zeros(81, d_in)
+        xs[rows] = x
+        assert torch.equal(_term(xs, buffers, slots, rows)[rows], alone), f"{name}: a row's place changed it"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_factors_round_where_peft_rounds(dtype: torch.dtype) -> None:
     """Factors in bf16/fp16 (--lora-dtype): what PEFT's `lora_B(lora_A(x.to(dtype))) * scaling` gives

@@ -11,7 +11,8 @@
 // own slot's factors, each output summed in a fixed order set by the shapes (k ascending for the
 // shrink, the rank ascending for the expand), vectorized across ranks or output columns, never
 // across the sum. Which rows share a call, a group or a thread changes only which rows run beside
-// each other, not any row's arithmetic.
+// each other, not any row's arithmetic. Rows that share a slot run four to a group, so that one
+// load of the factors serves four rows (group_entries): a batch with few adapters, a prompt.
 //
 // Rounding points follow PEFT's `lora_B(lora_A(x.to(dtype))) * scaling` with factors in `dtype`:
 // x is rounded to the factors' dtype, each product accumulates in fp32 and is rounded to the
@@ -66,15 +67,16 @@ inline float f32(T v) { return static_cast<float>(v); }
 template <typename T>
 inline float round_to(float v) { return f32(static_cast<T>(v)); }
 
-// The 16 floats of two 8-float halves (AVX2 or F16C registers), lo first.
+#if !defined(__AVX512F__)
+// The 16 floats of two 8-float halves (AVX2 or F16C registers), lo first. Each half moves as a
+// register: copying the pair through memory as one 64-byte object cost a store-forwarding stall
+// per vector (a third of the expand's time on Zen 3).
 template <typename H>
 inline vf join(const H& lo, const H& hi) {
   static_assert(sizeof(H) == 32, "8 lanes of 32 bits");
-  vf v;
-  std::memcpy(&v, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
-  return v;
+  return {(v8)lo, (v8)hi};
 }
+#endif
 
 // 16 values of T widened to fp32 (exact). The template is the scalar path; the specializations
 // below exist only where the CPU has the instructions for them.
@@ -97,6 +99,15 @@ inline vf load16<float>(const float* p) {
   std::memcpy(&lo, p, sizeof lo);
   std::memcpy(&hi, p + 8, sizeof hi);
   return {lo, hi};
+#endif
+}
+// 16 floats to memory (the pair half by half, as load16<float> reads them)
+inline void store16(float* p, vf v) {
+#if defined(__AVX512F__)
+  std::memcpy(p, &v, sizeof v);
+#else
+  std::memcpy(p, &v.lo, sizeof v.lo);
+  std::memcpy(p + 8, &v.hi, sizeof v.hi);
 #endif
 }
 #if defined(__AVX512F__)
@@ -162,19 +173,13 @@ inline vf round16<c10::BFloat16>(vf v) {
   std::memcpy(&r, &out, sizeof r);
   return r;
 #else
-  vf r;
-  v8 halves[2];
-  std::memcpy(halves, &v, sizeof halves);
-  for (v8& h : halves) {
-    vw8 bits;
-    std::memcpy(&bits, &h, sizeof bits);
+  for (v8* h : {&v.lo, &v.hi}) {
+    const vw8 bits = (vw8)*h;
     const vw8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-    const vw8 nan = (vw8)(h != h);  // all ones in NaN lanes
-    const vw8 out = (rounded & ~nan) | (0x7FC00000u & nan);
-    std::memcpy(&h, &out, sizeof h);
+    const vw8 nan = (vw8)(*h != *h);  // all ones in NaN lanes
+    *h = (v8)((rounded & ~nan) | (0x7FC00000u & nan));
   }
-  std::memcpy(&r, halves, sizeof r);
-  return r;
+  return v;
 #endif
 }
 #if defined(__AVX512F__)
@@ -189,34 +194,100 @@ inline vf round16<c10::Half>(vf v) {
 #elif defined(__F16C__)
 template <>
 inline vf round16<c10::Half>(vf v) {
-  __m256 half[2];
-  std::memcpy(half, &v, sizeof half);
-  for (__m256& h : half) h = _mm256_cvtph_ps(_mm256_cvtps_ph(h, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  return join(half[0], half[1]);
+  for (v8* h : {&v.lo, &v.hi})
+    *h = (v8)_mm256_cvtph_ps(_mm256_cvtps_ph((__m256)*h, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return v;
 }
 #endif
 
-// t[g][q0 .. q0 + 16) for up to G rows: each row's sums in its own register, k ascending.
-template <typename T>
+// t[g][q0 .. q0 + 16) for G rows: each row's sums in its own register, k ascending. Shared: the
+// rows have one slot, so each load of A serves all G of them (a[0] for every row: the same values
+// as a[g], in the same steps).
+template <typename T, bool Shared>
 inline void shrink_block(const float* const* xr, const T* const* a, float* const* t, int64_t in,
                          int64_t R, int64_t q0) {
   vf acc[G];
   for (int g = 0; g < G; ++g) acc[g] = vf{};
   for (int64_t k = 0; k < in; ++k)
-    for (int g = 0; g < G; ++g) acc[g] += xr[g][k] * load16<T>(a[g] + k * R + q0);
+    for (int g = 0; g < G; ++g) acc[g] += xr[g][k] * load16<T>(a[Shared ? 0 : g] + k * R + q0);
   for (int g = 0; g < G; ++g) {
-    const vf r = round16<T>(acc[g]);
-    std::memcpy(t[g] + q0, &r, sizeof r);
+    store16(t[g] + q0, round16<T>(acc[g]));
   }
 }
 
 // y[j] += round(round(acc[j]) * sc) for 16 columns
 template <typename T>
 inline void add_out(float* y, vf acc, float sc) {
-  vf out;
-  std::memcpy(&out, y, sizeof out);
+  vf out = load16<float>(y);
   out += round16<T>(round16<T>(acc) * sc);
-  std::memcpy(y, &out, sizeof out);
+  store16(y, out);
+}
+
+// y_g[j0 .. j0 + NV * 16) += the expand of NR rows with one slot (factor b, rank r, scale sc): each
+// column's sum over the rank ascending in its own register, one load of b serving the NR rows.
+// One row with NV vectors, or NR rows with fewer: the same sums side by side.
+template <typename T, int NR, int NV>
+inline void expand_block(float* const* y, const float* const* t, const T* b, int64_t r, int64_t out,
+                         float sc, int64_t j0) {
+  vf acc[NR][NV];
+  for (int g = 0; g < NR; ++g)
+    for (int v = 0; v < NV; ++v) acc[g][v] = vf{};
+  for (int64_t q = 0; q < r; ++q)
+    for (int v = 0; v < NV; ++v) {
+      const vf w = load16<T>(b + q * out + j0 + v * W);
+      for (int g = 0; g < NR; ++g) acc[g][v] += t[g][q] * w;
+    }
+  for (int g = 0; g < NR; ++g)
+    for (int v = 0; v < NV; ++v) add_out<T>(y[g] + j0 + v * W, acc[g][v], sc);
+}
+
+// The columns of NR rows with one slot: NV vectors at a time, then single vectors, then the tail
+// one by one (each column's path depends on j and `out` only)
+template <typename T, int NR, int NV>
+inline void expand_rows(float* const* y, const float* const* t, const T* b, int64_t r, int64_t out,
+                        float sc) {
+  int64_t j0 = 0;
+  for (; j0 + NV * W <= out; j0 += NV * W) expand_block<T, NR, NV>(y, t, b, r, out, sc, j0);
+  for (; j0 + W <= out; j0 += W) expand_block<T, NR, 1>(y, t, b, r, out, sc, j0);
+  for (int g = 0; g < NR; ++g)
+    for (int64_t j = j0; j < out; ++j) {
+      float acc = 0.f;
+      for (int64_t q = 0; q < r; ++q) acc += t[g][q] * f32(b[q * out + j]);
+      y[g][j] += round_to<T>(round_to<T>(acc) * sc);
+    }
+}
+
+// G entries of the call (indices into rows/slots); shared: all have one slot
+struct Group {
+  int64_t first;  // into the ordered entries
+  int count;
+  bool shared;
+};
+
+// The entries in groups of G: first whole groups of entries that share a slot (one factor load
+// serves G rows: a batch with few adapters, or a prompt's rows), then the rest G at a time. The
+// grouping changes only which rows run side by side, never a row's arithmetic.
+inline std::vector<Group> group_entries(const int64_t* slots, int64_t n, std::vector<int64_t>& order) {
+  std::vector<int64_t> sorted(n), rest;
+  for (int64_t i = 0; i < n; ++i) sorted[i] = i;
+  std::stable_sort(sorted.begin(), sorted.end(), [&](int64_t a, int64_t b) { return slots[a] < slots[b]; });
+  std::vector<Group> groups;
+  order.clear();
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i;
+    while (j < n && slots[sorted[j]] == slots[sorted[i]]) ++j;
+    for (; i + G <= j; i += G) {
+      groups.push_back({static_cast<int64_t>(order.size()), G, true});
+      order.insert(order.end(), sorted.begin() + i, sorted.begin() + i + G);
+    }
+    rest.insert(rest.end(), sorted.begin() + i, sorted.begin() + j);
+    i = j;
+  }
+  for (size_t i = 0; i < rest.size(); i += G)
+    groups.push_back({static_cast<int64_t>(order.size() + i), static_cast<int>(std::min<size_t>(G, rest.size() - i)),
+                      false});
+  order.insert(order.end(), rest.begin(), rest.end());
+  return groups;
 }
 
 template <typename T>
@@ -226,66 +297,59 @@ void add_term(float* y, const float* x, const T* A, const T* B, const float* sca
   // Rank blocks [0, R16) run vectorized, the rest (when R is not a multiple of 16) one by one: the
   // path of t[q] depends on q and R only.
   const int64_t R16 = R / W * W;
-  const int64_t groups = (n + G - 1) / G;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> order;
+  const std::vector<Group> groups = group_entries(slots, n, order);
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tv(G * R), xv(G * in);
     for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t first = gi * G, count = std::min<int64_t>(G, n - first);
+      const Group& group = groups[gi];
       const float* xr[G];
       const T* a[G];
       float* t[G];
+      float* yr[G];
       int64_t blocks = 0;
       for (int g = 0; g < G; ++g) {
-        const int64_t i = first + std::min<int64_t>(g, count - 1);  // a short group repeats its last row
+        // a short group repeats its last row
+        const int64_t i = order[group.first + std::min(g, group.count - 1)];
         const int64_t row = rows ? rows[i] : i;
         const int64_t s = slots[i];
         float* xg = xv.data() + g * in;
         const float* xi = x + row * x_stride;
         int64_t k = 0;
         for (; k + W <= in; k += W) {
-          const vf r = round16<T>(load16<float>(xi + k));
-          std::memcpy(xg + k, &r, sizeof r);
+          store16(xg + k, round16<T>(load16<float>(xi + k)));
         }
         for (; k < in; ++k) xg[k] = round_to<T>(xi[k]);
         xr[g] = xg;
         a[g] = A + s * in * R;
         t[g] = tv.data() + g * R;
+        yr[g] = y + row * y_stride;
         // blocks past a row's rank read its zero padding: exact zeros its expand never uses
         blocks = std::max<int64_t>(blocks, std::min<int64_t>((rank[s] + W - 1) / W * W, R16));
       }
-      for (int64_t q0 = 0; q0 < blocks; q0 += W) shrink_block<T>(xr, a, t, in, R, q0);
-      for (int g = 0; g < count; ++g) {
-        const int64_t i = first + g;
-        const int64_t s = slots[i];
-        const int64_t r = rank[s];
-        if (r == 0) continue;  // this projection is not in the adapter: its term is zero
-        for (int64_t q = R16; q < r; ++q) {
+      for (int64_t q0 = 0; q0 < blocks; q0 += W) {
+        if (group.shared)
+          shrink_block<T, true>(xr, a, t, in, R, q0);
+        else
+          shrink_block<T, false>(xr, a, t, in, R, q0);
+      }
+      for (int g = 0; g < group.count; ++g) {
+        const int64_t s = slots[order[group.first + g]];
+        for (int64_t q = R16; q < rank[s]; ++q) {
           float acc = 0.f;
           for (int64_t k = 0; k < in; ++k) acc += xr[g][k] * f32(a[g][k * R + q]);
           t[g][q] = round_to<T>(acc);
         }
-        const T* b = B + s * R * out;
-        const float sc = scale[s];
-        const float* tg = t[g];
-        float* yi = y + (rows ? rows[i] : i) * y_stride;
-        int64_t j0 = 0;
-        for (; j0 + V * W <= out; j0 += V * W) {
-          vf acc[V];
-          for (int v = 0; v < V; ++v) acc[v] = vf{};
-          for (int64_t q = 0; q < r; ++q)
-            for (int v = 0; v < V; ++v) acc[v] += tg[q] * load16<T>(b + q * out + j0 + v * W);
-          for (int v = 0; v < V; ++v) add_out<T>(yi + j0 + v * W, acc[v], sc);
-        }
-        for (; j0 + W <= out; j0 += W) {
-          vf acc = vf{};
-          for (int64_t q = 0; q < r; ++q) acc += tg[q] * load16<T>(b + q * out + j0);
-          add_out<T>(yi + j0, acc, sc);
-        }
-        for (int64_t j = j0; j < out; ++j) {
-          float acc = 0.f;
-          for (int64_t q = 0; q < r; ++q) acc += tg[q] * f32(b[q * out + j]);
-          yi[j] += round_to<T>(round_to<T>(acc) * sc);
-        }
+      }
+      const int64_t s0 = slots[order[group.first]];
+      if (group.shared) {
+        if (rank[s0] > 0) expand_rows<T, G, V / G>(yr, t, B + s0 * R * out, rank[s0], out, scale[s0]);
+        continue;
+      }
+      for (int g = 0; g < group.count; ++g) {
+        const int64_t s = slots[order[group.first + g]];
+        // rank 0: this projection is not in the adapter, its term is zero
+        if (rank[s] > 0) expand_rows<T, 1, V>(yr + g, t + g, B + s * R * out, rank[s], out, scale[s]);
       }
     }
   });
