@@ -3,9 +3,11 @@ weight in registers (nf4_cpu.matmul) against dequantizing the weight with our ke
 BLAS matmul (the `plain` mode's other way), and against the 16-row tiles of that matmul (the
 `tiled` mode's other way). SmolLM2-135M's 210 NF4 projections, each given random rows; the three
 ways alternate round by round, and every figure is a ratio to dequantize + matmul in the same run.
-This measurement sets base_gemm.CPU_MATMUL_ROWS.
+This measurement sets base_gemm.CPU_MATMUL_ROWS. Beside it, the same way, the fp32 lm_head
+(49152 x 576): our row-invariant product (dense_cpu.matmul) against one BLAS matmul (F.linear) and
+its 16-row tiles; that sets base_gemm.CPU_DENSE_ROWS.
 
-    .venv/bin/python -m bench.base_matmul [--rows 1,2,4,8,16,32,64] [--rounds 7]
+    .venv/bin/python -m bench.base_matmul [--rows 1,2,4,8,16,32,64,128] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch.nn.functional as F
 
 from bench import workload
 from bench.report import save, table
-from server.model import nf4_cpu
+from server.model import dense_cpu, nf4_cpu
 from server.model.base_gemm import (
+    CPP_DENSE,
     CPP_MATMUL,
+    CPU_DENSE_ROWS,
     CPU_MATMUL_ROWS,
     dequantized_weight,
     nf4_state,
@@ -34,11 +38,33 @@ WAYS: dict[str, Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]] = {
     "dequantize + 16-row tiles": lambda x, m: tiled_linear(x, dequantized_weight(m, torch.float32)),
     "nf4_cpu.matmul": lambda x, m: nf4_cpu.matmul(x, m.weight.data, nf4_state(m)),
 }
+HEAD_WAYS: dict[str, Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]] = {
+    "F.linear": lambda x, m: F.linear(x, m.weight),
+    "16-row tiles": lambda x, m: tiled_linear(x, m.weight),
+    "dense_cpu.matmul": lambda x, m: dense_cpu.matmul(x, m.weight),
+}
+
+
+def timed(
+    ways: dict[str, Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]],
+    xs: list[torch.Tensor],
+    linears: list[torch.nn.Linear],
+    rounds: int,
+) -> dict[str, float]:
+    """Median ms of each way over all the linears, the ways alternated round by round."""
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    for _ in range(rounds):
+        for way, fn in ways.items():
+            t = time.perf_counter()
+            for x, lin in zip(xs, linears, strict=True):
+                fn(x, lin)
+            times[way].append(time.perf_counter() - t)
+    return {w: 1e3 * statistics.median(v) for w, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
 
@@ -46,18 +72,14 @@ def main() -> None:
     linears: list[torch.nn.Linear] = [layer.base for layer in base.lora_layers.values()]
     if not all(getattr(m, CPP_MATMUL, False) for m in linears):
         raise SystemExit("nf4_cpu.matmul does not take this base here (no AVX2 build, or not NF4 on CPU)")
+    head = base.model.lm_head
+    if not getattr(head, CPP_DENSE, False):
+        raise SystemExit("dense_cpu.matmul does not take this lm_head here (no AVX2 build, or not fp32)")
     g = torch.Generator().manual_seed(0)
-    rows, results = [], {}
+    rows, head_rows, results, head_results = [], [], {}, {}
     for m in (int(r) for r in args.rows.split(",")):
         xs = [torch.randn(m, lin.in_features, generator=g) for lin in linears]
-        times: dict[str, list[float]] = {w: [] for w in WAYS}
-        for _ in range(args.rounds):
-            for way, fn in WAYS.items():
-                t = time.perf_counter()
-                for x, lin in zip(xs, linears, strict=True):
-                    fn(x, lin)
-                times[way].append(time.perf_counter() - t)
-        ms = {w: 1e3 * statistics.median(v) for w, v in times.items()}
+        ms = timed(WAYS, xs, linears, args.rounds)
         ref = ms["dequantize + matmul"]
         results[str(m)] = {"ms": ms, "ratio_vs_dequantize_matmul": {w: v / ref for w, v in ms.items()}}
         rows.append(
@@ -68,15 +90,39 @@ def main() -> None:
                 ms["nf4_cpu.matmul"] / ms["dequantize + 16-row tiles"],
             ]
         )
+        ms = timed(HEAD_WAYS, [torch.randn(m, head.in_features, generator=g)], [head], args.rounds)
+        ref = ms["F.linear"]
+        head_results[str(m)] = {"ms": ms, "ratio_vs_linear": {w: v / ref for w, v in ms.items()}}
+        head_rows.append(
+            [
+                m,
+                *(f"{ms[w]:.1f}" for w in HEAD_WAYS),
+                ms["dense_cpu.matmul"] / ref,
+                ms["dense_cpu.matmul"] / ms["16-row tiles"],
+            ]
+        )
     text = table(
         f"210 NF4 projections of SmolLM2-135M, ms (median of {args.rounds} rounds, interleaved); "
         f"`plain` uses nf4_cpu.matmul up to {CPU_MATMUL_ROWS} rows, `tiled` at every count",
         ["rows", *WAYS, "matmul / dequantize+matmul", "matmul / tiles"],
         rows,
     )
+    head_text = table(
+        f"lm_head {head.out_features} x {head.in_features} fp32, ms (median of {args.rounds} rounds, "
+        f"interleaved); `plain` uses dense_cpu.matmul up to {CPU_DENSE_ROWS} rows, `tiled` at every count",
+        ["rows", *HEAD_WAYS, "dense / F.linear", "dense / tiles"],
+        head_rows,
+    )
     save(
         "base_matmul",
-        {"rounds": args.rounds, "cpu_matmul_rows": CPU_MATMUL_ROWS, "rows": results, "table": text},
+        {
+            "rounds": args.rounds,
+            "cpu_matmul_rows": CPU_MATMUL_ROWS,
+            "cpu_dense_rows": CPU_DENSE_ROWS,
+            "rows": results,
+            "lm_head": head_results,
+            "table": text + "\n\n" + head_text,
+        },
     )
 
 

@@ -21,7 +21,9 @@ sums in an order no other row can change. `tiled` uses it for every row count (r
 construction, and faster than the tiles at every size measured); `plain` up to CPU_MATMUL_ROWS
 rows, above which dequantizing once for a BLAS matmul pays (bench/base_matmul.py, README figure 9).
 The double-quantized block scales are decoded once at load (keep_block_scales) where bitsandbytes
-decodes them again in every call: the same fp32 values, for 4 bytes per 64 weights.
+decodes them again in every call: the same fp32 values, for 4 bytes per 64 weights. The fp32
+lm_head goes the same way where those kernels run (keep_dense): our row-invariant product
+(dense_cpu.matmul) in `tiled` at every row count and in `plain` up to CPU_DENSE_ROWS rows.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.model import nf4_cpu
+from server.model import dense_cpu, nf4_cpu
 
 # SGLang's segment size; also the row count above which CPU GEMM kernels stop changing path.
 TILE = 16
@@ -63,6 +65,11 @@ CPP_MATMUL = "loraplex_cpp_matmul"
 # EPYC (AVX2), three runs of bench/base_matmul.py put it at 0.6-0.8x the time of dequantize + matmul at
 # 1 row, 0.3-0.5x at 8, 0.5-0.85x at 16, 0.74-1.04x at 32 and 1.2-1.3x at 64
 CPU_MATMUL_ROWS = 16
+# attribute of a full-precision Linear (the lm_head) whose fp32 product runs in dense_cpu.matmul
+CPP_DENSE = "loraplex_cpp_dense"
+# the most rows `plain` gives dense_cpu.matmul: on SmolLM2-135M's lm_head (49152 x 576) on 2 cores of
+# an AMD EPYC (AVX2), 0.24-0.53x the time of MKL's F.linear from 1 to 16 rows, 0.81x at 64, 1.1x at 128
+CPU_DENSE_ROWS = 64
 
 
 def keep_block_scales(linear: nn.Linear, dequant: str = "bnb") -> None:
@@ -84,6 +91,13 @@ def keep_block_scales(linear: nn.Linear, dequant: str = "bnb") -> None:
         state = getattr(linear, DECODED_STATE, quant_state)
         setattr(linear, CPP_DEQUANT, nf4_cpu.takes(linear.weight.data, state))
         setattr(linear, CPP_MATMUL, nf4_cpu.multiplies(linear.weight.data, state))
+
+
+def keep_dense(linear: nn.Linear, dequant: str) -> None:
+    """Mark a full-precision fp32 Linear on CPU for dense_cpu.matmul where our CPU kernels run
+    (`dequant` "cpp": a CPU computing in fp32, and they build here) and its vector path built."""
+    if dequant == "cpp" and dense_cpu.load() and dense_cpu.vectorized() and dense_cpu.takes(linear.weight):
+        setattr(linear, CPP_DENSE, True)
 
 
 def decoded_state(quant_state: Any, absmax: torch.Tensor | None = None) -> Any:
@@ -212,6 +226,10 @@ def base_linear(x: torch.Tensor, linear: nn.Linear, mode: BaseGemm) -> torch.Ten
         y = cpu_matmul(x, linear.weight.data, nf4_state(linear), bias, mode)
         if y is not None:
             return y
+    if getattr(linear, CPP_DENSE, False):
+        y = dense_matmul(x, linear.weight.data, bias, mode)
+        if y is not None:
+            return y
     weight = dequantized_weight(linear, x.dtype)
     if mode is BaseGemm.PLAIN:
         return F.linear(x, weight, bias)
@@ -230,6 +248,22 @@ def cpu_matmul(
     if not mode.invariant and rows.shape[0] > CPU_MATMUL_ROWS:
         return None
     y = nf4_cpu.matmul(rows, packed, state)
+    if bias is not None:
+        y += bias  # to the row's whole sum, which no other row can change
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def dense_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: BaseGemm
+) -> torch.Tensor | None:
+    """x @ weight.T (+ bias) by dense_cpu.matmul for a weight marked at load (CPP_DENSE), where
+    the mode takes it for this many rows; None where one BLAS matmul is the better way."""
+    if x.dtype is not torch.float32 or x.requires_grad:  # the kernel has no backward
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    if not mode.invariant and rows.shape[0] > CPU_DENSE_ROWS:
+        return None
+    y = dense_cpu.matmul(rows, weight)
     if bias is not None:
         y += bias  # to the row's whole sum, which no other row can change
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -19,7 +19,15 @@ from server.lora.adapter import LinearShape, ModelDims
 from server.lora.dora import dense_weight
 from server.lora.layer import LoRAContext, LoRALinear
 from server.lora.saved import SaveableModule, SavedModuleHook, saveable_modules
-from server.model.base_gemm import CPP_DEQUANT, BaseGemm, RowTiled, keep_block_scales, tile_keeps_rows
+from server.model.base_gemm import (
+    CPP_DENSE,
+    CPP_DEQUANT,
+    BaseGemm,
+    RowTiled,
+    keep_block_scales,
+    keep_dense,
+    tile_keeps_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +218,10 @@ def load_base(
     if base_gemm.invariant:
         _check_tiles(model, layers, groups, dt, dev)
 
+    lm_head = model.get_output_embeddings()
+    if isinstance(lm_head, nn.Linear) and base_gemm is not BaseGemm.BNB:
+        keep_dense(lm_head, dequant)
+
     saveable = saveable_modules(model)
     for name, spec in saveable.items():
         if spec.kind != "lm_head":  # the model runner runs lm_head itself, on the sampled rows
@@ -224,8 +236,9 @@ def load_base(
     limit = min(getattr(config, "max_position_embeddings", 2048), 8192)
     log.info(
         "loaded %s (%s, %s on %s, %d LoRA targets, %s factors, base matmul %s, NF4 dequantized by %s, "
-        "%d fused groups)",
-        model_id, quantization, dt, dev, len(layers), lora_dtype, base_gemm.value, dequant, len(groups),
+        "lm_head by %s, %d fused groups)",
+        model_id, quantization, dt, dev, len(layers), lora_dtype, base_gemm.value, dequant,
+        "cpp" if getattr(lm_head, CPP_DENSE, False) else "torch", len(groups),
     )  # fmt: skip
     return BaseModel(
         model=model,

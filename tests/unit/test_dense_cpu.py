@@ -1,0 +1,140 @@
+"""Our CPU product for a full-precision fp32 weight (server/model/dense_cpu.cpp, the base's
+lm_head): the fp64 product within fp32 rounding, each row the same bits alone, in any batch, at any
+place and on any thread split, on this CPU's build and on the AVX2 and baseline x86-64 builds; bad
+input refused; base_linear takes it for a Linear marked at load in both modes, and the loader marks
+the lm_head where our CPU kernels run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.model import dense_cpu
+from server.model.base_gemm import CPP_DENSE, CPU_DENSE_ROWS, BaseGemm, base_linear, keep_dense
+
+pytestmark = pytest.mark.skipif(not dense_cpu.load(), reason=f"dense kernel not built: {dense_cpu.error()}")
+
+ROOT = Path(__file__).resolve().parents[2]
+# (out, in): SmolLM2's lm_head width, the tiny model's, and shapes off the vector width and the
+# kernel's tiles (k not a multiple of 8, fewer outputs than a block, more than one tile)
+SHAPES = [(700, 576), (48, 64), (17, 13), (5, 1536), (1, 8), (301, 100)]
+# every row group of the kernel (four at a time, tails of 1-3), and more than one group
+ROW_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 21, 33]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+@pytest.mark.parametrize(("out", "inp"), SHAPES)
+def test_matmul_is_the_product(out: int, inp: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(out, inp, generator=g)
+    for m in ROW_COUNTS:
+        x = torch.randn(m, inp, generator=g)
+        got = dense_cpu.matmul(x, weight)
+        want = x.double() @ weight.double().T
+        assert got.shape == (m, out) and got.dtype == torch.float32
+        # fp32 sums of `inp` products, in another order than the fp64 reference's
+        bound = 4 * inp * 2.0**-24 * (x.double().abs() @ weight.double().abs().T)
+        assert ((got.double() - want).abs() <= bound).all(), (m, (got.double() - want).abs().max())
+
+
+@pytest.mark.invariance
+@pytest.mark.parametrize(("out", "inp"), [(700, 576), (301, 100)])
+def test_rows_are_the_same_alone_in_any_batch_at_any_place(out: int, inp: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(out, inp, generator=g)
+    x = torch.randn(max(ROW_COUNTS), inp, generator=g)
+    alone = torch.cat([dense_cpu.matmul(x[i : i + 1], weight) for i in range(x.shape[0])])
+    for m in ROW_COUNTS:
+        for shift in (0, 1, 3):
+            got = dense_cpu.matmul(torch.roll(x, shift, 0)[:m], weight)
+            assert torch.equal(_bits(got), _bits(torch.roll(alone, shift, 0)[:m])), (m, shift)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dense_cpu.matmul(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(_bits(one), _bits(alone))
+
+
+def test_empty_and_strided_input() -> None:
+    weight = torch.randn(40, 24)
+    assert dense_cpu.matmul(torch.randn(0, 24), weight).shape == (0, 40)
+    assert torch.equal(dense_cpu.matmul(torch.randn(3, 0), torch.randn(40, 0)), torch.zeros(3, 40))
+    x = torch.randn(24, 6).T  # rows not contiguous: the kernel copies them, the values are the same
+    assert torch.equal(dense_cpu.matmul(x, weight), dense_cpu.matmul(x.contiguous(), weight))
+
+
+def test_refuses_bad_input() -> None:
+    weight = torch.randn(40, 24)
+    x = torch.randn(3, 24)
+    with pytest.raises(RuntimeError, match="fp32 x and weight"):
+        dense_cpu.matmul(x.double(), weight)
+    with pytest.raises(RuntimeError, match="fp32 x and weight"):
+        dense_cpu.matmul(x, weight.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"x \[M, K\] and weight \[N, K\]"):
+        dense_cpu.matmul(x[:, :20], weight)
+    with pytest.raises(RuntimeError, match=r"x \[M, K\] and weight \[N, K\]"):
+        dense_cpu.matmul(x[0], weight)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        dense_cpu.matmul(x, torch.randn(24, 40).T)
+    assert not dense_cpu.takes(torch.randn(24, 40).T) and not dense_cpu.takes(weight.half())
+    assert dense_cpu.takes(weight)
+
+
+def test_a_linear_runs_through_it_in_both_modes() -> None:
+    """base_linear on a Linear the loader marked (keep_dense): the kernel's product in `tiled` at any
+    row count and in `plain` up to CPU_DENSE_ROWS rows, F.linear above; nothing marked where our CPU
+    kernels do not run (`dequant` bnb) or for a weight the kernel does not take."""
+    linear = nn.Linear(64, 48).requires_grad_(False)
+    keep_dense(linear, "bnb")
+    assert not getattr(linear, CPP_DENSE, False)
+    keep_dense(nn.Linear(64, 48).half(), "cpp")
+    keep_dense(linear, "cpp")
+    assert getattr(linear, CPP_DENSE, False) == dense_cpu.vectorized()
+    x = torch.randn(CPU_DENSE_ROWS + 3, 64, generator=torch.Generator().manual_seed(2))
+    for mode in (BaseGemm.TILED, BaseGemm.PLAIN):
+        for m in (1, 7, CPU_DENSE_ROWS, CPU_DENSE_ROWS + 3):
+            got = base_linear(x[:m], linear, mode)
+            plain_above = mode is BaseGemm.PLAIN and m > CPU_DENSE_ROWS
+            if dense_cpu.vectorized() and not plain_above:
+                assert torch.equal(got, dense_cpu.matmul(x[:m], linear.weight) + linear.bias), (mode, m)
+            elif plain_above:
+                assert torch.equal(got, F.linear(x[:m], linear.weight, linear.bias)), (mode, m)
+            assert torch.allclose(got, F.linear(x[:m], linear.weight, linear.bias), rtol=0, atol=1e-5)
+
+
+def test_the_loader_marks_the_lm_head(tiny_checkpoint: Callable[[str], Path]) -> None:
+    from server.model.loader import load_base
+
+    path = tiny_checkpoint("llama")
+    for dequant in ("cpp", "bnb"):
+        base = load_base(path, "tiny", quantization="nf4", device="cpu", max_loras=1, dequant=dequant)
+        marked = getattr(base.model.lm_head, CPP_DENSE, False)
+        assert marked == (dequant == "cpp" and dense_cpu.vectorized()), dequant
+
+
+@pytest.mark.skipif(bool(os.environ.get("LORAPLEX_CPP_ARCH")), reason="already a build for another CPU")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
+def test_the_code_other_cpus_build(arch: str) -> None:
+    """The AVX2 path and the scalar one, built here and run through this file's product and
+    invariance tests, so an AVX2-only machine runs code that was tested here too."""
+    env = {**os.environ, "LORAPLEX_CPP_ARCH": arch, "PYTHONPATH": str(ROOT)}
+    tests = "product or alone or empty or refuses"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests, str(Path(__file__))]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", out.stdout)
+    assert passed is not None and int(passed.group(1)) >= 10, out.stdout[-500:]  # built, not skipped
