@@ -16,7 +16,7 @@ from server.engine.sequence import Sequence
 from server.engine.step_inputs import StepInputBuilder, StepInputs, decode_contexts
 from server.lora.ops import LoRABatch
 from server.lora.saved import dense_linear
-from server.model.base_gemm import base_linear
+from server.model.base_gemm import CPP_DENSE, base_linear
 from server.model.loader import BaseModel
 from server.transfer import indices, to_device
 
@@ -128,12 +128,14 @@ class ModelRunner:
             return indices(picked, hidden.device)
 
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        cpp = getattr(lm_head, CPP_DENSE, False)  # the copies' product: the base lm_head's
         rest = rows_of(set(slots) - heads.keys())
         if len(rest):
             parts.append((rest, base_linear(hidden.index_select(0, rest), lm_head, ctx.base_gemm)))
         for slot, head in heads.items():
             rows = rows_of({slot})
-            own = dense_linear(hidden.index_select(0, rows), head["weight"], head.get("bias"), ctx.base_gemm)
+            x = hidden.index_select(0, rows)
+            own = dense_linear(x, head["weight"], head.get("bias"), ctx.base_gemm, cpp)
             parts.append((rows, own))
         logits = hidden.new_empty(len(slots), parts[0][1].shape[1], dtype=parts[0][1].dtype)
         for rows, values in parts:

@@ -26,7 +26,8 @@ from torch import nn
 from torch.func import functional_call
 
 from server.errors import AdapterWeightsError
-from server.model.base_gemm import BaseGemm, RowTiled, tiled_linear
+from server.model import dense_cpu
+from server.model.base_gemm import BaseGemm, RowTiled, dense_matmul, tiled_linear
 
 if TYPE_CHECKING:
     from server.lora.layer import LoRAContext
@@ -228,10 +229,16 @@ class SavedModuleHook:
 
 
 def dense_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: BaseGemm
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: BaseGemm, cpp: bool = False
 ) -> torch.Tensor:
     """A full-precision projection (a saved lm_head) with the base's GEMM mode: TILE-row tiles in the
-    tiled mode, so its rows are the same bits alone or batched. x: [n, in] -> [n, out]"""
+    tiled mode, so its rows are the same bits alone or batched. `cpp`: the base's lm_head runs our
+    row-invariant CPU product (base_gemm.CPP_DENSE), and so does the copy where it takes the weight.
+    x: [n, in] -> [n, out]"""
+    if cpp and dense_cpu.takes(weight):
+        y = dense_matmul(x, weight, bias, mode)
+        if y is not None:
+            return y
     if mode.invariant:
         return tiled_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)

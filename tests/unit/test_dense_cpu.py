@@ -116,6 +116,22 @@ def test_a_linear_runs_through_it_in_both_modes() -> None:
             assert torch.allclose(got, F.linear(x[:m], linear.weight, linear.bias), rtol=0, atol=1e-5)
 
 
+def test_a_saved_lm_head_copy_takes_the_base_heads_product() -> None:
+    """An adapter's lm_head copy (modules_to_save) runs the product the base's lm_head runs: ours
+    where the base's is marked, else F.linear or the 16-row tiles."""
+    from server.lora.saved import dense_linear
+    from server.model.base_gemm import tiled_linear
+
+    g = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    for mode in (BaseGemm.TILED, BaseGemm.PLAIN):
+        got = dense_linear(x, weight, bias, mode, cpp=True)
+        assert torch.equal(got, dense_cpu.matmul(x, weight) + bias), mode
+    assert torch.equal(dense_linear(x, weight, bias, BaseGemm.TILED), tiled_linear(x, weight, bias))
+    assert torch.equal(dense_linear(x, weight, bias, BaseGemm.PLAIN), F.linear(x, weight, bias))
+
+
 def test_the_loader_marks_the_lm_head(tiny_checkpoint: Callable[[str], Path]) -> None:
     from server.model.loader import load_base
 
