@@ -17,14 +17,9 @@ KERNEL = CppKernel("loraplex_dense_cpu", Path(__file__).with_name("dense_cpu.cpp
 _ops: dict[str, Any] = {}
 
 
-def load() -> bool:
-    """Build (once per CPU and source) and load the kernel; False, with the reason logged, where
-    this machine cannot build it."""
-    return KERNEL.load()
-
-
-def error() -> str:
-    return KERNEL.error()
+# build (once per CPU and source) and load it; False, with the reason logged and kept, where this
+# machine cannot build it
+load, error = KERNEL.load, KERNEL.error
 
 
 def vectorized() -> bool:

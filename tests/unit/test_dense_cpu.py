@@ -6,10 +6,6 @@ the lm_head where our CPU kernels run."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,10 +16,10 @@ from torch import nn
 
 from server.model import dense_cpu
 from server.model.base_gemm import CPP_DENSE, CPU_DENSE_ROWS, BaseGemm, base_linear, keep_dense
+from tests.cpu_builds import ARCHES, not_in_a_build, on_one_thread, run_built_for
 
 pytestmark = pytest.mark.skipif(not dense_cpu.load(), reason=f"dense kernel not built: {dense_cpu.error()}")
 
-ROOT = Path(__file__).resolve().parents[2]
 # (out, in): SmolLM2's lm_head width, the tiny model's, and shapes off the vector width and the
 # kernel's tiles (k not a multiple of 8, fewer outputs than a block, more than one tile)
 SHAPES = [(700, 576), (48, 64), (17, 13), (5, 1536), (1, 8), (301, 100)]
@@ -60,12 +56,7 @@ def test_rows_are_the_same_alone_in_any_batch_at_any_place(out: int, inp: int) -
         for shift in (0, 1, 3):
             got = dense_cpu.matmul(torch.roll(x, shift, 0)[:m], weight)
             assert torch.equal(_bits(got), _bits(torch.roll(alone, shift, 0)[:m])), (m, shift)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = dense_cpu.matmul(x, weight)
-    finally:
-        torch.set_num_threads(threads)
+    one = on_one_thread(lambda: dense_cpu.matmul(x, weight))
     assert torch.equal(_bits(one), _bits(alone))
 
 
@@ -142,15 +133,9 @@ def test_the_loader_marks_the_lm_head(tiny_checkpoint: Callable[[str], Path]) ->
         assert marked == (dequant == "cpp" and dense_cpu.vectorized()), dequant
 
 
-@pytest.mark.skipif(bool(os.environ.get("LORAPLEX_CPP_ARCH")), reason="already a build for another CPU")
-@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
+@not_in_a_build
+@pytest.mark.parametrize("arch", ARCHES)
 def test_the_code_other_cpus_build(arch: str) -> None:
     """The AVX2 path and the scalar one, built here and run through this file's product and
     invariance tests, so an AVX2-only machine runs code that was tested here too."""
-    env = {**os.environ, "LORAPLEX_CPP_ARCH": arch, "PYTHONPATH": str(ROOT)}
-    tests = "product or alone or empty or refuses"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests, str(Path(__file__))]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", out.stdout)
-    assert passed is not None and int(passed.group(1)) >= 10, out.stdout[-500:]  # built, not skipped
+    run_built_for(arch, __file__, at_least=10, keyword="product or alone or empty or refuses")

@@ -5,22 +5,16 @@ rounding points, and bad input refused before any memory is touched."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from server.lora.backends import cpp_lora
 from server.lora.ops import BagRows, lora_bag, lora_reference
+from tests.cpu_builds import ARCHES, not_in_a_build, run_built_for
 
 pytestmark = pytest.mark.skipif(not cpp_lora.load(), reason=f"cpp backend not built: {cpp_lora.error()}")
 
-ROOT = Path(__file__).resolve().parents[2]
 # (in, out): the tiny test model's, SmolLM2-135M's attention and MLP, and sizes off every vector width
 SHAPES = [(64, 128), (576, 192), (576, 1536), (1536, 576), (24, 40), (17, 145)]
 ROW_COUNTS = [1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 33, 64, 257]
@@ -207,15 +201,10 @@ def test_rounding_is_the_dtype_conversion_in_every_lane(dtype: torch.dtype) -> N
         assert torch.equal(y[i].nan_to_num(123.0), want.nan_to_num(123.0)), f"row {i}"
 
 
-@pytest.mark.skipif(bool(os.environ.get("LORAPLEX_CPP_ARCH")), reason="already a build for another CPU")
-@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
+@not_in_a_build
+@pytest.mark.parametrize("arch", ARCHES)
 def test_the_code_other_cpus_build(arch: str) -> None:
     """The kernel compiles different code for other CPUs (AVX2 intrinsics and 8-float vector pairs
     for x86-64-v3, the scalar conversions for baseline x86-64); this machine builds both and runs
     this file's tests with them, so an AVX2-only machine runs code that was tested here too."""
-    env = {**os.environ, "LORAPLEX_CPP_ARCH": arch, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", out.stdout)
-    assert passed is not None and int(passed.group(1)) >= 40, out.stdout[-500:]  # built, not skipped
+    run_built_for(arch, __file__, at_least=40)

@@ -8,10 +8,6 @@ bitsandbytes' logits within that rounding."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +17,10 @@ import torch
 
 from server.model import nf4_cpu
 from server.model.base_gemm import CPP_DEQUANT, CPP_MATMUL, decoded_state
+from tests.cpu_builds import ARCHES, not_in_a_build, on_one_thread, run_built_for
 
 pytestmark = pytest.mark.skipif(not nf4_cpu.load(), reason=f"NF4 kernel not built: {nf4_cpu.error()}")
 
-ROOT = Path(__file__).resolve().parents[2]
 # (out, in): SmolLM2-135M's projections, the tiny test model's, and shapes off every vector width
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (128, 64), (17, 64), (3, 128)]
 
@@ -63,12 +59,7 @@ def test_same_bits_as_bitsandbytes(out: int, inp: int, blocksize: int) -> None:
 
 def test_thread_split_changes_nothing() -> None:
     packed, state = _quantized(1536, 576, 64)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = nf4_cpu.dequantize(packed, state)
-    finally:
-        torch.set_num_threads(threads)
+    one = on_one_thread(lambda: nf4_cpu.dequantize(packed, state))
     assert torch.equal(nf4_cpu.dequantize(packed, state).view(torch.int32), one.view(torch.int32))
 
 
@@ -103,12 +94,7 @@ def test_matmul_rows_are_the_same_alone_in_any_batch_at_any_place() -> None:
             got = nf4_cpu.matmul(rows, packed, state)
             want = torch.roll(alone, shift, 0)[:m]
             assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (m, shift)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = nf4_cpu.matmul(x, packed, state)
-    finally:
-        torch.set_num_threads(threads)
+    one = on_one_thread(lambda: nf4_cpu.matmul(x, packed, state))
     assert torch.equal(one.view(torch.int32), alone.view(torch.int32))
 
 
@@ -215,16 +201,10 @@ def test_a_loaded_base_uses_it_and_gives_bitsandbytes_logits(tiny_checkpoint: Ca
     assert torch.allclose(logits["cpp"], logits["bnb"], rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(bool(os.environ.get("LORAPLEX_CPP_ARCH")), reason="already a build for another CPU")
-@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
+@not_in_a_build
+@pytest.mark.parametrize("arch", ARCHES)
 def test_the_code_other_cpus_build(arch: str) -> None:
     """The AVX2 path (two 8-entry permutes per lookup) and the scalar one, built here and run
     through this file's bitwise tests and its product's, so an AVX2-only machine runs code that was
     tested here too (the scalar `matmul` too, which the base leaves unused: it is only correct)."""
-    env = {**os.environ, "LORAPLEX_CPP_ARCH": arch, "PYTHONPATH": str(ROOT)}
-    tests = "same_bits or split or refuses or matmul"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests, str(Path(__file__))]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", out.stdout)
-    assert passed is not None and int(passed.group(1)) >= 31, out.stdout[-500:]  # built, not skipped
+    run_built_for(arch, __file__, at_least=31, keyword="same_bits or split or refuses or matmul")
