@@ -68,7 +68,8 @@ CPU_MATMUL_ROWS = 16
 # attribute of a full-precision Linear (the lm_head) whose fp32 product runs in dense_cpu.matmul
 CPP_DENSE = "loraplex_cpp_dense"
 # the most rows `plain` gives dense_cpu.matmul: on SmolLM2-135M's lm_head (49152 x 576) on 2 cores of
-# an AMD EPYC (AVX2), 0.24-0.53x the time of MKL's F.linear from 1 to 16 rows, 0.81x at 64, 1.1x at 128
+# an AMD EPYC (AVX2), two runs of bench/base_matmul.py put it at 0.24-0.61x the time of MKL's F.linear
+# from 1 to 16 rows, 0.65-0.70x at 32, 0.85x at 64 and 1.01-1.17x at 128 (README figure 9)
 CPU_DENSE_ROWS = 64
 
 
