@@ -23,8 +23,8 @@ load, error = KERNEL.load, KERNEL.error
 
 
 def vectorized() -> bool:
-    """Whether this machine's build has the vector path (AVX2 with FMA); the scalar one is there
-    to be correct on any x86-64, not to be fast, so the base does not use it."""
+    """Whether this machine's build has a vector path (AVX2 with FMA, or AVX-512); the scalar one
+    is there to be correct on any x86-64, not to be fast, so the base does not use it."""
     if "lanes" not in _ops:
         _ops["lanes"] = int(torch.ops.loraplex_dense.vector_lanes())
     return bool(_ops["lanes"] > 1)

@@ -84,43 +84,85 @@ void dequantize_range(float* out, const uint8_t* packed, const float* absmax, co
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-constexpr int kLanes = 8;
-// x's elements in the order one 8-byte load of the weight yields them: in each 16-element chunk
-// the eight even ones (high nibbles) and then the eight odd ones (low nibbles)
-constexpr int64_t kChunk = 16;
-
 inline float sum_lanes(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+#endif
+
+#if defined(__AVX512F__) && defined(__FMA__)
+constexpr int kLanes = 16;
+constexpr int kWide = 2;  // weight rows per group of 5-8 rows: 32 registers hold 16 sums
+using Vec = __m512;
+// the 16 NF4 values in one register: a nibble's value is one permute
+struct Lut {
+  __m512 v;
+  explicit Lut(const float* code) : v(_mm512_loadu_ps(code)) {}
+};
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec broadcast(float s) { return _mm512_set1_ps(s); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+// the weights of 16 bytes times their block scale: hi from the high nibbles (even elements), lo
+// from the low ones (odd elements)
+inline void decode(const uint8_t* p, Vec s, const Lut& lut, Vec& hi, Vec& lo) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), lut.v), s);
+  lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), lut.v), s);
+}
+inline float sum_lanes(Vec v) {  // the upper half onto the lower, then as an AVX2 register
+  const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return sum_lanes(_mm256_add_ps(_mm512_castps512_ps256(v), upper));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kLanes = 8;
+constexpr int kWide = 1;  // 16 registers: 8 sums
+using Vec = __m256;
+// the 16 NF4 values in two registers (nf4_values)
+struct Lut {
+  __m256 lo, hi;
+  explicit Lut(const float* code) : lo(_mm256_loadu_ps(code)), hi(_mm256_loadu_ps(code + 8)) {}
+};
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec broadcast(float s) { return _mm256_set1_ps(s); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void decode(const uint8_t* p, Vec s, const Lut& lut, Vec& hi, Vec& lo) {
+  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  hi = _mm256_mul_ps(nf4_values(_mm256_srli_epi32(bytes, 4), lut.lo, lut.hi), s);
+  lo = _mm256_mul_ps(nf4_values(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), lut.lo, lut.hi), s);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// x's elements in the order one load of the weight's bytes yields them: in each chunk of 2 x kLanes
+// elements the kLanes even ones (high nibbles) and then the kLanes odd ones (low nibbles)
+constexpr int64_t kChunk = 2 * kLanes;
 
 // y[g, n] for G rows of x and NB weight rows from n0. Each (row, n) pair has its own accumulator,
 // fed chunk by chunk in k order (even elements, then odd) and summed the same way at the end,
 // whatever G and NB are: a row's output cannot depend on which rows or how many share the call,
-// nor on the thread split over n. G x NB (at most 8) only sets how many chains run side by side:
-// FMA latency needs about 8 in flight, and a weight decoded once serves G rows.
+// nor on the thread split over n. G x NB (at most 8, 16 with AVX-512's 32 registers) only sets
+// how many chains run side by side: FMA latency needs about 8 in flight, and a weight decoded once
+// serves G rows.
 template <int G, int NB>
 void rows_block(float* y, int64_t ldy, const float* xs, int64_t K, const uint8_t* packed, const float* absmax,
-                __m256 lut_lo, __m256 lut_hi, int64_t blocksize, int64_t n0) {
-  const __m256i low4 = _mm256_set1_epi32(15);
-  __m256 acc[G][NB];
+                const Lut& lut, int64_t blocksize, int64_t n0) {
+  Vec acc[G][NB];
   for (int g = 0; g < G; ++g)
-    for (int j = 0; j < NB; ++j) acc[g][j] = _mm256_setzero_ps();
+    for (int j = 0; j < NB; ++j) acc[g][j] = zero();
   const int64_t blocks = K / blocksize;
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t e = b * blocksize; e < (b + 1) * blocksize; e += kChunk) {
       for (int j = 0; j < NB; ++j) {
-        const __m256 s = _mm256_set1_ps(absmax[(n0 + j) * blocks + b]);
-        const __m256i bytes = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + ((n0 + j) * K + e) / 2)));
         // code * absmax: the one fp32 product dequantize computes, so the same weight values
-        const __m256 hi = _mm256_mul_ps(nf4_values(_mm256_srli_epi32(bytes, 4), lut_lo, lut_hi), s);
-        const __m256 lo = _mm256_mul_ps(nf4_values(_mm256_and_si256(bytes, low4), lut_lo, lut_hi), s);
+        Vec hi, lo;
+        decode(packed + ((n0 + j) * K + e) / 2, broadcast(absmax[(n0 + j) * blocks + b]), lut, hi, lo);
         for (int g = 0; g < G; ++g) {
-          acc[g][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs + g * K + e), acc[g][j]);
-          acc[g][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs + g * K + e + kLanes), acc[g][j]);
+          acc[g][j] = fmadd(hi, load(xs + g * K + e), acc[g][j]);
+          acc[g][j] = fmadd(lo, load(xs + g * K + e + kLanes), acc[g][j]);
         }
       }
     }
@@ -133,24 +175,23 @@ void rows_block(float* y, int64_t ldy, const float* xs, int64_t K, const uint8_t
 template <int G, int NB>
 void rows_range(float* y, int64_t ldy, const float* xs, int64_t K, const uint8_t* packed, const float* absmax,
                 const float* code, int64_t blocksize, int64_t n_begin, int64_t n_end) {
-  const __m256 lut_lo = _mm256_loadu_ps(code), lut_hi = _mm256_loadu_ps(code + 8);
+  const Lut lut(code);
   int64_t n = n_begin;
-  for (; n + NB <= n_end; n += NB)
-    rows_block<G, NB>(y, ldy, xs, K, packed, absmax, lut_lo, lut_hi, blocksize, n);
-  for (; n < n_end; ++n) rows_block<G, 1>(y, ldy, xs, K, packed, absmax, lut_lo, lut_hi, blocksize, n);
+  for (; n + NB <= n_end; n += NB) rows_block<G, NB>(y, ldy, xs, K, packed, absmax, lut, blocksize, n);
+  for (; n < n_end; ++n) rows_block<G, 1>(y, ldy, xs, K, packed, absmax, lut, blocksize, n);
 }
 
 void matmul_range(float* y, int64_t ldy, const float* xs, int64_t M, int64_t K, const uint8_t* packed,
                   const float* absmax, const float* code, int64_t blocksize, int64_t n_begin, int64_t n_end) {
   int64_t m = 0;  // eight rows at a time, then the tail
   for (; m + 8 <= M; m += 8)
-    rows_range<8, 1>(y + m * ldy, ldy, xs + m * K, K, packed, absmax, code, blocksize, n_begin, n_end);
+    rows_range<8, kWide>(y + m * ldy, ldy, xs + m * K, K, packed, absmax, code, blocksize, n_begin, n_end);
   float* yt = y + m * ldy;
   const float* xt = xs + m * K;
   switch (M - m) {
-    case 7: rows_range<7, 1>(yt, ldy, xt, K, packed, absmax, code, blocksize, n_begin, n_end); break;
-    case 6: rows_range<6, 1>(yt, ldy, xt, K, packed, absmax, code, blocksize, n_begin, n_end); break;
-    case 5: rows_range<5, 1>(yt, ldy, xt, K, packed, absmax, code, blocksize, n_begin, n_end); break;
+    case 7: rows_range<7, kWide>(yt, ldy, xt, K, packed, absmax, code, blocksize, n_begin, n_end); break;
+    case 6: rows_range<6, kWide>(yt, ldy, xt, K, packed, absmax, code, blocksize, n_begin, n_end); break;
+    case 5: rows_range<5, kWide>(yt, ldy, xt, K, packed, absmax, code, blocksize, n_begin, n_end); break;
     case 4: rows_range<4, 2>(yt, ldy, xt, K, packed, absmax, code, blocksize, n_begin, n_end); break;
     case 3: rows_range<3, 2>(yt, ldy, xt, K, packed, absmax, code, blocksize, n_begin, n_end); break;
     case 2: rows_range<2, 4>(yt, ldy, xt, K, packed, absmax, code, blocksize, n_begin, n_end); break;
@@ -182,6 +223,8 @@ void matmul_range(float* y, int64_t ldy, const float* xs, int64_t M, int64_t K, 
     }
 }
 
+constexpr int64_t kChunk = 2;  // whole bytes
+
 at::Tensor split_even_odd(const at::Tensor& x) { return x.contiguous(); }
 #endif
 
@@ -207,7 +250,8 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   check_weight(packed, absmax, code, blocksize, rows, cols);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == cols,
               "nf4 matmul: x must be [M, cols] fp32 on CPU");
-  TORCH_CHECK(cols % blocksize == 0 && blocksize % 16 == 0, "nf4 matmul: each weight row must be whole blocks of 16s");
+  TORCH_CHECK(cols % blocksize == 0 && blocksize % kChunk == 0,
+              "nf4 matmul: each weight row must be whole blocks of ", kChunk, "s");
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, rows}, x.options());
   if (M == 0 || rows == 0) return y;

@@ -170,7 +170,7 @@ def test_refuses_bad_input() -> None:
         mm(x.double(), packed, state.absmax, state.code, 64, 64, 128)
     with pytest.raises(RuntimeError, match=r"x must be \[M, cols\] fp32"):
         mm(x[:, :64], packed, state.absmax, state.code, 64, 64, 128)
-    with pytest.raises(RuntimeError, match="whole blocks of 16s"):
+    with pytest.raises(RuntimeError, match="each weight row must be whole blocks"):
         mm(torch.randn(3, 32), packed, state.absmax, state.code, 64, 256, 32)  # rows of half a block
     with pytest.raises(RuntimeError, match="sizes do not match"):
         mm(x, packed, state.absmax, state.code, 64, 64, 256)
