@@ -107,6 +107,23 @@ def test_a_linear_runs_through_it_in_both_modes() -> None:
             assert torch.allclose(got, F.linear(x[:m], linear.weight, linear.bias), rtol=0, atol=1e-5)
 
 
+def test_a_marked_weight_off_a_cache_line_moves_to_one_with_its_tied_embedding() -> None:
+    """keep_dense moves a weight that does not start on a 64-byte line (the GGUF reader leaves
+    SmolLM2's tied embeddings so, and every AVX-512 load would straddle two lines) to one: the same
+    values, and the tied embedding still the same Parameter."""
+    buffer = torch.randn(48 * 64 + 2, generator=torch.Generator().manual_seed(5))
+    head = nn.Linear(64, 48, bias=False).requires_grad_(False)
+    head.weight.data = buffer[2:].view(48, 64)  # 8 bytes past torch's 64-byte alignment
+    embedding = nn.Embedding(48, 64)
+    embedding.weight = head.weight
+    assert head.weight.data_ptr() % 64 == 8
+    keep_dense(head, "cpp")
+    if not dense_cpu.vectorized():
+        return
+    assert head.weight.data_ptr() % 64 == 0 and embedding.weight is head.weight
+    assert torch.equal(head.weight, buffer[2:].view(48, 64))
+
+
 def test_a_saved_lm_head_copy_takes_the_base_heads_product() -> None:
     """An adapter's lm_head copy (modules_to_save) runs the product the base's lm_head runs: ours
     where the base's is marked, else F.linear or the 16-row tiles."""
