@@ -33,6 +33,10 @@ from server.model.base_gemm import CPP_DENSE, CPP_MATMUL, nf4_state
 
 TWIN_ARCH = "x86-64-v3"
 RANK, ADAPTERS, PROMPT = 16, 16, 64
+SCALE = torch.full((ADAPTERS + 1,), 2.0)  # every slot's scale and rank
+RANKS = torch.full((ADAPTERS + 1,), RANK, dtype=torch.int32)
+Runner = Callable[[], None]
+Work = tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]
 # library name in each source -> the kernel that builds it
 KERNELS = {
     "loraplex_nf4": nf4_cpu.KERNEL,
@@ -63,7 +67,7 @@ def build_twin(library: str, kernel: CppKernel) -> str:
     return twin
 
 
-def alternated(ways: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+def alternated(ways: dict[str, Runner], rounds: int) -> dict[str, float]:
     """Median ms of each way, the ways alternated round by round (one warm-up each)."""
     for fn in ways.values():
         fn()
@@ -103,7 +107,7 @@ def main() -> None:
         xs = [torch.randn(m, lin.in_features, generator=g) for lin in linears]
         head_x = torch.randn(m, head.in_features, generator=g)
 
-        def nf4(lib: str, xs: list[torch.Tensor] = xs) -> Callable[[], None]:
+        def nf4(lib: str, xs: list[torch.Tensor] = xs) -> Runner:
             op = getattr(torch.ops, lib).matmul.default
 
             def run() -> None:
@@ -112,7 +116,7 @@ def main() -> None:
 
             return run
 
-        def dense(lib: str, x: torch.Tensor = head_x) -> Callable[[], None]:
+        def dense(lib: str, x: torch.Tensor = head_x) -> Runner:
             op = getattr(torch.ops, lib).matmul.default
 
             def run() -> None:
@@ -163,20 +167,21 @@ def main() -> None:
             )
             for lin in linears
         ]
-        scale = torch.full((ADAPTERS + 1,), 2.0)
-        rank = torch.full((ADAPTERS + 1,), RANK, dtype=torch.int32)
         xs = [torch.randn(PROMPT, lin.in_features, generator=g) for lin in linears]
         ys = [torch.zeros(PROMPT, lin.out_features) for lin in linears]
         for case, slot_list in cases.items():
             slots = torch.tensor(slot_list)
             t = len(slot_list)
 
-            def lora(lib: str, slots: torch.Tensor = slots, t: int = t) -> Callable[[], None]:
+            def lora(
+                lib: str, slots: torch.Tensor = slots, t: int = t, work: Work = (factors, xs, ys)
+            ) -> Runner:
                 op = getattr(torch.ops, lib).lora_add_.default
+                pairs, inputs, outputs = work
 
                 def run() -> None:
-                    for (A, B), x, y in zip(factors, xs, ys, strict=True):
-                        op(y[:t], x[:t], A, B, scale, rank, None, slots)
+                    for (A, B), x, y in zip(pairs, inputs, outputs, strict=True):
+                        op(y[:t], x[:t], A, B, SCALE, RANKS, None, slots)
 
                 return run
 
@@ -187,7 +192,8 @@ def main() -> None:
             lora_results[name] = {"ms": ms, "native_over_avx2": ms["native"] / ms["avx2"]}
             lora_rows.append([name, f"{ms['native']:.2f}", f"{ms['avx2']:.2f}", ms["native"] / ms["avx2"]])
     lora_text = table(
-        f"LoRA products over the 210 projections, rank {RANK}, ms (median of {args.rounds} rounds, alternated)",
+        f"LoRA products over the 210 projections, rank {RANK}, ms (median of {args.rounds} rounds, "
+        "alternated)",
         ["case", "native", TWIN_ARCH, "ratio"],
         lora_rows,
     )
