@@ -3,9 +3,10 @@ weight in registers (nf4_cpu.matmul) against dequantizing the weight with our ke
 BLAS matmul (the `plain` mode's other way), and against the 16-row tiles of that matmul (the
 `tiled` mode's other way). SmolLM2-135M's 210 NF4 projections, each given random rows; the three
 ways alternate round by round, and every figure is a ratio to dequantize + matmul in the same run.
-This measurement sets base_gemm.CPU_MATMUL_ROWS. Beside it, the same way, the fp32 lm_head
-(49152 x 576): our row-invariant product (dense_cpu.matmul) against one BLAS matmul (F.linear) and
-its 16-row tiles; that sets base_gemm.CPU_DENSE_ROWS.
+This measurement sets base_gemm.CPU_MATMUL_ROWS (one value per vector width of our build: AVX2's 8
+lanes, AVX-512's 16). Beside it, the same way, the fp32 lm_head (49152 x 576): our row-invariant
+product (dense_cpu.matmul) against one BLAS matmul (F.linear) and its 16-row tiles; that sets
+base_gemm.CPU_DENSE_ROWS.
 
     .venv/bin/python -m bench.base_matmul [--rows 1,2,4,8,16,32,64,128] [--rounds 7]
 """
@@ -26,8 +27,8 @@ from server.model import dense_cpu, nf4_cpu
 from server.model.base_gemm import (
     CPP_DENSE,
     CPP_MATMUL,
-    CPU_DENSE_ROWS,
-    CPU_MATMUL_ROWS,
+    cpu_dense_rows,
+    cpu_matmul_rows,
     dequantized_weight,
     nf4_state,
     tiled_linear,
@@ -103,13 +104,13 @@ def main() -> None:
         )
     text = table(
         f"210 NF4 projections of SmolLM2-135M, ms (median of {args.rounds} rounds, interleaved); "
-        f"`plain` uses nf4_cpu.matmul up to {CPU_MATMUL_ROWS} rows, `tiled` at every count",
+        f"`plain` uses nf4_cpu.matmul up to {cpu_matmul_rows()} rows, `tiled` at every count",
         ["rows", *WAYS, "matmul / dequantize+matmul", "matmul / tiles"],
         rows,
     )
     head_text = table(
         f"lm_head {head.out_features} x {head.in_features} fp32, ms (median of {args.rounds} rounds, "
-        f"interleaved); `plain` uses dense_cpu.matmul up to {CPU_DENSE_ROWS} rows, `tiled` at every count",
+        f"interleaved); `plain` uses dense_cpu.matmul up to {cpu_dense_rows()} rows, `tiled` at every count",
         ["rows", *HEAD_WAYS, "dense / F.linear", "dense / tiles"],
         head_rows,
     )
@@ -117,8 +118,9 @@ def main() -> None:
         "base_matmul",
         {
             "rounds": args.rounds,
-            "cpu_matmul_rows": CPU_MATMUL_ROWS,
-            "cpu_dense_rows": CPU_DENSE_ROWS,
+            "cpu_matmul_rows": cpu_matmul_rows(),
+            "vector_lanes": nf4_cpu.lanes(),
+            "cpu_dense_rows": cpu_dense_rows(),
             "rows": results,
             "lm_head": head_results,
             "table": text + "\n\n" + head_text,

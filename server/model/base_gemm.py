@@ -18,12 +18,12 @@ on a CPU computing in fp32, by our kernel with the same bits (nf4_cpu.py: `dequa
 (with AVX2), an NF4 projection does not write its weight out at all: our kernel decodes each
 weight in registers to the same value and multiplies it into the rows (nf4_cpu.matmul), a row's
 sums in an order no other row can change. `tiled` uses it for every row count (row-invariant by
-construction, and faster than the tiles at every size measured); `plain` up to CPU_MATMUL_ROWS
+construction, and faster than the tiles at every size measured); `plain` up to cpu_matmul_rows()
 rows, above which dequantizing once for a BLAS matmul pays (bench/base_matmul.py, README figure 9).
 The double-quantized block scales are decoded once at load (keep_block_scales) where bitsandbytes
 decodes them again in every call: the same fp32 values, for 4 bytes per 64 weights. The fp32
 lm_head goes the same way where those kernels run (keep_dense): our row-invariant product
-(dense_cpu.matmul) in `tiled` at every row count and in `plain` up to CPU_DENSE_ROWS rows.
+(dense_cpu.matmul) in `tiled` at every row count and in `plain` up to cpu_dense_rows() rows.
 """
 
 from __future__ import annotations
@@ -61,16 +61,34 @@ DECODED_STATE = "loraplex_decoded_state"
 CPP_DEQUANT = "loraplex_cpp_dequant"
 # attribute of a Linear4bit whose fp32 product runs in our CPU kernel without dequantizing (nf4_cpu.matmul)
 CPP_MATMUL = "loraplex_cpp_matmul"
-# the most rows `plain` gives nf4_cpu.matmul: over SmolLM2-135M's 210 projections on 2 cores of an AMD
-# EPYC (AVX2), three runs of bench/base_matmul.py put it at 0.6-0.8x the time of dequantize + matmul at
-# 1 row, 0.3-0.5x at 8, 0.5-0.85x at 16, 0.74-1.04x at 32 and 1.2-1.3x at 64
-CPU_MATMUL_ROWS = 16
+# the most rows `plain` gives nf4_cpu.matmul, by the lanes of the build's vectors (bench/base_matmul.py
+# over SmolLM2-135M's 210 projections on 2 cores, README figure 9): the time of dequantize + matmul,
+# on an AMD EPYC Zen 3 (AVX2 build) in three runs 0.6-0.8x at 1 row, 0.3-0.5x at 8, 0.5-0.85x at 16,
+# 0.74-1.04x at 32 and 1.2-1.3x at 64; on an AMD EPYC Zen 4 (AVX-512 build) in two runs 0.50-0.53x
+# at 1 row, 0.53x at 16, 0.72-0.73x at 32, 0.89x at 64 and 1.03-1.05x at 128
+CPU_MATMUL_ROWS = {8: 16, 16: 64}
 # attribute of a full-precision Linear (the lm_head) whose fp32 product runs in dense_cpu.matmul
 CPP_DENSE = "loraplex_cpp_dense"
-# the most rows `plain` gives dense_cpu.matmul: on SmolLM2-135M's lm_head (49152 x 576) on 2 cores of
-# an AMD EPYC (AVX2), two runs of bench/base_matmul.py put it at 0.24-0.61x the time of MKL's F.linear
-# from 1 to 16 rows, 0.65-0.70x at 32, 0.85x at 64 and 1.01-1.17x at 128 (README figure 9)
-CPU_DENSE_ROWS = 64
+# the most rows `plain` gives dense_cpu.matmul, by the lanes of the build's vectors: on SmolLM2-135M's
+# lm_head (49152 x 576), the time of MKL's F.linear, on the Zen 3 (AVX2) in two runs 0.24-0.61x from
+# 1 to 16 rows, 0.65-0.70x at 32, 0.85x at 64 and 1.01-1.17x at 128; on the Zen 4 (AVX-512) in two
+# runs 0.18-0.51x to 16 rows, 0.58-0.60x at 32, 0.76-0.77x at 64 and 0.83-0.85x at 128
+CPU_DENSE_ROWS = {8: 64, 16: 128}
+_limits: dict[str, int] = {}  # the two above for this build, looked up once
+
+
+def cpu_matmul_rows() -> int:
+    """The most rows `plain` gives nf4_cpu.matmul on this machine's build (CPU_MATMUL_ROWS)."""
+    if "matmul" not in _limits:
+        _limits["matmul"] = CPU_MATMUL_ROWS.get(nf4_cpu.lanes(), CPU_MATMUL_ROWS[8])
+    return _limits["matmul"]
+
+
+def cpu_dense_rows() -> int:
+    """The most rows `plain` gives dense_cpu.matmul on this machine's build (CPU_DENSE_ROWS)."""
+    if "dense" not in _limits:
+        _limits["dense"] = CPU_DENSE_ROWS.get(dense_cpu.lanes(), CPU_DENSE_ROWS[8])
+    return _limits["dense"]
 
 
 def keep_block_scales(linear: nn.Linear, dequant: str = "bnb") -> None:
@@ -251,7 +269,7 @@ def cpu_matmul(
     if x.dtype is not torch.float32 or x.requires_grad:  # the kernel has no backward
         return None
     rows = x.reshape(-1, x.shape[-1])
-    if not mode.invariant and rows.shape[0] > CPU_MATMUL_ROWS:
+    if not mode.invariant and rows.shape[0] > cpu_matmul_rows():
         return None
     y = nf4_cpu.matmul(rows, packed, state)
     if bias is not None:
@@ -267,7 +285,7 @@ def dense_matmul(
     if x.dtype is not torch.float32 or x.requires_grad:  # the kernel has no backward
         return None
     rows = x.reshape(-1, x.shape[-1])
-    if not mode.invariant and rows.shape[0] > CPU_DENSE_ROWS:
+    if not mode.invariant and rows.shape[0] > cpu_dense_rows():
         return None
     y = dense_cpu.matmul(rows, weight)
     if bias is not None:

@@ -25,9 +25,7 @@ load, error = KERNEL.load, KERNEL.error
 def vectorized() -> bool:
     """Whether this machine's build has a vector path (AVX2 with FMA, or AVX-512); the scalar one
     is there to be correct on any x86-64, not to be fast, so the base does not use it."""
-    if "lanes" not in _ops:
-        _ops["lanes"] = int(torch.ops.loraplex_dense.vector_lanes())
-    return bool(_ops["lanes"] > 1)
+    return lanes() > 1
 
 
 def takes(weight: torch.Tensor) -> bool:
@@ -45,3 +43,10 @@ def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if "matmul" not in _ops:  # looked up once: torch.ops' name resolution costs microseconds a call
         _ops["matmul"] = torch.ops.loraplex_dense.matmul.default
     return _ops["matmul"](x, weight)
+
+
+def lanes() -> int:
+    """The fp32 lanes of this machine's build: 16 (AVX-512), 8 (AVX2) or 1 (the scalar path)."""
+    if "lanes" not in _ops:
+        _ops["lanes"] = int(torch.ops.loraplex_dense.vector_lanes())
+    return int(_ops["lanes"])

@@ -67,9 +67,7 @@ def vectorized() -> bool:
     """Whether this machine's build has a vector path of `matmul` (AVX2 with FMA, or AVX-512);
     the scalar one is there to be correct on any x86-64, not to be fast, so the base does not use
     it."""
-    if "lanes" not in _ops:
-        _ops["lanes"] = int(torch.ops.loraplex_nf4.vector_lanes())
-    return bool(_ops["lanes"] > 1)
+    return lanes() > 1
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, state: Any) -> torch.Tensor:
@@ -86,3 +84,10 @@ def _op(name: str = "dequantize") -> Any:
     if name not in _ops:
         _ops[name] = getattr(torch.ops.loraplex_nf4, name).default
     return _ops[name]
+
+
+def lanes() -> int:
+    """The fp32 lanes of this machine's build: 16 (AVX-512), 8 (AVX2) or 1 (the scalar path)."""
+    if "lanes" not in _ops:
+        _ops["lanes"] = int(torch.ops.loraplex_nf4.vector_lanes())
+    return int(_ops["lanes"])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model import dense_cpu
-from server.model.base_gemm import CPP_DENSE, CPU_DENSE_ROWS, BaseGemm, base_linear, keep_dense
+from server.model.base_gemm import CPP_DENSE, BaseGemm, base_linear, cpu_dense_rows, keep_dense
 from tests.cpu_builds import ARCHES, not_in_a_build, on_one_thread, run_built_for
 
 pytestmark = pytest.mark.skipif(not dense_cpu.load(), reason=f"dense kernel not built: {dense_cpu.error()}")
@@ -87,7 +87,7 @@ def test_refuses_bad_input() -> None:
 
 def test_a_linear_runs_through_it_in_both_modes() -> None:
     """base_linear on a Linear the loader marked (keep_dense): the kernel's product in `tiled` at any
-    row count and in `plain` up to CPU_DENSE_ROWS rows, F.linear above; nothing marked where our CPU
+    row count and in `plain` up to cpu_dense_rows() rows, F.linear above; nothing marked where our CPU
     kernels do not run (`dequant` bnb) or for a weight the kernel does not take."""
     linear = nn.Linear(64, 48).requires_grad_(False)
     keep_dense(linear, "bnb")
@@ -95,11 +95,12 @@ def test_a_linear_runs_through_it_in_both_modes() -> None:
     keep_dense(nn.Linear(64, 48).half(), "cpp")
     keep_dense(linear, "cpp")
     assert getattr(linear, CPP_DENSE, False) == dense_cpu.vectorized()
-    x = torch.randn(CPU_DENSE_ROWS + 3, 64, generator=torch.Generator().manual_seed(2))
+    limit = cpu_dense_rows()
+    x = torch.randn(limit + 3, 64, generator=torch.Generator().manual_seed(2))
     for mode in (BaseGemm.TILED, BaseGemm.PLAIN):
-        for m in (1, 7, CPU_DENSE_ROWS, CPU_DENSE_ROWS + 3):
+        for m in (1, 7, limit, limit + 3):
             got = base_linear(x[:m], linear, mode)
-            plain_above = mode is BaseGemm.PLAIN and m > CPU_DENSE_ROWS
+            plain_above = mode is BaseGemm.PLAIN and m > limit
             if dense_cpu.vectorized() and not plain_above:
                 assert torch.equal(got, dense_cpu.matmul(x[:m], linear.weight) + linear.bias), (mode, m)
             elif plain_above:

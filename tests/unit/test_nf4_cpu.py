@@ -102,14 +102,14 @@ def test_matmul_rows_are_the_same_alone_in_any_batch_at_any_place() -> None:
 def test_a_linear4bit_runs_through_it_in_both_modes(double_quant: bool) -> None:
     """base_linear on a bitsandbytes Linear4bit as the loader prepares it (keep_block_scales), with
     QLoRA's double-quantized scales or plain ones: the kernel's product in `tiled` at any row count
-    and in `plain` up to CPU_MATMUL_ROWS rows; dequantize + matmul above."""
+    and in `plain` up to cpu_matmul_rows() rows; dequantize + matmul above."""
     import bitsandbytes as bnb
     import torch.nn.functional as F
 
     from server.model.base_gemm import (
-        CPU_MATMUL_ROWS,
         BaseGemm,
         base_linear,
+        cpu_matmul_rows,
         dequantized_weight,
         keep_block_scales,
         nf4_state,
@@ -123,12 +123,13 @@ def test_a_linear4bit_runs_through_it_in_both_modes(double_quant: bool) -> None:
     weight = dequantized_weight(linear, torch.float32)
     state = nf4_state(linear)
     assert (state is getattr(linear.weight, "quant_state", None)) == (not double_quant)
-    x = torch.randn(CPU_MATMUL_ROWS + 3, 128, generator=torch.Generator().manual_seed(3))
+    limit = cpu_matmul_rows()
+    x = torch.randn(limit + 3, 128, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for mode in (BaseGemm.TILED, BaseGemm.PLAIN):
-            for m in (1, CPU_MATMUL_ROWS, CPU_MATMUL_ROWS + 3):
+            for m in (1, limit, limit + 3):
                 got = base_linear(x[:m], linear, mode)
-                plain_above = mode is BaseGemm.PLAIN and m > CPU_MATMUL_ROWS
+                plain_above = mode is BaseGemm.PLAIN and m > limit
                 if nf4_cpu.vectorized() and not plain_above:
                     want = nf4_cpu.matmul(x[:m], linear.weight.data, state) + linear.bias
                     assert torch.equal(got, want), (mode, m)
