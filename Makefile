@@ -54,6 +54,7 @@ clean:
 bench: model
 	$(PY) -m bench.step_overhead
 	$(PY) -m bench.base_matmul
+	$(PY) -m bench.kernel_isa
 	$(PY) -m bench.peft_methods
 	$(PY) -m bench.single_stream
 	$(PY) -m bench.throughput

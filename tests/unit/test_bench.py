@@ -26,6 +26,7 @@ SCRIPTS = (
     "host_step",
     "single_stream",
     "base_matmul",
+    "kernel_isa",
 )
 
 
