@@ -14,19 +14,15 @@ base_gemm.CPU_DENSE_ROWS.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from bench import workload
-from bench.report import save, table
+from bench.report import alternated, save, table
 from server.model import dense_cpu, nf4_cpu
 from server.model.base_gemm import (
-    CPP_DENSE,
-    CPP_MATMUL,
     cpu_dense_rows,
     cpu_matmul_rows,
     dequantized_weight,
@@ -53,14 +49,15 @@ def timed(
     rounds: int,
 ) -> dict[str, float]:
     """Median ms of each way over all the linears, the ways alternated round by round."""
-    times: dict[str, list[float]] = {w: [] for w in ways}
-    for _ in range(rounds):
-        for way, fn in ways.items():
-            t = time.perf_counter()
+
+    def over_all(fn: Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
             for x, lin in zip(xs, linears, strict=True):
                 fn(x, lin)
-            times[way].append(time.perf_counter() - t)
-    return {w: 1e3 * statistics.median(v) for w, v in times.items()}
+
+        return run
+
+    return alternated({way: over_all(fn) for way, fn in ways.items()}, rounds)
 
 
 def main() -> None:
@@ -69,13 +66,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
 
-    base = workload.load(max_loras=1, dequant="cpp")
-    linears: list[torch.nn.Linear] = [layer.base for layer in base.lora_layers.values()]
-    if not all(getattr(m, CPP_MATMUL, False) for m in linears):
-        raise SystemExit("nf4_cpu.matmul does not take this base here (no AVX2 build, or not NF4 on CPU)")
-    head = base.model.lm_head
-    if not getattr(head, CPP_DENSE, False):
-        raise SystemExit("dense_cpu.matmul does not take this lm_head here (no AVX2 build, or not fp32)")
+    _, linears, head = workload.kernel_base()
     g = torch.Generator().manual_seed(0)
     rows, head_rows, results, head_results = [], [], {}, {}
     for m in (int(r) for r in args.rows.split(",")):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,11 +23,11 @@ import torch
 from torch.utils import cpp_extension
 
 from bench import workload
-from bench.report import save, table
+from bench.report import alternated, save, table
 from server.cpp_build import CppKernel
 from server.lora.backends import cpp_lora
 from server.model import dense_cpu, nf4_cpu
-from server.model.base_gemm import CPP_DENSE, CPP_MATMUL, nf4_state
+from server.model.base_gemm import nf4_state
 
 TWIN_ARCH = "x86-64-v3"
 RANK, ADAPTERS, PROMPT = 16, 16, 64
@@ -67,30 +65,13 @@ def build_twin(library: str, kernel: CppKernel) -> str:
     return twin
 
 
-def alternated(ways: dict[str, Runner], rounds: int) -> dict[str, float]:
-    """Median ms of each way, the ways alternated round by round (one warm-up each)."""
-    for fn in ways.values():
-        fn()
-    times: dict[str, list[float]] = {w: [] for w in ways}
-    for _ in range(rounds):
-        for way, fn in ways.items():
-            t = time.perf_counter()
-            fn()
-            times[way].append(time.perf_counter() - t)
-    return {w: 1e3 * statistics.median(v) for w, v in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,4,8,16,32,64")
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
 
-    base = workload.load(max_loras=1, dequant="cpp")
-    linears: list[torch.nn.Linear] = [layer.base for layer in base.lora_layers.values()]
-    head = base.model.lm_head
-    if not (all(getattr(m, CPP_MATMUL, False) for m in linears) and getattr(head, CPP_DENSE, False)):
-        raise SystemExit("our kernels do not take this base here (no AVX2 build, or not NF4/fp32 on CPU)")
+    _, linears, head = workload.kernel_base()
     if not cpp_lora.load():
         raise SystemExit(f"the LoRA kernel does not build here: {cpp_lora.error()}")
     twins = {lib: build_twin(lib, kernel) for lib, kernel in KERNELS.items()}

@@ -8,7 +8,10 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +82,17 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[k]
+
+
+def alternated(ways: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms of each way, the ways alternated round by round after one warm-up call each, so
+    that a shared machine's slow spells fall on all of them alike."""
+    for fn in ways.values():
+        fn()
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    for _ in range(rounds):
+        for way, fn in ways.items():
+            t = time.perf_counter()
+            fn()
+            times[way].append(time.perf_counter() - t)
+    return {w: 1e3 * statistics.median(v) for w, v in times.items()}

@@ -85,6 +85,21 @@ def load(
     )  # fmt: skip
 
 
+def kernel_base() -> tuple[BaseModel, list[torch.nn.Linear], torch.nn.Linear]:
+    """The base as the server loads it with our CPU kernels (`dequant` cpp), its NF4 projections
+    and its lm_head; exits where those kernels do not take them (no AVX2 build, not NF4/fp32)."""
+    from server.model.base_gemm import CPP_DENSE, CPP_MATMUL
+
+    base = load(max_loras=1, dequant="cpp")
+    linears: list[torch.nn.Linear] = [layer.base for layer in base.lora_layers.values()]
+    head = base.model.lm_head
+    if not all(getattr(m, CPP_MATMUL, False) for m in linears):
+        raise SystemExit("nf4_cpu.matmul does not take this base here (no AVX2 build, or not NF4 on CPU)")
+    if not getattr(head, CPP_DENSE, False):
+        raise SystemExit("dense_cpu.matmul does not take this lm_head here (no AVX2 build, or not fp32)")
+    return base, linears, head
+
+
 def chat_ids(base: BaseModel, count: int) -> list[list[int]]:
     """`count` chat prompts cycling through QUESTIONS, rendered by the model's chat template."""
     return [base.chat_ids([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(count)]
