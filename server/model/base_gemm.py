@@ -15,9 +15,9 @@
 NF4 weights are dequantized with bitsandbytes' own kernels, exactly as its CPU `gemm_4bit` does,
 so both modes compute what bitsandbytes and PEFT compute, without the module's per-call overhead;
 on a CPU computing in fp32, by our kernel with the same bits (nf4_cpu.py: `dequant=cpp`). There
-(with AVX2), an NF4 projection does not write its weight out at all: our kernel decodes each
-weight in registers to the same value and multiplies it into the rows (nf4_cpu.matmul), a row's
-sums in an order no other row can change. `tiled` uses it for every row count (row-invariant by
+(with AVX2 or AVX-512), an NF4 projection does not write its weight out at all: our kernel decodes
+each weight in registers to the same value and multiplies it into the rows (nf4_cpu.matmul), a
+row's sums in an order no other row can change. `tiled` uses it for every row count (row-invariant by
 construction, and faster than the tiles at every size measured); `plain` up to cpu_matmul_rows()
 rows, above which dequantizing once for a BLAS matmul pays (bench/base_matmul.py, README figure 9).
 The double-quantized block scales are decoded once at load (keep_block_scales) where bitsandbytes
@@ -64,15 +64,15 @@ CPP_MATMUL = "loraplex_cpp_matmul"
 # the most rows `plain` gives nf4_cpu.matmul, by the lanes of the build's vectors (bench/base_matmul.py
 # over SmolLM2-135M's 210 projections on 2 cores, README figure 9): the time of dequantize + matmul,
 # on an AMD EPYC Zen 3 (AVX2 build) in three runs 0.6-0.8x at 1 row, 0.3-0.5x at 8, 0.5-0.85x at 16,
-# 0.74-1.04x at 32 and 1.2-1.3x at 64; on an AMD EPYC Zen 4 (AVX-512 build) in two runs 0.50-0.53x
-# at 1 row, 0.53x at 16, 0.72-0.73x at 32, 0.89x at 64 and 1.03-1.05x at 128
+# 0.74-1.04x at 32 and 1.2-1.3x at 64; on an AMD EPYC Zen 4 (AVX-512 build) in three runs 0.49-0.53x
+# at 1 row, 0.53x at 16, 0.72-0.75x at 32, 0.89-0.90x at 64 and 1.03-1.05x at 128
 CPU_MATMUL_ROWS = {8: 16, 16: 64}
 # attribute of a full-precision Linear (the lm_head) whose fp32 product runs in dense_cpu.matmul
 CPP_DENSE = "loraplex_cpp_dense"
 # the most rows `plain` gives dense_cpu.matmul, by the lanes of the build's vectors: on SmolLM2-135M's
 # lm_head (49152 x 576), the time of MKL's F.linear, on the Zen 3 (AVX2) in two runs 0.24-0.61x from
-# 1 to 16 rows, 0.65-0.70x at 32, 0.85x at 64 and 1.01-1.17x at 128; on the Zen 4 (AVX-512) in two
-# runs 0.18-0.51x to 16 rows, 0.58-0.60x at 32, 0.76-0.77x at 64 and 0.83-0.85x at 128
+# 1 to 16 rows, 0.65-0.70x at 32, 0.85x at 64 and 1.01-1.17x at 128; on the Zen 4 (AVX-512) in three
+# runs 0.18-0.51x to 16 rows, 0.58-0.63x at 32, 0.76-0.80x at 64 and 0.83-0.86x at 128
 CPU_DENSE_ROWS = {8: 64, 16: 128}
 _limits: dict[str, int] = {}  # the two above for this build, looked up once
 
