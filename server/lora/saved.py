@@ -167,8 +167,9 @@ def split_saved(
                 )
             if not torch.isfinite(tensor).all():
                 raise AdapterWeightsError(f"tensor {name} contains NaN or infinite values", field=name)
-            # PEFT loads the saved tensor into a copy of the base module: it takes the module's dtype
-            params[param] = tensor.to(spec.dtype).contiguous()
+            # PEFT loads the saved tensor into a copy of the base module: it takes the module's dtype.
+            # An lm_head copy may run dense_cpu.matmul, as the base's does (dense_linear).
+            params[param] = dense_cpu.on_a_cache_line(tensor.to(spec.dtype).contiguous())
         result[module] = params
     return result, rest
 

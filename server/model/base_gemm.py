@@ -117,11 +117,8 @@ def keep_dense(linear: nn.Linear, dequant: str) -> None:
     (`dequant` "cpp": a CPU computing in fp32, and they build here) and its vector path built."""
     if dequant == "cpp" and dense_cpu.load() and dense_cpu.vectorized() and dense_cpu.takes(linear.weight):
         setattr(linear, CPP_DENSE, True)
-        if linear.weight.data_ptr() % 64:
-            # the GGUF reader leaves SmolLM2's tied embeddings 8 bytes off a cache line, and then
-            # every AVX-512 load straddles two: 1.39x the time at 64 rows (AMD EPYC Zen 4). torch's
-            # allocator aligns to 64; the tied input embeddings share the Parameter, so move too.
-            linear.weight.data = linear.weight.data.clone()
+        # tied input embeddings share the Parameter, so they move with it
+        linear.weight.data = dense_cpu.on_a_cache_line(linear.weight.data)
 
 
 def decoded_state(quant_state: Any, absmax: torch.Tensor | None = None) -> Any:

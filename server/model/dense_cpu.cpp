@@ -9,8 +9,9 @@
 //
 // Row-invariant by construction: each (row, output) pair has its own accumulator, fed one vector
 // (8 elements under AVX2, 16 under AVX-512) at a time in k order, its lanes summed the same way at
-// the end, then the tail of k (when it is not a multiple of the vector) added one by one. How many rows share the call, a row's place, the group it
-// runs in and the thread split over outputs change only which sums run side by side.
+// the end, then the tail of k (when it is not a multiple of the vector) added one by one. How many
+// rows share the call, a row's place, the group it runs in and the thread split over outputs change
+// only which sums run side by side.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -125,6 +125,20 @@ def test_a_marked_weight_off_a_cache_line_moves_to_one_with_its_tied_embedding()
     assert torch.equal(head.weight, buffer[2:].view(48, 64))
 
 
+def test_a_saved_lm_head_copy_off_a_cache_line_is_moved_onto_one() -> None:
+    """safetensors places a tensor at any multiple of 8 bytes: an adapter's lm_head copy, which runs
+    the base head's product, is kept on a 64-byte line, with the same values."""
+    from server.lora.saved import SaveableModule, split_saved
+
+    buffer = torch.randn(48 * 64 + 2, generator=torch.Generator().manual_seed(6))
+    weight = buffer[2:].view(48, 64)  # 8 bytes past torch's 64-byte alignment
+    assert weight.data_ptr() % 64 == 8
+    saveable = {"lm_head": SaveableModule("lm_head", {"weight": (48, 64)}, torch.float32)}
+    saved, rest = split_saved({"base_model.model.lm_head.weight": weight}, ("lm_head",), saveable, [])
+    kept = saved["lm_head"]["weight"]
+    assert kept.data_ptr() % 64 == 0 and torch.equal(kept, weight) and not rest
+
+
 def test_a_saved_lm_head_copy_takes_the_base_heads_product() -> None:
     """An adapter's lm_head copy (modules_to_save) runs the product the base's lm_head runs: ours
     where the base's is marked, else F.linear or the 16-row tiles."""
