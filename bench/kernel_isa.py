@@ -15,16 +15,14 @@ builds run the same code (ratios about 1.0): the figures mean something on an AV
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 from bench import workload
 from bench.report import alternated, save, table
-from server.cpp_build import CppKernel
+from server.cpp_build import FLAGS, CppKernel
 from server.lora.backends import cpp_lora
 from server.model import dense_cpu, nf4_cpu
 from server.model.base_gemm import nf4_state
@@ -48,20 +46,15 @@ def build_twin(library: str, kernel: CppKernel) -> str:
     twin = f"{library}_avx2"
     text = kernel.source.read_text()
     assert f"TORCH_LIBRARY({library}," in text, library
-    text = text.replace(f"TORCH_LIBRARY({library},", f"TORCH_LIBRARY({twin},")
-    key = hashlib.sha256((text + torch.__version__).encode()).hexdigest()[:16]
-    directory = Path.home() / ".cache" / "loraplex" / "bench" / f"{twin}-{key}"
+    directory = Path.home() / ".cache" / "loraplex" / "bench"
     directory.mkdir(parents=True, exist_ok=True)
     source = directory / f"{twin}.cpp"
-    source.write_text(text)
-    cpp_extension.load(
-        name=twin,
-        sources=[str(source)],
-        extra_cflags=["-O3", f"-march={TWIN_ARCH}", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        is_python_module=False,
-    )
+    text = text.replace(f"TORCH_LIBRARY({library},", f"TORCH_LIBRARY({twin},")
+    if not source.is_file() or source.read_text() != text:  # rewritten, it would be rebuilt each run
+        source.write_text(text)
+    flags = tuple(f"-march={TWIN_ARCH}" if f.startswith("-march=") else f for f in FLAGS)
+    if not CppKernel(twin, source, f"{TWIN_ARCH} twin of {kernel.what}", flags).load():
+        raise SystemExit(f"the {TWIN_ARCH} build of {kernel.source.name} failed")
     return twin
 
 

@@ -42,10 +42,11 @@ class _Unavailable(Exception):
 class CppKernel:
     """One C++ source built into its own library of torch ops (registered by its TORCH_LIBRARY)."""
 
-    def __init__(self, name: str, source: Path, what: str) -> None:
+    def __init__(self, name: str, source: Path, what: str, flags: tuple[str, ...] = FLAGS) -> None:
         self.name = name
         self.source = source
         self.what = what  # for the log: "cpp LoRA backend"
+        self.flags = flags  # another -march: bench/kernel_isa.py's AVX2 builds beside the native ones
         self._lock = threading.Lock()
         self._ok: bool | None = None
         self._error = ""
@@ -63,7 +64,7 @@ class CppKernel:
                     cpp_extension.load(
                         name=self.name,
                         sources=[str(self.source)],
-                        extra_cflags=list(FLAGS),
+                        extra_cflags=list(self.flags),
                         extra_ldflags=["-fopenmp"],
                         build_directory=str(directory),
                         is_python_module=False,
@@ -79,9 +80,8 @@ class CppKernel:
         return self._error
 
     def _build_dir(self) -> Path:
-        key = hashlib.sha256(
-            "\n".join([self.source.read_text(), " ".join(FLAGS), torch.__version__, _cpu_flags()]).encode()
-        ).hexdigest()[:16]
+        parts = [self.source.read_text(), " ".join(self.flags), torch.__version__, _cpu_flags()]
+        key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
         default = Path.home() / ".cache" / "loraplex" / "extensions"
         root = Path(os.environ.get("LORAPLEX_EXT_CACHE") or default)
         path = root / f"{self.source.stem}-{key}"
