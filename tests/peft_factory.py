@@ -54,6 +54,10 @@ def make_method_adapter(model_factory: Any, out_dir: Path, seed: int, config: An
     return out_dir
 
 
+# every norm named: PEFT 0.22 matches "norm" to model.norm alone, earlier versions to all of them
+NORMS = ("norm", "input_layernorm", "post_attention_layernorm")
+
+
 def edited_copy(src: Path, dst: Path, config: dict[str, Any] | None = None, tensors: Any = None) -> Path:
     """A copy of a PEFT adapter directory with config keys overridden and `tensors(dict)` applied
     to its weights (a malformed upload made from a valid one)."""
@@ -105,7 +109,7 @@ def every_method_configs(rank: int = 8, virtual_tokens: int = 8) -> dict[str, An
         # a tied base (SmolLM2) gets two copies, trained apart, as PEFT makes them
         "saved": LoraConfig(
             r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-            modules_to_save=["lm_head", "embed_tokens", "norm"],
+            modules_to_save=["lm_head", "embed_tokens", *NORMS],
         ),
         "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=v),
         "ptuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=v, encoder_hidden_size=64),

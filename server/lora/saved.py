@@ -91,8 +91,10 @@ def saveable_modules(model: nn.Module) -> dict[str, SaveableModule]:
 
 
 def listed(module: str, modules_to_save: Iterable[str]) -> bool:
-    """PEFT's rule: a module is replaced when its full name ends with a listed name (no dot needed:
-    "norm" lists every "...layernorm" too)."""
+    """A module is replaced when its full name ends with a listed name, with no dot needed: "norm"
+    lists every "...layernorm" too. That is PEFT's rule up to 0.21; 0.22 wants the name whole
+    after a dot. A file holds the copies its PEFT trained under either rule, and the wider one
+    accepts both, so an adapter trained before 0.22 is served as trained."""
     return any(module.endswith(key) for key in modules_to_save)
 
 

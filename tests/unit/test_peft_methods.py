@@ -20,11 +20,14 @@ from server.lora.store import AdapterStore
 from server.model.base_gemm import BaseGemm
 from server.model.loader import BaseModel, load_base
 from tests.drive import greedy
-from tests.peft_factory import assert_refused_and_store_unchanged, edited_copy, make_method_adapter
+from tests.peft_factory import NORMS, assert_refused_and_store_unchanged, edited_copy, make_method_adapter
 from tests.unit.test_engine_tiny import engine_for, hf_model, prompt_ids, record_logits
 
 TEXTS = ["hello there", "the quick brown fox"]
 TOKENS = 16
+
+
+SAVED = ["lm_head", "embed_tokens", *NORMS]
 
 
 def method_configs() -> dict[str, Any]:
@@ -40,10 +43,10 @@ def method_configs() -> dict[str, Any]:
         ),
         "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
         "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        # modules_to_save: its own lm_head, input embedding and every norm ("norm" ends "...layernorm")
+        # modules_to_save: its own lm_head, input embedding and every norm, each named
         "saved": LoraConfig(
             r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
-            modules_to_save=["lm_head", "embed_tokens", "norm"],
+            modules_to_save=SAVED,
         ),
         "ia3_saved": IA3Config(
             target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"],
@@ -187,6 +190,20 @@ def test_every_method_gives_the_torch_tokens_on_the_cpp_backend(
     assert tokens["cpp"] == tokens["torch"]
 
 
+def test_a_file_from_peft_before_0_22_is_served_with_every_copy_it_holds(
+    nf4: BaseModel, made: dict[str, Path], tmp_path: Path
+) -> None:
+    """PEFT up to 0.21 matched modules_to_save names as bare suffixes, so "norm" trained a copy of
+    every "...layernorm" too, and its files hold them under a config that lists "norm" alone. They
+    are the trained model: served, not refused as copies the config does not list."""
+    listed = {"modules_to_save": ["lm_head", "embed_tokens", "norm"]}
+    old = edited_copy(made["saved"], tmp_path / "old", listed)
+    _, weights = registry_for(nf4).add_dir("old", old)
+    _, current = registry_for(nf4).add_dir("saved", made["saved"])
+    assert sorted(weights.saved) == sorted(current.saved)
+    assert any(m.endswith("layers.0.input_layernorm") for m in weights.saved)
+
+
 def registry_for(
     base: BaseModel, store: AdapterStore | None = None, budget: int = SAVED_BUDGET
 ) -> AdapterRegistry:
@@ -271,12 +288,12 @@ REFUSALS: dict[str, tuple[str, dict[str, Any], Callable[[dict[str, torch.Tensor]
         "resizes the vocabulary",
     ),
     "saved copy of a 4-bit decoder projection": (
-        "saved", {"modules_to_save": ["lm_head", "embed_tokens", "norm", "q_proj"]},
+        "saved", {"modules_to_save": [*SAVED, "q_proj"]},
         lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}),
         "decoder projection model.layers.0.self_attn.q_proj, which is stored in 4 bits",
     ),
     "saved copy of a module that cannot be replaced": (
-        "saved", {"modules_to_save": ["lm_head", "embed_tokens", "norm", "rotary_emb"]},
+        "saved", {"modules_to_save": [*SAVED, "rotary_emb"]},
         lambda t: t.update({"base_model.model.model.rotary_emb.inv_freq": torch.ones(8)}),
         "model.rotary_emb is not a module loraplex can replace",
     ),
