@@ -53,6 +53,7 @@ _IGNORED: dict[str, str] = {
     "eva_config": _INIT_ONLY,
     "corda_config": _INIT_ONLY,
     "lora_ga_config": _INIT_ONLY,
+    "astra_config": _INIT_ONLY,
     "runtime_config": "runtime-only option (GPU offload while loading); PEFT does not save it",
 }
 # AdaLoRA's budget schedule and regularizer shape training; the saved factors are what it ends with.
@@ -93,7 +94,7 @@ _OTHER_METHODS: dict[str, str] = {
 _METHODS = "LORA (with or without use_dora), ADALORA, IA3, PROMPT_TUNING, P_TUNING or PREFIX_TUNING"
 # These inits rewrite the base weight (W - scale·B0·A0, or LoftQ's quantized W) when PEFT loads the adapter:
 # one shared base cannot do that per adapter.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "astra", "loftq")
 _HONOURED = (
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
     "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "fan_in_fan_out", "use_dora", "init_r",
