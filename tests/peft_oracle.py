@@ -1,6 +1,9 @@
-"""Greedy references for PEFT's prompt-learning methods that do not go through PEFT's `generate`.
+"""Greedy references: PEFT's own `generate`, and for its prompt-learning methods under PEFT before
+0.22, rebuilt references that do not go through it.
 
-With peft 0.21.2 and transformers 5.2x, `generate` is no oracle for them: PEFT's prompt-learning
+From PEFT 0.22 `generate` finds transformers 5's `cache` argument, and it is the oracle for every
+method (the rebuilt references are checked against it). With peft 0.21.2 and transformers 5.2x,
+`generate` is no oracle for the prompt-learning methods: PEFT's prompt-learning
 hooks put the cache under `past_key_values` while transformers keeps its own, so prompt and
 P-tuning decode each step from the virtual tokens and the newest token alone (no cache reaches the
 model), and prefix tuning drops the prefix (transformers warns "Both `past_key_values` and `cache`
@@ -97,12 +100,32 @@ def prefix_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]
     return out
 
 
+PROMPT_LEARNING = ("prompt_tuning", "p_tuning", "prefix_tuning")
+
+
+def generate_is_an_oracle() -> bool:
+    """Whether PEFT's `generate` decodes its prompt-learning methods right (from 0.22, see above)."""
+    import peft
+    from packaging.version import Version
+
+    return Version(peft.__version__) >= Version("0.22")
+
+
 def reference_greedy(peft_model: Any, method: str, ids: list[int], new_tokens: int) -> list[int]:
-    """The reference for any method: prefix and prompt learning as above, else PEFT's generate."""
+    """The reference for any method: PEFT's generate, or the rebuilt one where generate is wrong."""
+    if method in PROMPT_LEARNING and not generate_is_an_oracle():
+        return rebuilt_greedy(peft_model, method, ids, new_tokens)
+    return generate_greedy(peft_model, ids, new_tokens)
+
+
+def rebuilt_greedy(peft_model: Any, method: str, ids: list[int], new_tokens: int) -> list[int]:
+    """A prompt-learning method's reference without PEFT's generate (above)."""
     if method == "prefix_tuning":
         return prefix_greedy(peft_model, ids, new_tokens)
-    if method in ("prompt_tuning", "p_tuning"):
-        return prompt_greedy(peft_model, ids, new_tokens)
+    return prompt_greedy(peft_model, ids, new_tokens)
+
+
+def generate_greedy(peft_model: Any, ids: list[int], new_tokens: int) -> list[int]:
     x = torch.tensor([ids], device=_device(peft_model))
     with torch.no_grad():
         out = peft_model.generate(
