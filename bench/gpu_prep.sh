@@ -6,7 +6,9 @@
 #   "PYTHONUNBUFFERED=1 PYTHONPATH=.gpu/site:. timeout 480 python3 -m bench.gpu_check --out $OUT")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BNB_VERSION="${BNB_VERSION:-0.50.2}"
+# the version make install locks (constraints.txt), unless BNB_VERSION says otherwise
+BNB_VERSION="${BNB_VERSION:-$(sed -n 's/^bitsandbytes==//p' constraints.txt)}"
+[ -n "$BNB_VERSION" ] || { echo "no bitsandbytes pin in constraints.txt" >&2; exit 1; }
 grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu /tmp/gpu_prep_wheels
 mkdir -p .gpu/site /tmp/gpu_prep_wheels
