@@ -56,11 +56,17 @@ chromium:
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
 	fi
 
+# The unit tests in TEST_WORKERS processes (pytest-xdist, a file per worker: a kernel file's
+# other-CPU runs start together in one process); the end-to-end tests one at a time, as their
+# servers' timeouts and the soak's health checks assume. Both run; either failing fails the target.
+TEST_WORKERS ?= 2
+UNIT = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/unit
+
 test: lint model chromium
-	$(PY) -m pytest -q tests
+	@status=0; $(UNIT) || status=$$?; $(PY) -m pytest -q tests/e2e || status=$$?; exit $$status
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(UNIT)
 
 test-e2e: model chromium
 	$(PY) -m pytest -q tests/e2e
