@@ -99,6 +99,8 @@ def select_backends(
             f"unknown --attention-backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
         )
     cuda = device.type == "cuda"
+    if not cuda and compute_dtype == torch.float32:
+        _build_cpu_kernels(with_lora=lora in ("auto", "cpp"))
     if lora == "auto":
         lora = "triton" if cuda and importlib.util.find_spec("triton") is not None else "torch"
         if not cuda and compute_dtype == torch.float32:
@@ -154,6 +156,16 @@ def select_backends(
     )
     log.info("backends: %s", chosen.describe())
     return chosen
+
+
+def _build_cpu_kernels(with_lora: bool) -> None:
+    """The CPU kernels this start may use, built side by side (a first start's 10-30 s each); the
+    choices below then find them loaded. The LoRA kernel only where it may be chosen."""
+    from server.cpp_build import load_together
+    from server.lora.backends import cpp_lora
+    from server.model import dense_cpu, nf4_cpu
+
+    load_together([nf4_cpu.KERNEL, dense_cpu.KERNEL, *([cpp_lora.KERNEL] if with_lora else [])])
 
 
 def _has_flex() -> bool:

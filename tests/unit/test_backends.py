@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from server.cli import _add_settings_flags, _settings
+from server.cpp_build import CppKernel, load_together
 from server.engine.backends import select_backends
 from server.errors import BackendError
 from server.lora.backends import cpp_lora
@@ -73,6 +75,38 @@ def test_nf4_dequantization_choice(monkeypatch: pytest.MonkeyPatch, caplog: pyte
     assert select_backends(torch.device("cuda")).dequant == "bnb"
     monkeypatch.setattr(nf4_cpu.KERNEL, "_ok", False)
     assert select_backends(CPU).dequant == "bnb"
+
+
+def test_cpu_kernels_are_built_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first start builds its CPU kernels at once, one thread each (each build is one compiler
+    process): every load() below waits at a barrier that only opens with all of them inside. With
+    `--lora-backend torch` the LoRA kernel is not built at all."""
+    import threading
+
+    from server.model import dense_cpu, nf4_cpu
+
+    kernels = [nf4_cpu.KERNEL, dense_cpu.KERNEL, cpp_lora.KERNEL]
+    inside = threading.Barrier(3, timeout=60)
+    built: list[str] = []
+
+    def building(kernel: CppKernel) -> Callable[[], bool]:
+        def load() -> bool:
+            if kernel.name not in built:  # a later load() finds it built
+                built.append(kernel.name)
+                inside.wait()  # raises BrokenBarrierError after 60 s if they never overlap
+            return True
+
+        return load
+
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "load", building(kernel))
+    load_together(kernels)
+    assert sorted(built) == sorted(k.name for k in kernels) and not inside.broken
+
+    built.clear()
+    inside = threading.Barrier(2, timeout=60)
+    select_backends(CPU, lora="torch")
+    assert sorted(built) == sorted([nf4_cpu.KERNEL.name, dense_cpu.KERNEL.name]) and not inside.broken
 
 
 def test_lora_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
