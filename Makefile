@@ -61,15 +61,16 @@ chromium:
 # servers' timeouts and the soak's health checks assume. Both run; either failing fails the target.
 TEST_WORKERS ?= 2
 UNIT = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/unit
+E2E = $(PY) -m pytest -q tests/e2e
 
 test: lint model chromium
-	@status=0; $(UNIT) || status=$$?; $(PY) -m pytest -q tests/e2e || status=$$?; exit $$status
+	@status=0; $(UNIT) || status=$$?; $(E2E) || status=$$?; exit $$status
 
 test-unit: $(STAMP)
 	$(UNIT)
 
 test-e2e: model chromium
-	$(PY) -m pytest -q tests/e2e
+	$(E2E)
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -99,11 +99,12 @@ def select_backends(
             f"unknown --attention-backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
         )
     cuda = device.type == "cuda"
-    if not cuda and compute_dtype == torch.float32:
+    cpu_fp32 = not cuda and compute_dtype == torch.float32  # where our CPU kernels apply
+    if cpu_fp32:
         _build_cpu_kernels(with_lora=lora in ("auto", "cpp"))
     if lora == "auto":
         lora = "triton" if cuda and importlib.util.find_spec("triton") is not None else "torch"
-        if not cuda and compute_dtype == torch.float32:
+        if cpu_fp32:
             from server.lora.backends import cpp_lora
 
             lora = "cpp" if cpp_lora.load() else "torch"  # load() logs why not
@@ -126,7 +127,7 @@ def select_backends(
     plain = BaseGemm.BNB if cuda else BaseGemm.PLAIN
     base_gemm = BaseGemm.TILED if batch_invariant else plain
     dequant = "bnb"
-    if not cuda and compute_dtype == torch.float32:
+    if cpu_fp32:
         from server.model import nf4_cpu
 
         dequant = "cpp" if nf4_cpu.load() else "bnb"  # the same bits either way; load() logs why not
