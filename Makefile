@@ -56,12 +56,12 @@ chromium:
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
 	fi
 
-# The unit tests in TEST_WORKERS processes (pytest-xdist, a file per worker: a kernel file's
-# other-CPU runs start together in one process); the end-to-end tests one at a time, as their
-# servers' timeouts and the soak's health checks assume. Both run; either failing fails the target.
+# The unit tests, then the end-to-end tests, each in TEST_WORKERS processes (pytest-xdist, a file
+# per worker: a kernel file's other-CPU runs start together in one process), each worker with its
+# share of the cores (tests/conftest.py). Both run; either failing fails the target.
 TEST_WORKERS ?= 2
 UNIT = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/unit
-E2E = $(PY) -m pytest -q tests/e2e
+E2E = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/e2e
 
 test: lint model chromium
 	@status=0; $(UNIT) || status=$$?; $(E2E) || status=$$?; exit $$status

@@ -123,3 +123,12 @@ def nf4_reference(model_path: Path) -> Any:
     """The oracle's base: stock transformers (SDPA attention, no LoRA layers) on the same NF4
     checkpoint, with the same exact NF4 arithmetic as the engine (see the loader)."""
     return load_stock(model_path, "nf4")
+
+
+FIRST = ("test_soak.py",)  # a fixed two minutes of load: started first, it cannot end the run alone
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """pytest-xdist hands files to the workers in collection order, and whichever file comes last
+    runs with the other worker idle: the soak's fixed wall-clock time goes first instead."""
+    items.sort(key=lambda item: item.path.name not in FIRST)

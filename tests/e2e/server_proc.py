@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -10,11 +12,30 @@ from pathlib import Path
 
 import httpx
 
-from server.integrations.engine_proc import free_port, wait_until_ready
+from server.integrations.engine_proc import wait_until_ready
 
 BASE_ID = "SmolLM2-135M-Instruct"
 ADMIN_KEY = "admin-key-for-tests"
 API_KEY = "inference-key-for-tests"
+
+# Each pytest-xdist worker (gw0, gw1, ...) draws ports from a block of its own, below Linux's
+# ephemeral range (32768-60999): a port picked here stays free for the 10-20 s until its server
+# binds it, as neither another worker's bind(0) nor a client's outgoing connection can take it.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or "0")
+_PORTS = itertools.count(20000 + 1000 * _WORKER)
+
+
+def free_port() -> int:
+    """The next port of this worker's block that nothing is bound to (one held over from an earlier
+    run is skipped)."""
+    while True:
+        port = next(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 @dataclass

@@ -222,16 +222,16 @@ def test_pinned_factors_are_laid_out_as_the_slots_read_them(monkeypatch: pytest.
         assert torch.equal(m.A, weights.modules[name].A) and torch.equal(m.B, weights.modules[name].B)
 
 
-def test_host_tier_loader_keeps_its_one_thread_to_itself() -> None:
+def test_host_tier_loader_keeps_its_one_thread_to_itself(several_threads: int) -> None:
     """The loader runs torch on one thread of its own, and only there: a thread started after it
-    (the engine's, an HTTP worker) keeps the process's thread count (see server/torch_threads.py).
-    Only meaningful with 2+ threads (every CI machine; not the one-thread kernel family)."""
+    (the engine's, an HTTP worker) keeps the process's thread count (see server/torch_threads.py),
+    here two or more (with one, a lost count would not show)."""
     import threading
 
     from server.lora.cache import AdapterCache
     from server.lora.registry import AdapterRecord
 
-    threads = torch.get_num_threads()
+    threads = several_threads
     inside: list[int] = []
 
     def load(record: AdapterRecord) -> AdapterWeights:

@@ -7,7 +7,8 @@ held on one CPU's kernels by luck would fail here. The families:
   padding-to-16-rows scheme this replaced is not row-invariant there) and OpenBLAS's SSE3 kernels
   (numpy's, which Triton's interpreter runs for tl.dot: there a row keeps its bits wherever it sits
   in a tile, so the interpreted kernels' rows alone vs batched are checked on every CPU);
-- one-thread: a different split of the work across threads.
+- other-threads: a different split of the work across threads: one thread, or all the cores where
+  this process has one (a pytest-xdist worker's share of a two-core machine).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = {
@@ -27,7 +29,10 @@ FAMILIES = {
         "ATEN_CPU_CAPABILITY": "default",
         "OPENBLAS_CORETYPE": "Prescott",
     },
-    "one-thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    "other-threads": dict.fromkeys(
+        ("OMP_NUM_THREADS", "MKL_NUM_THREADS"),
+        "1" if torch.get_num_threads() > 1 else str(len(os.sched_getaffinity(0))),
+    ),
 }
 # A fingerprint of the kernels a process runs: the bits of a GEMM, a softmax and a sum.
 FINGERPRINT = """

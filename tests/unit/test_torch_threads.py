@@ -1,6 +1,6 @@
 """use_one_torch_thread: a helper thread on one torch thread leaves every other thread's count, also
-across another thread's first call into the cpp kernel (a C++ extension's own lazy init). Only
-meaningful with 2+ threads (every CI machine; not the one-thread kernel family)."""
+across another thread's first call into the cpp kernel (a C++ extension's own lazy init). Each
+test runs with 2+ threads (`several_threads`): with one, a lost count would not show."""
 
 from __future__ import annotations
 
@@ -39,16 +39,16 @@ def _kernel_first() -> int:
     return torch.get_num_threads()
 
 
-def test_a_helper_thread_keeps_its_one_thread_to_itself() -> None:
-    threads = torch.get_num_threads()
+def test_a_helper_thread_keeps_its_one_thread_to_itself(several_threads: int) -> None:
+    threads = several_threads
     assert _in_thread(_helper) == 1
     assert torch.get_num_threads() == threads
     assert _in_thread(torch.get_num_threads) == threads  # a thread started later
 
 
 @pytest.mark.skipif(not cpp_lora.load(), reason=f"cpp backend not built: {cpp_lora.error()}")
-def test_a_first_cpp_kernel_call_keeps_the_threads_count() -> None:
-    threads = torch.get_num_threads()
+def test_a_first_cpp_kernel_call_keeps_the_threads_count(several_threads: int) -> None:
+    threads = several_threads
     assert _in_thread(_helper) == 1
     assert _in_thread(_kernel_first) == threads
     assert torch.get_num_threads() == threads
