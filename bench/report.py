@@ -17,18 +17,13 @@ from typing import Any
 
 import torch
 
+from server import cpuinfo
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpuinfo.field("model name") or platform.processor() or platform.machine()
     import bitsandbytes
     import peft
     import transformers

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from server import cpuinfo
+
 log = logging.getLogger(__name__)
 
 # LORAPLEX_CPP_ARCH: the -march to build for (default native); tests build x86-64-v3 (AVX2) and
@@ -26,13 +28,7 @@ FLAGS = ("-O3", f"-march={ARCH}", "-fopenmp")  # OpenMP: at::parallel_for's thre
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return torch.backends.cpu.get_cpu_capability()
+    return cpuinfo.field("flags") or torch.backends.cpu.get_cpu_capability()
 
 
 class _Unavailable(Exception):

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server import cpuinfo
 from server.model import dense_cpu, nf4_cpu
 
 # SGLang's segment size; also the row count above which CPU GEMM kernels stop changing path.
@@ -61,34 +62,49 @@ DECODED_STATE = "loraplex_decoded_state"
 CPP_DEQUANT = "loraplex_cpp_dequant"
 # attribute of a Linear4bit whose fp32 product runs in our CPU kernel without dequantizing (nf4_cpu.matmul)
 CPP_MATMUL = "loraplex_cpp_matmul"
-# the most rows `plain` gives nf4_cpu.matmul, by the lanes of the build's vectors (bench/base_matmul.py
-# over SmolLM2-135M's 210 projections on 2 cores, README figure 9): the time of dequantize + matmul,
-# on an AMD EPYC Zen 3 (AVX2 build) in three runs 0.6-0.8x at 1 row, 0.3-0.5x at 8, 0.5-0.85x at 16,
-# 0.74-1.04x at 32 and 1.2-1.3x at 64; on an AMD EPYC Zen 4 (AVX-512 build) in three runs 0.49-0.53x
-# at 1 row, 0.53x at 16, 0.72-0.75x at 32, 0.89-0.90x at 64 and 1.03-1.05x at 128
-CPU_MATMUL_ROWS = {8: 16, 16: 64}
+# the most rows `plain` gives nf4_cpu.matmul, by (the lanes of the build's vectors, whether MKL runs
+# its AVX-512 kernels: cpuinfo.mkl_avx512), from bench/base_matmul.py over SmolLM2-135M's 210
+# projections on 2 cores (README figure 9), as the time of dequantize + matmul:
+# - AMD EPYC Zen 3, AVX2 build (MKL's AVX2 kernels), three runs: 0.6-0.8x at 1 row, 0.3-0.5x at 8,
+#   0.5-0.85x at 16, 0.74-1.04x at 32 and 1.2-1.3x at 64;
+# - AMD EPYC Zen 4, AVX-512 build (MKL's AVX2 kernels: AMD), three runs: 0.49-0.53x at 1 row, 0.53x
+#   at 16, 0.72-0.75x at 32, 0.89-0.90x at 64 and 1.03-1.05x at 128; an Intel Xeon with MKL held
+#   to AVX2 (MKL_ENABLE_INSTRUCTIONS) the same way: 0.81x at 32, 0.97x at 64, 1.04x at 128;
+# - Intel Xeon (Sapphire Rapids), AVX-512 build and MKL's AVX-512 kernels, two runs: 0.42x at 1
+#   row, 0.68-0.75x at 16, 0.84-0.88x at 20-24, 1.05-1.07x at 32, 1.23-1.27x at 64;
+# - the same Xeon, AVX2 build (LORAPLEX_CPP_ARCH=x86-64-v3): 0.68x at 4, 0.86x at 8, 1.23x at 12.
+CPU_MATMUL_ROWS = {(8, False): 16, (16, False): 64, (16, True): 24, (8, True): 8}
 # attribute of a full-precision Linear (the lm_head) whose fp32 product runs in dense_cpu.matmul
 CPP_DENSE = "loraplex_cpp_dense"
-# the most rows `plain` gives dense_cpu.matmul, by the lanes of the build's vectors: on SmolLM2-135M's
-# lm_head (49152 x 576), the time of MKL's F.linear, on the Zen 3 (AVX2) in two runs 0.24-0.61x from
-# 1 to 16 rows, 0.65-0.70x at 32, 0.85x at 64 and 1.01-1.17x at 128; on the Zen 4 (AVX-512) in three
-# runs 0.18-0.51x to 16 rows, 0.58-0.63x at 32, 0.76-0.80x at 64 and 0.83-0.86x at 128
-CPU_DENSE_ROWS = {8: 64, 16: 128}
-_limits: dict[str, int] = {}  # the two above for this build, looked up once
+# the most rows `plain` gives dense_cpu.matmul, keyed as CPU_MATMUL_ROWS: on SmolLM2-135M's lm_head
+# (49152 x 576), the time of MKL's F.linear:
+# - Zen 3 (AVX2), two runs: 0.24-0.61x from 1 to 16 rows, 0.65-0.70x at 32, 0.85x at 64 and
+#   1.01-1.17x at 128;
+# - Zen 4 (AVX-512), three runs: 0.18-0.51x to 16 rows, 0.58-0.63x at 32, 0.76-0.80x at 64 and
+#   0.83-0.86x at 128; the Xeon with MKL held to AVX2: 0.66-0.87x from 8 to 128 rows;
+# - the Xeon with MKL's AVX-512 kernels, two runs: 0.44-0.95x to 16 rows, 0.96-0.97x at 20-24,
+#   1.00-1.02x at 32, 1.01-1.09x at 48-96, 1.21-1.33x at 128;
+# - the Xeon's AVX2 build: 0.61-0.74x to 12 rows, 1.30x at 16.
+CPU_DENSE_ROWS = {(8, False): 64, (16, False): 128, (16, True): 24, (8, True): 12}
+_limits: dict[str, int] = {}  # the two above for this build and BLAS, looked up once
 
 
 def cpu_matmul_rows() -> int:
-    """The most rows `plain` gives nf4_cpu.matmul on this machine's build (CPU_MATMUL_ROWS)."""
+    """The most rows `plain` gives nf4_cpu.matmul on this machine (CPU_MATMUL_ROWS)."""
     if "matmul" not in _limits:
-        _limits["matmul"] = CPU_MATMUL_ROWS.get(nf4_cpu.lanes(), CPU_MATMUL_ROWS[8])
+        _limits["matmul"] = CPU_MATMUL_ROWS.get(_key(nf4_cpu.lanes()), CPU_MATMUL_ROWS[(8, False)])
     return _limits["matmul"]
 
 
 def cpu_dense_rows() -> int:
-    """The most rows `plain` gives dense_cpu.matmul on this machine's build (CPU_DENSE_ROWS)."""
+    """The most rows `plain` gives dense_cpu.matmul on this machine (CPU_DENSE_ROWS)."""
     if "dense" not in _limits:
-        _limits["dense"] = CPU_DENSE_ROWS.get(dense_cpu.lanes(), CPU_DENSE_ROWS[8])
+        _limits["dense"] = CPU_DENSE_ROWS.get(_key(dense_cpu.lanes()), CPU_DENSE_ROWS[(8, False)])
     return _limits["dense"]
+
+
+def _key(lanes: int) -> tuple[int, bool]:
+    return lanes, cpuinfo.mkl_avx512()
 
 
 def keep_block_scales(linear: nn.Linear, dequant: str = "bnb") -> None:

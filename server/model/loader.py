@@ -22,8 +22,11 @@ from server.lora.saved import SaveableModule, SavedModuleHook, saveable_modules
 from server.model.base_gemm import (
     CPP_DENSE,
     CPP_DEQUANT,
+    CPP_MATMUL,
     BaseGemm,
     RowTiled,
+    cpu_dense_rows,
+    cpu_matmul_rows,
     keep_block_scales,
     keep_dense,
     tile_keeps_rows,
@@ -234,10 +237,16 @@ def load_base(
     if tokenizer.eos_token_id is not None:
         eos_ids |= {tokenizer.eos_token_id}
     limit = min(getattr(config, "max_position_embeddings", 2048), 8192)
+    gemm = base_gemm.value
+    in_registers = any(getattr(layer.base, CPP_MATMUL, False) for layer in layers.values())
+    if base_gemm is BaseGemm.PLAIN and in_registers:
+        # where our row-invariant products hand over to BLAS (by this CPU and its BLAS's kernels)
+        gemm += f" (NF4 products in registers up to {cpu_matmul_rows()} rows"
+        gemm += f", lm_head's up to {cpu_dense_rows()})" if getattr(lm_head, CPP_DENSE, False) else ")"
     log.info(
         "loaded %s (%s, %s on %s, %d LoRA targets, %s factors, base matmul %s, NF4 dequantized by %s, "
         "lm_head by %s, %d fused groups)",
-        model_id, quantization, dt, dev, len(layers), lora_dtype, base_gemm.value, dequant,
+        model_id, quantization, dt, dev, len(layers), lora_dtype, gemm, dequant,
         "cpp" if getattr(lm_head, CPP_DENSE, False) else "torch", len(groups),
     )  # fmt: skip
     return BaseModel(
