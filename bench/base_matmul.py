@@ -3,10 +3,10 @@ weight in registers (nf4_cpu.matmul) against dequantizing the weight with our ke
 BLAS matmul (the `plain` mode's other way), and against the 16-row tiles of that matmul (the
 `tiled` mode's other way). SmolLM2-135M's 210 NF4 projections, each given random rows; the three
 ways alternate round by round, and every figure is a ratio to dequantize + matmul in the same run.
-This measurement sets base_gemm.CPU_MATMUL_ROWS (one value per vector width of our build: AVX2's 8
-lanes, AVX-512's 16). Beside it, the same way, the fp32 lm_head (49152 x 576): our row-invariant
-product (dense_cpu.matmul) against one BLAS matmul (F.linear) and its 16-row tiles; that sets
-base_gemm.CPU_DENSE_ROWS.
+This measurement sets base_gemm.CPU_MATMUL_ROWS (one value per vector width of our build, AVX2's 8
+lanes or AVX-512's 16, and per kernels of MKL's: AVX-512 on an Intel CPU, AVX2 on AMD's). Beside it,
+the same way, the fp32 lm_head (49152 x 576): our row-invariant product (dense_cpu.matmul) against
+one BLAS matmul (F.linear) and its 16-row tiles; that sets base_gemm.CPU_DENSE_ROWS.
 
     .venv/bin/python -m bench.base_matmul [--rows 1,2,4,8,16,32,64,128] [--rounds 7]
 """
