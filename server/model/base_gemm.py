@@ -28,8 +28,9 @@ lm_head goes the same way where those kernels run (keep_dense): our row-invarian
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -70,8 +71,8 @@ CPP_MATMUL = "loraplex_cpp_matmul"
 # - AMD EPYC Zen 4, AVX-512 build (MKL's AVX2 kernels: AMD), three runs: 0.49-0.53x at 1 row, 0.53x
 #   at 16, 0.72-0.75x at 32, 0.89-0.90x at 64 and 1.03-1.05x at 128; an Intel Xeon with MKL held
 #   to AVX2 (MKL_ENABLE_INSTRUCTIONS) the same way: 0.81x at 32, 0.97x at 64, 1.04x at 128;
-# - Intel Xeon (Sapphire Rapids), AVX-512 build and MKL's AVX-512 kernels, two runs: 0.42x at 1
-#   row, 0.68-0.75x at 16, 0.84-0.88x at 20-24, 1.05-1.07x at 32, 1.23-1.27x at 64;
+# - Intel Xeon (Sapphire Rapids), AVX-512 build and MKL's AVX-512 kernels, four runs: 0.40-0.46x at
+#   1 row, 0.68-0.75x at 16, 0.84-0.88x at 20-24, 0.96-1.07x at 32, 1.19-1.43x at 64;
 # - the same Xeon, AVX2 build (LORAPLEX_CPP_ARCH=x86-64-v3): 0.68x at 4, 0.86x at 8, 1.23x at 12.
 CPU_MATMUL_ROWS = {(8, False): 16, (16, False): 64, (16, True): 24, (8, True): 8}
 # attribute of a full-precision Linear (the lm_head) whose fp32 product runs in dense_cpu.matmul
@@ -82,8 +83,8 @@ CPP_DENSE = "loraplex_cpp_dense"
 #   1.01-1.17x at 128;
 # - Zen 4 (AVX-512), three runs: 0.18-0.51x to 16 rows, 0.58-0.63x at 32, 0.76-0.80x at 64 and
 #   0.83-0.86x at 128; the Xeon with MKL held to AVX2: 0.66-0.87x from 8 to 128 rows;
-# - the Xeon with MKL's AVX-512 kernels, two runs: 0.44-0.95x to 16 rows, 0.96-0.97x at 20-24,
-#   1.00-1.02x at 32, 1.01-1.09x at 48-96, 1.21-1.33x at 128;
+# - the Xeon with MKL's AVX-512 kernels, four runs: 0.44-0.95x to 16 rows but 1.05-1.16x at 2,
+#   0.96-0.97x at 20-24, 1.00-1.04x at 32, 1.01-1.09x at 48-96, 1.19-1.37x at 128;
 # - the Xeon's AVX2 build: 0.61-0.74x to 12 rows, 1.30x at 16.
 CPU_DENSE_ROWS = {(8, False): 64, (16, False): 128, (16, True): 24, (8, True): 12}
 _limits: dict[str, int] = {}  # the two above for this build and BLAS, looked up once
@@ -105,6 +106,18 @@ def cpu_dense_rows() -> int:
 
 def _key(lanes: int) -> tuple[int, bool]:
     return lanes, cpuinfo.mkl_avx512()
+
+
+@contextlib.contextmanager
+def row_limits(matmul: int, dense: int) -> Iterator[None]:
+    """`plain`'s two row limits set to these inside the block, for bench/base_matmul.py's check of
+    whole steps against other limits; never the server's (they are read once per process)."""
+    saved = {"matmul": cpu_matmul_rows(), "dense": cpu_dense_rows()}
+    _limits.update(matmul=matmul, dense=dense)
+    try:
+        yield
+    finally:
+        _limits.update(saved)
 
 
 def keep_block_scales(linear: nn.Linear, dequant: str = "bnb") -> None:

@@ -75,3 +75,14 @@ def test_row_limits_follow_the_build_and_the_blas(
     key = (lanes, mkl) if lanes > 1 else (8, False)
     assert base_gemm.cpu_matmul_rows() == base_gemm.CPU_MATMUL_ROWS[key]
     assert base_gemm.cpu_dense_rows() == base_gemm.CPU_DENSE_ROWS[key]
+
+
+def test_row_limits_inside_a_block_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/base_matmul.py's step check sets other limits for a block; the machine's come back."""
+    monkeypatch.setattr(base_gemm, "_limits", {"matmul": 24, "dense": 24})
+    with base_gemm.row_limits(64, 128):
+        assert (base_gemm.cpu_matmul_rows(), base_gemm.cpu_dense_rows()) == (64, 128)
+    assert (base_gemm.cpu_matmul_rows(), base_gemm.cpu_dense_rows()) == (24, 24)
+    with pytest.raises(RuntimeError), base_gemm.row_limits(1, 2):
+        raise RuntimeError
+    assert (base_gemm.cpu_matmul_rows(), base_gemm.cpu_dense_rows()) == (24, 24)
