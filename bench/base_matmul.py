@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from bench import workload
 from bench.report import alternated, save, table
-from server.engine.sequence import Sequence
 from server.lora.registry import AdapterRegistry
 from server.model import dense_cpu, nf4_cpu
 from server.model.base_gemm import (
@@ -84,12 +83,7 @@ def step_ratios(
     rows, results = [], {}
     for batch in batches:
         engine = workload.engine(base, registry, max_loras=1, max_num_seqs=batch)
-        for i in range(batch):
-            engine.add_request(Sequence(f"b{batch}-{i}", list(prompt), workload.greedy(10_000)))
-        while len(engine.scheduler.running) < batch or any(
-            s.num_uncomputed > 1 for s in engine.scheduler.running
-        ):
-            engine.step()  # prefill
+        workload.decoding(engine, prompt, [None] * batch)
         times: dict[str, list[float]] = {k: [] for k in limits}
         for _ in range(rounds):
             for key, (matmul, dense) in limits.items():

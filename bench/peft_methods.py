@@ -23,7 +23,6 @@ import torch
 from bench import workload
 from bench.report import save, table
 from server.engine.engine import LLMEngine
-from server.engine.sequence import SamplingParams, Sequence
 from server.lora.adapter import AdapterWeights
 from server.lora.registry import AdapterRecord, AdapterRegistry
 from server.model.loader import BaseModel
@@ -106,14 +105,7 @@ def engine_case(
     rows: list[AdapterRecord | None],
 ) -> tuple[LLMEngine, Callable[[], None]]:
     engine = workload.engine(base, registry, max_loras=BATCH, max_num_seqs=BATCH, preload=loaded)
-    prompt = base.tokenizer.encode(PROMPT)
-    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-    for i, adapter in enumerate(rows):
-        engine.add_request(Sequence(f"r{i}", list(prompt), params, adapter=adapter))
-    while len(engine.scheduler.running) < BATCH or any(
-        s.num_uncomputed > 1 for s in engine.scheduler.running
-    ):
-        engine.step()  # prefill (prompt tuning's virtual positions included)
+    workload.decoding(engine, base.tokenizer.encode(PROMPT), rows)  # prompt tuning's virtual positions too
     assert all(len(s.output_token_ids) for s in engine.scheduler.running)
 
     def step() -> None:

@@ -25,7 +25,6 @@ import torch
 
 from bench import workload
 from bench.report import save, table
-from server.engine.sequence import SamplingParams, Sequence
 from server.lora.adapter import AdapterWeights
 from server.lora.backends import cpp_lora
 from server.lora.ops import LoRABatch, lora_bag, lora_rows
@@ -45,15 +44,8 @@ def engine_case(
     distinct: int,
 ) -> Callable[[], None]:
     engine = workload.engine(base, registry, max_loras=max(DISTINCT), max_num_seqs=BATCH, preload=loaded)
-    prompt = base.tokenizer.encode(PROMPT)
-    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-    for i in range(BATCH):
-        adapter = loaded[i % distinct][0] if distinct else None
-        engine.add_request(Sequence(f"r{i}", list(prompt), params, adapter=adapter))
-    while len(engine.scheduler.running) < BATCH or any(
-        s.num_uncomputed > 1 for s in engine.scheduler.running
-    ):
-        engine.step()  # prefill
+    adapters = [loaded[i % distinct][0] if distinct else None for i in range(BATCH)]
+    workload.decoding(engine, base.tokenizer.encode(PROMPT), adapters)
 
     def step() -> None:
         engine.step()

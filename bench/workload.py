@@ -149,6 +149,17 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
+def decoding(eng: LLMEngine, prompt: list[int], adapters: Sequence_[AdapterRecord | None]) -> None:
+    """One greedy request of `prompt` per entry of `adapters` (None: the base), that never ends,
+    stepped through its prefill: every step after this is a decode step of them all."""
+    for i, adapter in enumerate(adapters):
+        eng.add_request(Sequence(f"r{i}", list(prompt), greedy(10_000), adapter=adapter))
+    while len(eng.scheduler.running) < len(adapters) or any(
+        s.num_uncomputed > 1 for s in eng.scheduler.running
+    ):
+        eng.step()
+
+
 @dataclass
 class Run:
     seconds: float
